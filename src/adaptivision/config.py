@@ -1,0 +1,143 @@
+"""Typed, validated options of the AdaptiVision layers (DESIGN.md §1).
+
+Every option the paper leaves open lives here with its default and its allowed range, so an
+impossible value fails at construction with a ``ValueError`` that names the field, not deep
+inside a forward pass. ``ModelOptions.from_kwargs`` also rejects unknown names and suggests the
+closest valid one (``tua`` -> ``tau``).
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Iterable, Optional, Sequence, Union
+
+IntOrSeq = Union[int, Sequence[int], None]
+
+
+def unknown_key_error(key: str, valid: Iterable[str], what: str = "option") -> ValueError:
+    """A ValueError naming an unknown key and the closest valid one."""
+    valid = sorted(valid)
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return ValueError(f"Unknown {what} '{key}'.{hint} Valid {what}s: {', '.join(valid)}")
+
+
+def _check(cond: bool, name: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ValueError(f"Invalid value for '{name}': {value!r}; allowed: {allowed}.")
+
+
+def _as_list(v: IntOrSeq) -> Optional[list]:
+    if v is None or v is False:  # False: "off" that survives timm.create_model, which drops None kwargs
+        return None
+    return [int(x) for x in v] if isinstance(v, (list, tuple)) else [int(v)]
+
+
+@dataclass
+class ModelOptions:
+    """AdaptiVision-specific model options (the ViT ones go to timm's ``VisionTransformer``).
+
+    Per-stage options (``k_min``, ``k_max``) take one value per entry of ``condense_at``; a
+    scalar is used for the first stage, later stages default to a third of the previous one.
+    """
+
+    # --- Dynamic Token Clustering (paper 3.2) ---
+    condense_at: IntOrSeq = 0           # blocks run before each DTC stage; None/False/() = no condensation
+    k_min: IntOrSeq = None              # default: a third of the tokens entering the stage
+    k_max: IntOrSeq = None              # default: all tokens entering the stage
+    k_step: int = 8                     # K is rounded to a multiple of this (bounds the number of groups)
+    tau: float = 150.0                  # eq. 2 temperature (Table 4)
+    iters: int = 0                      # soft k-means refinement steps
+    normalize: bool = True              # weighted mean (True) or eq. 3's literal sum (False)
+    prop_attn: bool = True              # add log(mass) to attention logits (ToMe's proportional attention)
+    complexity: str = "variance"        # 'variance' | 'entropy' | 'saliency'
+    dynamic: bool = True                # per-image K; False = fixed K (k_max unless a budget is set)
+    budget_jitter: float = 1.0          # training-time random shift of the budget bias
+    stat_momentum: float = 0.1          # running mean/std of the complexity score
+    assign_norm: bool = True            # distances on LayerNorm'd tokens (scale-free tau); False = raw tokens
+    # --- AdaptiveFocus Attention (paper 3.3) ---
+    afa: bool = True
+    afa_rank: int = 1                   # R in M = 1 + sum_r u_r v_r^T
+    afa_hidden: Optional[int] = None    # hidden width of f_m (default embed_dim // 4)
+    norm: str = "pre"                   # 'pre' (timm) | 'post' (eq. 7 literal)
+    # --- Cross-Modal Token Fusion (paper 3.4) ---
+    cmtf: bool = True
+    cmtf_at: IntOrSeq = None            # blocks preceded by CMTF; default: the first condensed block
+    gate: str = "gated"                 # 'gated' (sound default) | 'paper' (eq. 10 literal)
+    guidance_dim: Optional[int] = None  # width of raw guidance tokens (default embed_dim)
+    align_dim: Optional[int] = None     # output width of the L_align projection (None = no head)
+
+    stages: list = field(default_factory=list, init=False, repr=False)
+
+    @classmethod
+    def field_names(cls) -> set:
+        return {f.name for f in fields(cls) if f.init}
+
+    @classmethod
+    def split_kwargs(cls, kwargs: dict, other_valid: Iterable[str]) -> tuple["ModelOptions", dict]:
+        """Split ``kwargs`` into our options and the rest; unknown names raise ``ValueError``."""
+        ours, rest = {}, {}
+        other_valid = set(other_valid)
+        for k, v in kwargs.items():
+            if k in cls.field_names():
+                ours[k] = v
+            elif k in other_valid:
+                rest[k] = v
+            else:
+                raise unknown_key_error(k, cls.field_names() | other_valid, "model option")
+        return cls(**ours), rest
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("stages", None)
+        return d
+
+    def resolve(self, num_patches: int, depth: int, embed_dim: int) -> "ModelOptions":
+        """Validate against the backbone and fill the per-stage K ranges (``self.stages``)."""
+        _check(self.k_step >= 1, "k_step", self.k_step, "an integer >= 1")
+        _check(self.tau > 0, "tau", self.tau, "a float > 0")
+        _check(self.iters >= 0, "iters", self.iters, "an integer >= 0")
+        _check(self.complexity in ("variance", "entropy", "saliency"), "complexity", self.complexity,
+               "'variance', 'entropy' or 'saliency'")
+        _check(self.budget_jitter >= 0, "budget_jitter", self.budget_jitter, "a float >= 0")
+        _check(0 < self.stat_momentum <= 1, "stat_momentum", self.stat_momentum, "a float in (0, 1]")
+        _check(self.afa_rank >= 1, "afa_rank", self.afa_rank, "an integer >= 1")
+        _check(self.afa_hidden is None or self.afa_hidden >= 1, "afa_hidden", self.afa_hidden,
+               "None or an integer >= 1")
+        _check(self.norm in ("pre", "post"), "norm", self.norm, "'pre' or 'post'")
+        _check(self.gate in ("gated", "paper"), "gate", self.gate, "'gated' or 'paper'")
+        for name in ("guidance_dim", "align_dim"):
+            v = getattr(self, name)
+            _check(v is None or int(v) >= 1, name, v, "None or an integer >= 1")
+
+        at = _as_list(self.condense_at) or []
+        _check(at == sorted(set(at)), "condense_at", self.condense_at, "strictly increasing block indices")
+        for c in at:
+            _check(0 <= c < depth, "condense_at", self.condense_at, f"block indices in [0, {depth - 1}]")
+        kmins, kmaxs = _as_list(self.k_min), _as_list(self.k_max)
+        for name, vals in (("k_min", kmins), ("k_max", kmaxs)):
+            _check(vals is None or len(vals) <= max(len(at), 1), name, getattr(self, name),
+                   f"one value per condense_at stage ({len(at)})")
+
+        self.stages = []
+        n_in = num_patches
+        for s, c in enumerate(at):
+            k_max = kmaxs[s] if kmaxs and s < len(kmaxs) else n_in
+            if kmins and s < len(kmins):
+                k_min = kmins[s]
+            else:  # default: a third of k_max, on the k_step grid
+                k_min = min(k_max, max(1, round(k_max / 3 / self.k_step) * self.k_step))
+            _check(1 <= k_max <= n_in, "k_max", self.k_max,
+                   f"1 <= k_max <= {n_in} (tokens entering stage {s} at block {c})")
+            _check(1 <= k_min <= k_max, "k_min", self.k_min, f"1 <= k_min <= k_max ({k_max})")
+            self.stages.append(dict(block=c, k_min=k_min, k_max=k_max))
+            n_in = k_min  # the next stage must fit the smallest K this one can produce
+
+        cm = _as_list(self.cmtf_at)
+        if cm is None:
+            cm = [at[0]] if (self.cmtf and at) else []
+        for c in cm:
+            _check(0 <= c < depth, "cmtf_at", self.cmtf_at, f"block indices in [0, {depth - 1}]")
+        self.cmtf_at = cm if self.cmtf else []
+        self.condense_at = at or None
+        return self

@@ -1,0 +1,186 @@
+"""Dynamic Token Clustering, DTC (paper 3.2, eqs. 2-3; DESIGN.md §1).
+
+Tokens ``z`` (B, N, D) are softly assigned to the first ``K`` of ``K_max`` learned centroids
+(nested prefix, so cluster ``k`` means the same thing in every image) and condensed into ``K``
+super-tokens. ``K`` is chosen per image from a complexity score; the model groups images by
+``K`` so that each group runs as one dense batch.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def soft_assign(z: torch.Tensor, mu: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 2: ``a_ik = softmax_k(-||z_i - mu_k||^2 / tau)``, in float32 even under autocast.
+
+    z: (B, N, D); mu: (K, D) shared or (B, K, D) per image. Returns (a, d2), both (B, N, K).
+    """
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        z, mu = z.float(), mu.float()
+        # ||z||^2 - 2 z.mu + ||mu||^2 avoids materialising (B, N, K, D)
+        zz = z.pow(2).sum(-1, keepdim=True)                                       # (B, N, 1)
+        mm = mu.pow(2).sum(-1)                                                    # (K,) or (B, K)
+        mm = mm.unsqueeze(-2) if mu.dim() == 3 else mm                            # (B, 1, K) or (K,)
+        d2 = (zz - 2 * torch.matmul(z, mu.transpose(-1, -2)) + mm).clamp_min(0)  # (B, N, K)
+        return torch.softmax(-d2 / tau, dim=-1), d2
+
+
+def condense(z: torch.Tensor, a: torch.Tensor, mass: torch.Tensor, normalize: bool = True,
+             weights: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 3 super-tokens and their mass.
+
+    ``normalize=True``: mass-weighted mean ``s_k = sum_i a_ik m_i z_i / m_k`` with
+    ``m_k = sum_i a_ik m_i`` (tokens entering the first stage have ``m_i = 1``, so this is
+    eq. 3 divided by the cluster mass). ``normalize=False``: eq. 3 literally, ``s_k = sum_i a_ik z_i``.
+    ``weights`` (B, N), e.g. saliency, reweight the mean but not the carried mass (a patch count).
+    z: (B, N, D), a: (B, N, K), mass: (B, N). Returns s (B, K, D) in z's dtype, m (B, K) float32.
+    """
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        zf, a, mass = z.float(), a.float(), mass.float()
+        m_new = torch.einsum("bnk,bn->bk", a, mass)                                  # (B, K)
+        if normalize:
+            w = mass if weights is None else mass * weights.float().clamp_min(1e-6)  # (B, N)
+            aw = a * w.unsqueeze(-1)                                                 # (B, N, K)
+            s = torch.einsum("bnk,bnd->bkd", aw, zf) / aw.sum(1).clamp_min(1e-6).unsqueeze(-1)  # (B, K, D)
+        else:
+            s = torch.einsum("bnk,bnd->bkd", a, zf)                                  # (B, K, D)
+    return s.to(z.dtype), m_new
+
+
+def kmeans_pp(points: torch.Tensor, k: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """k-means++ seeding: ``k`` rows of ``points`` (P, D), each next one drawn with probability
+    proportional to its squared distance to the nearest chosen row. The order is meaningful:
+    every prefix is itself a spread-out seeding, which is what the nested centroids need."""
+    P = points.shape[0]
+    idx = torch.empty(k, dtype=torch.long, device=points.device)
+    idx[0] = torch.randint(P, (1,), generator=generator, device=points.device)
+    d2 = (points - points[idx[0]]).pow(2).sum(-1)                                    # (P,)
+    for j in range(1, k):
+        w = d2.clamp_min(0)
+        if w.sum() <= 0:  # fewer distinct points than k: fall back to uniform picks
+            w = torch.ones_like(w)
+        idx[j] = torch.multinomial(w, 1, generator=generator)
+        d2 = torch.minimum(d2, (points - points[idx[j]]).pow(2).sum(-1))
+    return points[idx]
+
+
+class DynamicTokenClustering(nn.Module):
+    """Soft k-means condensation with per-image K (one DTC stage)."""
+
+    def __init__(self, dim: int, k_min: int, k_max: int, k_step: int = 8, tau: float = 150.0,
+                 iters: int = 0, normalize: bool = True, complexity: str = "variance",
+                 dynamic: bool = True, budget_jitter: float = 1.0, stat_momentum: float = 0.1,
+                 assign_norm: bool = True):
+        super().__init__()
+        self.dim, self.k_min, self.k_max, self.k_step = dim, k_min, k_max, k_step
+        self.tau, self.iters, self.normalize = tau, iters, normalize
+        self.complexity, self.dynamic, self.budget_jitter = complexity, dynamic, budget_jitter
+        self.stat_momentum, self.assign_norm = stat_momentum, assign_norm
+        self.centroids = nn.Parameter(torch.zeros(k_max, dim))                       # (K_max, D)
+        # Persistent: a loaded checkpoint must neither re-seed its centroids nor forget its statistics.
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("c_mean", torch.zeros(()))
+        self.register_buffer("c_var", torch.ones(()))
+        self.register_buffer("stats_seen", torch.zeros((), dtype=torch.bool))
+        # Inference-time budget knobs (set by model.set_token_budget), not part of the weights.
+        self.budget_bias = 0.0
+        self.fixed_k: Optional[int] = None
+        self.last_score: Optional[torch.Tensor] = None
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, k=[{self.k_min}, {self.k_max}] step {self.k_step}, tau={self.tau}, "
+                f"iters={self.iters}, complexity={self.complexity}, dynamic={self.dynamic}")
+
+    def space(self, z: torch.Tensor) -> torch.Tensor:
+        """The space in which distances are measured (float32). LayerNorm'd tokens make
+        ``tau`` mean the same at every width and every point of training (DESIGN choice, see docs)."""
+        z = z.float()
+        return F.layer_norm(z, z.shape[-1:]) if self.assign_norm else z
+
+    @torch.no_grad()
+    def init_centroids(self, tokens: torch.Tensor, max_points: int = 8192, seed: int = 0) -> None:
+        """Seed the centroids by k-means++ on real tokens (any shape (..., D)), so that no
+        cluster starts empty. Seeded generator: every process picks the same rows of the same data."""
+        pts = self.space(tokens.reshape(-1, self.dim))
+        g = torch.Generator(device=pts.device).manual_seed(seed)
+        if pts.shape[0] > max_points:
+            pts = pts[torch.randperm(pts.shape[0], generator=g, device=pts.device)[:max_points]]
+        self.centroids.copy_(kmeans_pp(pts, self.k_max, g).to(self.centroids.dtype))
+        self.initialized.fill_(True)
+
+    # --- per-image K ------------------------------------------------------------------------
+    def complexity_score(self, z: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Raw complexity ``c`` per image, (B,). z: (B, N, D); weights: (B, N) saliency or None."""
+        zs = self.space(z)                                                           # (B, N, D)
+        if self.complexity == "variance":
+            return zs.var(dim=1, unbiased=False).mean(-1)
+        if self.complexity == "entropy":
+            a, _ = soft_assign(zs, self.centroids, self.tau)                         # (B, N, K_max)
+            p = a.mean(1)                                                            # (B, K_max) cluster usage
+            return -(p * p.clamp_min(1e-12).log()).sum(-1)
+        if weights is None:
+            raise ValueError("complexity='saliency' needs per-patch weights: pass patch_weights=(B, N) "
+                             "to the model's forward (e.g. from a saliency guidance provider).")
+        w = weights.float().clamp_min(0)
+        w = w / w.sum(1, keepdim=True).clamp_min(1e-12)                              # (B, N)
+        mean = (w.unsqueeze(-1) * zs).sum(1, keepdim=True)                            # (B, 1, D)
+        return (w.unsqueeze(-1) * (zs - mean).pow(2)).sum(1).mean(-1)                 # (B,)
+
+    def k_from_score(self, score: torch.Tensor, bias: float) -> torch.Tensor:
+        """``K = clamp(round_to(k_step, K_min + (K_max - K_min) * sigmoid(score + bias)))``."""
+        k = self.k_min + (self.k_max - self.k_min) * torch.sigmoid(score + bias)
+        k = torch.round(k / self.k_step) * self.k_step
+        return k.clamp(self.k_min, self.k_max).long()
+
+    def num_clusters(self, z: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """K per image, (B,) long. Updates the running statistics of ``c`` in training."""
+        B, N = z.shape[:2]
+        if not self.dynamic:
+            k = self.fixed_k if self.fixed_k is not None else self.k_max
+            return torch.full((B,), min(k, N), dtype=torch.long, device=z.device)
+        with torch.no_grad():
+            c = self.complexity_score(z, weights)                                    # (B,)
+            if self.training:
+                m, v = c.mean(), c.var(unbiased=False)
+                if not bool(self.stats_seen):
+                    self.c_mean.copy_(m)
+                    self.c_var.copy_(v if B > 1 else torch.ones_like(v))
+                    self.stats_seen.fill_(True)
+                else:
+                    mom = self.stat_momentum
+                    self.c_mean.mul_(1 - mom).add_(mom * m)
+                    self.c_var.mul_(1 - mom).add_(mom * v)
+            if bool(self.stats_seen):
+                score = (c - self.c_mean) / (self.c_var.sqrt() + 1e-6)
+            else:  # no statistics yet (never trained): every image gets the mid-range budget
+                score = torch.zeros_like(c)
+            self.last_score = score
+            bias = self.budget_bias
+            if self.training and self.budget_jitter > 0:
+                # one shift per batch: every budget gets trained, and the nested centroids make it valid
+                bias = bias + (torch.rand(()).item() * 2 - 1) * self.budget_jitter
+            return self.k_from_score(score, bias).clamp_max(N)
+
+    # --- condensation -------------------------------------------------------------------------
+    def forward(self, z: torch.Tensor, mass: torch.Tensor, k: int, weights: Optional[torch.Tensor] = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Condense the tokens of images that all use ``k`` clusters.
+
+        z: (B, N, D) tokens, mass: (B, N) their mass, weights: optional (B, N) saliency that
+        scales each token's mass in the weighted mean. Returns ``s`` (B, K, D) super-tokens,
+        ``m`` (B, K) their mass, ``a`` (B, N, K) assignment (for unpooling ``Z_rec = a @ s``),
+        and ``zs`` (B, N, D), ``mu`` ((K, D) or (B, K, D)), the points and centroids of eq. 14.
+        """
+        zs = self.space(z)                                                           # (B, N, D)
+        mu = self.centroids[:k]                                                      # (K, D) nested prefix
+        a, _ = soft_assign(zs, mu, self.tau)                                         # (B, N, K)
+        for _ in range(self.iters):  # differentiable soft k-means steps, per image
+            mu = torch.einsum("bnk,bnd->bkd", a, zs) / a.sum(1).clamp_min(1e-6).unsqueeze(-1)  # (B, K, D)
+            a, _ = soft_assign(zs, mu, self.tau)
+        s, m = condense(z, a, mass, self.normalize, weights)                        # (B, K, D), (B, K)
+        return s, m, a, zs, mu
+

@@ -1,0 +1,4 @@
+"""Model assembly and timm registration (importing this registers ``adaptivision_*`` with timm)."""
+from .adaptivision import AdaptiVision
+
+__all__ = ["AdaptiVision"]

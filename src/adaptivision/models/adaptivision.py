@@ -1,0 +1,417 @@
+"""AdaptiVision: a timm ``VisionTransformer`` with DTC, AFA and CMTF (paper section 3).
+
+Data flow (DESIGN.md §1):
+
+    patch embed + pos embed (eq. 1) -> blocks[:c] (plain ViT) -> DTC (eqs. 2-3, per-image K)
+    -> [CMTF (eqs. 8-10)] -> blocks[c:] with AFA (eqs. 4-7) on K+1 tokens -> norm -> head (eq. 11)
+
+Images of one batch may get different K. They are grouped by K and each group runs through
+the remaining blocks as one dense batch (no padding, so fewer tokens really cost less); the
+results are put back in input order. An image's output does not depend on its batch-mates.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import List, Optional, Union
+
+import torch
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import ModelOptions
+from ..layers import AFABlock, CrossModalTokenFusion, DynamicTokenClustering, make_afa_block
+
+__all__ = ["AdaptiVision"]
+
+_VIT_ARGS = set(inspect.signature(VisionTransformer.__init__).parameters) - {"self"}
+
+
+class _Group:
+    """Images of one batch that currently have the same number of tokens."""
+
+    __slots__ = ("index", "x", "mass", "assign")
+
+    def __init__(self, index, x, mass, assign):
+        self.index = index    # (b,) positions in the input batch
+        self.x = x            # (b, P+T, D) tokens, prefix ([CLS]) first
+        self.mass = mass      # (b, P+T) patches per token; None = 1 everywhere (before condensation)
+        self.assign = assign  # one assignment (b, N_in, K) per DTC stage passed, for unpooling
+
+
+class AdaptiVision(VisionTransformer):
+    """Vision transformer that condenses patch tokens into per-image numbers of super-tokens.
+
+    Accepts every ``timm`` ``VisionTransformer`` argument plus the options of
+    :class:`adaptivision.config.ModelOptions`. With ``condense_at=None, afa=False, cmtf=False``
+    it is exactly a timm ViT and loads its state dict.
+    """
+
+    def __init__(self, **kwargs):
+        opts, vit_kwargs = ModelOptions.split_kwargs(kwargs, _VIT_ARGS)
+        super().__init__(**vit_kwargs)
+        D, P = self.embed_dim, self.num_prefix_tokens
+        self.opts = opts.resolve(self.patch_embed.num_patches, len(self.blocks), D)
+        stages = self.opts.stages
+        if stages and self.global_pool not in ("token", "avg"):
+            raise ValueError(f"Invalid value for 'global_pool': {self.global_pool!r}; allowed with "
+                             "condensation: 'token' or 'avg' (mass-weighted mean of the super-tokens).")
+        if self.opts.norm == "post" and not (self.opts.afa and stages):
+            raise ValueError("norm='post' applies to AFA blocks: it needs afa=True and condense_at set.")
+
+        self.dtc = nn.ModuleDict({
+            str(st["block"]): DynamicTokenClustering(
+                D, st["k_min"], st["k_max"], opts.k_step, opts.tau, opts.iters, opts.normalize,
+                opts.complexity, opts.dynamic, opts.budget_jitter, opts.stat_momentum, opts.assign_norm)
+            for st in stages})
+        if opts.afa and stages:  # blocks after the first condensation attend over K+P tokens
+            for i in range(stages[0]["block"], len(self.blocks)):
+                k_max = [st["k_max"] for st in stages if st["block"] <= i][-1]
+                make_afa_block(self.blocks[i], P + k_max, opts.afa_rank, opts.afa_hidden, opts.norm == "post")
+        heads = self.blocks[0].attn.num_heads
+        qkv_bias = self.blocks[0].attn.qkv.bias is not None
+        self.cmtf = nn.ModuleDict({str(i): CrossModalTokenFusion(D, heads, opts.gate, qkv_bias)
+                                   for i in self.opts.cmtf_at})
+        gdim = opts.guidance_dim or D
+        self.guidance_embed = nn.Linear(gdim, D) if (len(self.cmtf) and gdim != D) else nn.Identity()
+        self.align_head = nn.Linear(D, opts.align_dim) if opts.align_dim else None
+        self.last_num_clusters: Optional[torch.Tensor] = None  # (B, stages) K of each image, last forward
+        self._feat_mass: Optional[torch.Tensor] = None
+        self._cluster_terms: list = []
+
+    # --- timm interface -------------------------------------------------------------------------
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        # Decay would pull the centroids towards the origin, away from the tokens they summarise.
+        return super().no_weight_decay() | {f"dtc.{k}.centroids" for k in self.dtc}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(
+            stem=r"^cls_token|reg_token|pos_embed|patch_embed|norm_pre|guidance_embed",
+            blocks=[(r"^blocks\.(\d+)", None), (r"^(?:dtc|cmtf)\.(\d+)", None),
+                    (r"^norm|^align_head", (99999,))],
+        )
+
+    # --- the trunk ------------------------------------------------------------------------------
+    def embed_guidance(self, guidance: Optional[torch.Tensor], batch: int) -> Optional[torch.Tensor]:
+        """Guidance tokens (M, Dg) shared by the batch or (B, M, Dg) per image -> (B, M, D)."""
+        if guidance is None or not len(self.cmtf):
+            return None
+        if guidance.dim() == 2:
+            guidance = guidance.unsqueeze(0).expand(batch, -1, -1)
+        if guidance.dim() != 3 or guidance.shape[0] != batch:
+            raise ValueError(f"guidance must be (M, Dg) or (B={batch}, M, Dg), got {tuple(guidance.shape)}")
+        expected = self.guidance_embed.in_features if isinstance(self.guidance_embed, nn.Linear) else self.embed_dim
+        if guidance.shape[-1] != expected:
+            raise ValueError(f"guidance width {guidance.shape[-1]} != guidance_dim {expected} of this model")
+        return self.guidance_embed(guidance.to(self.pos_embed.dtype))
+
+    def _trunk(self, x: torch.Tensor, guidance=None, patch_weights=None, last: Optional[int] = None):
+        """Run embedding and blocks; yields ``(block index, groups)`` after each block."""
+        B = x.shape[0]
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))    # (B, P+N, D)
+        g = self.embed_guidance(guidance, B)                                        # (B, M, D) or None
+        groups = [_Group(torch.arange(B, device=x.device), x, None, [])]
+        self.last_num_clusters = torch.zeros(B, len(self.dtc), dtype=torch.long, device=x.device)
+        self._cluster_terms = []
+        for i, blk in enumerate(self.blocks):
+            if last is not None and i > last:
+                break
+            if str(i) in self.dtc:
+                stage = list(self.dtc).index(str(i))
+                groups = self._condense(self.dtc[str(i)], stage, groups, patch_weights if stage == 0 else None)
+            if str(i) in self.cmtf and g is not None:
+                for grp in groups:
+                    grp.x = self.cmtf[str(i)](grp.x, g[grp.index])
+            for grp in groups:
+                grp.x = self._run_block(blk, grp)
+            yield i, groups
+
+    def _condense(self, dtc: DynamicTokenClustering, stage: int, groups: List[_Group],
+                  weights: Optional[torch.Tensor]) -> List[_Group]:
+        P = self.num_prefix_tokens
+        if not bool(dtc.initialized):  # seed the centroids from the first real tokens they see
+            dtc.init_centroids(torch.cat([grp.x[:, P:].reshape(-1, self.embed_dim) for grp in groups]))
+        out = []
+        for grp in groups:
+            prefix, z = grp.x[:, :P], grp.x[:, P:]                                   # (b, P, D), (b, N, D)
+            mass = grp.mass[:, P:] if grp.mass is not None else z.new_ones(z.shape[:2], dtype=torch.float32)
+            w = weights[grp.index] if weights is not None else None                  # (b, N) or None
+            ks = dtc.num_clusters(z, w)                                              # (b,)
+            self.last_num_clusters[grp.index, stage] = ks
+            for k in torch.unique(ks).tolist():  # one dense batch per K
+                sel = torch.nonzero(ks == k).squeeze(1)
+                s, m, a, zs, mu = dtc(z[sel], mass[sel], k, None if w is None else w[sel])
+                x = torch.cat([prefix[sel], s], dim=1)                               # (b_k, P+K, D)
+                m = torch.cat([m.new_ones(len(sel), P), m], dim=1)                   # (b_k, P+K)
+                out.append(_Group(grp.index[sel], x, m, grp.assign + [a]))
+                self._cluster_terms.append((zs, mu, dtc.tau))
+        return out
+
+    def _run_block(self, blk: nn.Module, grp: _Group) -> torch.Tensor:
+        bias = None
+        if self.opts.prop_attn and grp.mass is not None:  # ToMe's proportional attention: + log(mass)
+            bias = grp.mass.log()[:, None, None, :].to(grp.x.dtype)                 # (b, 1, 1, T)
+        kw = {"mass": grp.mass} if isinstance(blk, AFABlock) else {}
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return checkpoint(blk, grp.x, bias, use_reentrant=False, **kw)
+        return blk(grp.x, bias, **kw)
+
+    def _assemble(self, groups: List[_Group], batch: int) -> torch.Tensor:
+        """Groups -> one (B, P+T_max, D) tensor in input order; shorter rows are zero-padded and
+        their mass (kept in ``self._feat_mass``) is 0, so mass-weighted pooling ignores them."""
+        if len(groups) == 1 and groups[0].mass is None:
+            self._feat_mass = None
+            return groups[0].x
+        T = max(grp.x.shape[1] for grp in groups)
+        ref = groups[0].x
+        x = ref.new_zeros(batch, T, ref.shape[-1])                                  # (B, P+T_max, D)
+        mass = torch.zeros(batch, T, device=ref.device)                            # (B, P+T_max)
+        for grp in groups:
+            t = grp.x.shape[1]
+            x[grp.index, :t] = grp.x
+            mass[grp.index, :t] = grp.mass if grp.mass is not None else 1.0
+        self._feat_mass = mass
+        return x
+
+    def forward_features(self, x: torch.Tensor, guidance: Optional[torch.Tensor] = None,
+                         patch_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Tokens after the final norm: (B, P+T, D), zero-padded where images have fewer tokens.
+
+        guidance: (M, Dg) or (B, M, Dg) guidance tokens for CMTF (skipped when None).
+        patch_weights: (B, N) per-patch saliency for ``complexity='saliency'`` and weighted means.
+        """
+        groups = []
+        for _, groups in self._trunk(x, guidance, patch_weights):  # noqa: B007 (we need the last)
+            pass
+        for grp in groups:
+            grp.x = self.norm(grp.x)
+        return self._assemble(groups, x.shape[0])
+
+    def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
+        """Eq. 11's Pool: [CLS], or the mass-weighted mean of the super-tokens for ``'avg'``."""
+        pool_type = self.global_pool if pool_type is None else pool_type
+        mass = self._feat_mass
+        if pool_type == "avg" and mass is not None and mass.shape == x.shape[:2]:
+            P = self.num_prefix_tokens
+            m = mass[:, P:].to(x.dtype).unsqueeze(-1)                                # (B, T, 1)
+            return (x[:, P:] * m).sum(1) / m.sum(1).clamp_min(1e-6)                  # (B, D)
+        return super().pool(x, pool_type)
+
+    def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor] = None,
+                patch_weights: Optional[torch.Tensor] = None, return_aux: bool = False):
+        """Logits (B, classes); with ``return_aux`` also the inputs of the objective's extra terms:
+        ``cluster`` (eq. 14 terms), ``pooled`` (z_out after LayerNorm), ``align`` (its projection
+        for eq. 15, or None) and ``num_clusters`` (B, stages)."""
+        feats = self.forward_features(x, guidance, patch_weights)
+        pooled = self.forward_head(feats, pre_logits=True)                          # (B, D)
+        logits = self.head(pooled)                                                  # (B, classes)
+        terms, self._cluster_terms = self._cluster_terms, []  # don't keep the graph alive on self
+        if not return_aux:
+            return logits
+        aux = dict(cluster=terms, pooled=pooled, num_clusters=self.last_num_clusters,
+                   align=self.align_head(pooled) if self.align_head is not None else None)
+        return logits, aux
+
+    # --- dense outputs ------------------------------------------------------------------------
+    def _unpool(self, groups: List[_Group], batch: int, norm: bool) -> torch.Tensor:
+        """Super-tokens back on the patch grid: ``Z_rec = A_1 A_2 ... S`` -> (B, P+N, D)."""
+        P = self.num_prefix_tokens
+        rows = []
+        for grp in groups:
+            y = self.norm(grp.x) if norm else grp.x
+            patches = y[:, P:]                                                       # (b, K, D)
+            if grp.assign:
+                a = grp.assign[0]
+                for nxt in grp.assign[1:]:
+                    a = a @ nxt                                                      # (b, N, K_last)
+                patches = (a.to(y.dtype) @ patches)                                  # (b, N, D)
+            rows.append((grp.index, torch.cat([y[:, :P], patches], dim=1)))
+        out = rows[0][1].new_empty(batch, *rows[0][1].shape[1:])
+        for index, r in rows:
+            out[index] = r
+        return out
+
+    def forward_intermediates(
+            self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
+            return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
+            output_fmt: str = "NCHW", intermediates_only: bool = False,
+            guidance: Optional[torch.Tensor] = None, patch_weights: Optional[torch.Tensor] = None):
+        """timm's ``forward_intermediates``; blocks after condensation are unpooled to the full
+        patch grid through the assignment, so dense heads get (B, D, H, W) maps as from a ViT."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        B, _, height, width = x.shape
+        P = self.num_prefix_tokens
+        inters, prefixes, groups = [], [], []
+        for i, groups in self._trunk(x, guidance, patch_weights, max_index if stop_early else None):
+            if i in take_indices:
+                y = self._unpool(groups, B, norm)                                   # (B, P+N, D)
+                prefixes.append(y[:, :P])
+                inters.append(y[:, P:])
+        self._cluster_terms = []
+        if output_fmt == "NCHW":
+            H, W = self.patch_embed.dynamic_feat_size((height, width))
+            inters = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in inters]
+        if return_prefix_tokens and P:
+            inters = list(zip(inters, prefixes, strict=True))
+        if intermediates_only:
+            return inters
+        for grp in groups:
+            grp.x = self.norm(grp.x)
+        return self._assemble(groups, B), inters
+
+    # --- budgets ------------------------------------------------------------------------------
+    def init_clusters(self, images: torch.Tensor, **forward_kwargs) -> None:
+        """Seed every DTC stage's centroids by k-means++ on these images' tokens (the first
+        forward does it otherwise). Call it before wrapping the model in DDP, so every rank
+        starts from the same centroids."""
+        for dtc in self.dtc.values():
+            dtc.initialized.fill_(False)
+        with torch.no_grad():
+            self.forward_features(images, **forward_kwargs)
+
+    @torch.no_grad()
+    def set_token_budget(self, images: Optional[torch.Tensor] = None, mean_k: Optional[float] = None,
+                         gmacs: Optional[float] = None, bias: Optional[float] = None, **forward_kwargs) -> float:
+        """Set the inference budget of the first DTC stage; returns the bias it chose.
+
+        ``bias``: set the knob directly. ``mean_k``: mean K over ``images``. ``gmacs``: mean GMACs
+        per image over ``images`` (measured with :func:`adaptivision.profile`). With
+        ``dynamic=False`` the knob is the fixed K itself.
+        """
+        if sum(v is not None for v in (mean_k, gmacs, bias)) != 1:
+            raise ValueError("set_token_budget takes exactly one of mean_k=, gmacs=, bias=")
+        if not self.dtc:
+            raise ValueError("this model has no DTC stage (condense_at=None): there is no token budget")
+        dtc = next(iter(self.dtc.values()))
+        if bias is not None:
+            dtc.budget_bias = float(bias)
+            return dtc.budget_bias
+        if images is None:
+            raise ValueError("set_token_budget(mean_k=|gmacs=) calibrates on a batch: pass images=")
+        if mean_k is not None and not dtc.k_min <= mean_k <= dtc.k_max:
+            raise ValueError(f"mean_k={mean_k} is outside this model's range [{dtc.k_min}, {dtc.k_max}]")
+        from ..profile import profile  # late import: profile imports the layers, not the model
+
+        was_training = self.training
+        self.eval()
+        try:
+            if not dtc.dynamic:  # the knob is K itself: pick the allowed K closest to the request
+                step = dtc.k_step
+                cands = sorted({dtc.k_min, dtc.k_max, *range(-(-dtc.k_min // step) * step, dtc.k_max + 1, step)})
+
+                def cost(k):
+                    dtc.fixed_k = k
+                    return float(k) if mean_k is not None else profile(self, images, **forward_kwargs)["gmacs"]
+                target = mean_k if mean_k is not None else gmacs
+                dtc.fixed_k = min(cands, key=lambda k: abs(cost(k) - target))
+                return float(dtc.fixed_k)
+            if mean_k is not None:
+                dtc.budget_bias = 0.0
+                self.forward_features(images, **forward_kwargs)
+                score = dtc.last_score
+
+                def measure(b):
+                    return dtc.k_from_score(score, b).float().mean().item()
+                target = mean_k
+            else:
+                def measure(b):
+                    dtc.budget_bias = b
+                    return profile(self, images, **forward_kwargs)["gmacs"]
+                target = gmacs
+            lo, hi, best = -20.0, 20.0, None
+            for _ in range(30 if mean_k is not None else 16):
+                mid = (lo + hi) / 2
+                val = measure(mid)
+                if best is None or abs(val - target) < abs(best[1] - target):
+                    best = (mid, val)
+                lo, hi = (mid, hi) if val < target else (lo, mid)
+            dtc.budget_bias = best[0]
+            return best[0]
+        finally:
+            self.train(was_training)
+
+
+# --- registration ------------------------------------------------------------------------------
+def _cfg(**kwargs) -> dict:
+    return {
+        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
+        "crop_pct": 0.9, "interpolation": "bicubic", "fixed_input_size": True,
+        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj", "classifier": "head", "license": "apache-2.0", **kwargs,
+    }
+
+
+_FMNIST = dict(num_classes=10, input_size=(1, 28, 28), mean=(0.2860,), std=(0.3530,), crop_pct=1.0)
+_CIFAR = dict(num_classes=10, input_size=(3, 32, 32), mean=(0.4914, 0.4822, 0.4465),
+              std=(0.2470, 0.2435, 0.2616), crop_pct=1.0)
+
+default_cfgs = generate_default_cfgs({
+    "adaptivision_tiny_patch16_224.untrained": _cfg(),
+    "adaptivision_small_patch16_224.untrained": _cfg(),
+    "adaptivision_base_patch16_224.untrained": _cfg(),
+    "adaptivision_tiny_patch2_28.untrained": _cfg(**_FMNIST),
+    "adaptivision_small_patch2_28.untrained": _cfg(**_FMNIST),
+    "adaptivision_tiny_patch2_32.untrained": _cfg(**_CIFAR),
+    "adaptivision_small_patch2_32.untrained": _cfg(**_CIFAR),
+})
+
+_SIZES = {"tiny": dict(embed_dim=192, depth=12, num_heads=3),
+          "small": dict(embed_dim=384, depth=12, num_heads=6),
+          "base": dict(embed_dim=768, depth=12, num_heads=12)}
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs) -> AdaptiVision:
+    out_indices = kwargs.pop("out_indices", 3)
+    return build_model_with_cfg(
+        AdaptiVision, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **kwargs,
+    )
+
+
+def _make(size: str, patch: int, img: int, pretrained: bool, kwargs: dict) -> AdaptiVision:
+    args = dict(patch_size=patch, img_size=img, **_SIZES[size])
+    return _create(f"adaptivision_{size}_patch{patch}_{img}", pretrained=pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def adaptivision_tiny_patch16_224(pretrained: bool = False, **kwargs) -> AdaptiVision:
+    return _make("tiny", 16, 224, pretrained, kwargs)
+
+
+@register_model
+def adaptivision_small_patch16_224(pretrained: bool = False, **kwargs) -> AdaptiVision:
+    return _make("small", 16, 224, pretrained, kwargs)
+
+
+@register_model
+def adaptivision_base_patch16_224(pretrained: bool = False, **kwargs) -> AdaptiVision:
+    return _make("base", 16, 224, pretrained, kwargs)
+
+
+@register_model
+def adaptivision_tiny_patch2_28(pretrained: bool = False, **kwargs) -> AdaptiVision:
+    return _make("tiny", 2, 28, pretrained, kwargs)
+
+
+@register_model
+def adaptivision_small_patch2_28(pretrained: bool = False, **kwargs) -> AdaptiVision:
+    return _make("small", 2, 28, pretrained, kwargs)
+
+
+@register_model
+def adaptivision_tiny_patch2_32(pretrained: bool = False, **kwargs) -> AdaptiVision:
+    return _make("tiny", 2, 32, pretrained, kwargs)
+
+
+@register_model
+def adaptivision_small_patch2_32(pretrained: bool = False, **kwargs) -> AdaptiVision:
+    return _make("small", 2, 32, pretrained, kwargs)

@@ -1,0 +1,211 @@
+"""Dynamic Token Clustering behaviour: per-image K, grouping, budgets, initialisation."""
+import pytest
+import timm
+import torch
+
+from adaptivision import AdaptiVisionLoss, profile
+from adaptivision.layers import DynamicTokenClustering
+from conftest import read_fmnist, textured_and_flat, tiny_model
+
+
+def _warm_stats(model, x, **kw):
+    """One training-mode pass seeds centroids and the complexity statistics."""
+    model.train()
+    with torch.no_grad():
+        model(x, **kw)
+    return model.eval()
+
+
+def test_k_grows_with_complexity():
+    x = textured_and_flat()                      # 3 textured, then 3 flat images
+    model = _warm_stats(tiny_model(budget_jitter=0.0), x)
+    with torch.no_grad():
+        model(x)
+    k = model.last_num_clusters[:, 0]
+    assert k[:3].min() > k[3:].max(), k
+    assert k.min() >= 4 and k.max() <= 16 and (k % 2 == 0).all()
+
+
+@pytest.mark.parametrize("complexity", ["variance", "entropy", "saliency"])
+def test_every_complexity_score_drives_k(complexity):
+    x = textured_and_flat()
+    w = torch.cat([torch.rand(3, 16), torch.ones(3, 16)])  # saliency: uneven vs uniform
+    w[:3, :4] += 5
+    kw = dict(patch_weights=w) if complexity == "saliency" else {}
+    model = _warm_stats(tiny_model(complexity=complexity, budget_jitter=0.0), x, **kw)
+    with torch.no_grad():
+        model(x, **kw)
+    k = model.last_num_clusters[:, 0]
+    assert k.unique().numel() > 1, f"{complexity}: every image got K={k.tolist()}"
+
+
+def test_saliency_without_weights_is_a_clear_error():
+    model = tiny_model(complexity="saliency")
+    with pytest.raises(ValueError, match="patch_weights"):
+        model(torch.randn(2, 3, 16, 16))
+
+
+def test_an_image_gives_the_same_output_alone_or_in_a_mixed_batch():
+    x = textured_and_flat(6, 2)
+    model = _warm_stats(tiny_model(budget_jitter=0.0, iters=1), x)
+    g = torch.randn(2, 32)
+    with torch.no_grad():
+        batch = model(x, guidance=g)
+        ks = model.last_num_clusters[:, 0]
+        assert ks.unique().numel() >= 3          # several groups really ran
+        for i in range(len(x)):
+            alone = model(x[i:i + 1], guidance=g)
+            assert model.last_num_clusters[0, 0] == ks[i]
+            assert torch.allclose(alone, batch[i:i + 1], atol=1e-5)
+    # also with mass-weighted pooling, where padding must not leak into the mean
+    model = _warm_stats(tiny_model(budget_jitter=0.0, global_pool="avg", class_token=False), x)
+    with torch.no_grad():
+        batch = model(x)
+        for i in range(len(x)):
+            assert torch.allclose(model(x[i:i + 1]), batch[i:i + 1], atol=1e-5)
+
+
+def test_mixed_k_costs_the_mean_of_each_image_no_padding():
+    x = textured_and_flat()
+    model = _warm_stats(tiny_model(budget_jitter=0.0), x)
+    mixed = profile(model, x)["gmacs"]
+    alone = sum(profile(model, x[i:i + 1])["gmacs"] for i in range(len(x))) / len(x)
+    assert abs(mixed - alone) / alone < 1e-9
+    padded = tiny_model(budget_jitter=0.0, dynamic=False)   # every image at K_max
+    padded.load_state_dict(model.state_dict())
+    assert mixed < 0.95 * profile(padded, x)["gmacs"]
+
+
+def test_fixed_k_and_nested_centroids():
+    model = tiny_model(dynamic=False, k_max=12)
+    with torch.no_grad():
+        model(torch.randn(3, 3, 16, 16))
+    assert (model.last_num_clusters == 12).all()
+    dtc = model.dtc["0"]
+    dtc.fixed_k = 6
+    z = torch.randn(2, 16, 32)
+    s, m, a, _, mu = dtc(z, torch.ones(2, 16), 6)
+    assert s.shape == (2, 6, 32) and a.shape == (2, 16, 6)
+    assert torch.equal(mu, dtc.centroids[:6])                # cluster k is the same row for every K
+    assert torch.allclose(m.sum(1), torch.full((2,), 16.0))  # assignment conserves the patch count
+
+
+def test_running_statistics_update_only_in_training():
+    model = tiny_model()
+    dtc = model.dtc["0"]
+    x = textured_and_flat()
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    assert not bool(dtc.stats_seen) and dtc.c_mean.item() == 0.0
+    model.train()
+    with torch.no_grad():
+        model(x)
+    m1 = dtc.c_mean.item()
+    assert bool(dtc.stats_seen) and m1 > 0
+    with torch.no_grad():
+        model(x * 3)
+    assert dtc.c_mean.item() > m1                            # momentum update towards the new batch
+    model.eval()
+    m2 = dtc.c_mean.item()
+    with torch.no_grad():
+        model(x * 10)
+    assert dtc.c_mean.item() == m2
+
+
+def test_token_budget_by_mean_k_and_by_gmacs():
+    x = textured_and_flat(8, 8)
+    model = _warm_stats(tiny_model(budget_jitter=0.0, k_step=1), x)
+    model.set_token_budget(x, mean_k=7)
+    with torch.no_grad():
+        model(x)
+    assert abs(model.last_num_clusters.float().mean().item() - 7) <= 0.5
+    base = profile(model, x)["gmacs"]
+    target = base * 1.3
+    model.set_token_budget(x, gmacs=target)
+    assert abs(profile(model, x)["gmacs"] - target) / target < 0.05
+    with pytest.raises(ValueError, match="outside"):
+        model.set_token_budget(x, mean_k=100)
+    with pytest.raises(ValueError, match="exactly one"):
+        model.set_token_budget(x, mean_k=6, gmacs=1.0)
+    fixed = tiny_model(dynamic=False, k_step=2)
+    fixed.set_token_budget(x, mean_k=9.2)
+    assert fixed.dtc["0"].fixed_k == 10
+
+
+def test_budget_on_the_small_model_reaches_the_paper_operating_point():
+    model = timm.create_model("adaptivision_small_patch16_224").eval()
+    x = torch.randn(4, 3, 224, 224)
+    model.set_token_budget(x, gmacs=3.1)
+    assert abs(profile(model, x)["gmacs"] - 3.1) / 3.1 < 0.05
+
+
+def test_kmeans_pp_init_gives_every_cluster_mass_on_real_images():
+    imgs = read_fmnist(32).float().div(255).sub(0.286).div(0.353).unsqueeze(1)  # (32, 1, 28, 28)
+    model = timm.create_model("adaptivision_tiny_patch2_28", dynamic=False).eval()
+    with torch.no_grad():
+        model(imgs)
+        dtc = model.dtc["0"]
+        z = model._pos_embed(model.patch_embed(imgs))[:, 1:]
+        _, m, _, _, _ = dtc(z, torch.ones(z.shape[:2]), dtc.k_max)           # (32, 196)
+    # mass summed over the batch: every one of the 196 clusters receives a share of real patches
+    assert m.sum(0).min() > 0.5, m.sum(0).min()
+
+
+def test_multi_stage_condensation_and_unpooling():
+    model = tiny_model(condense_at=[0, 2], k_min=[8, 2], k_max=[16, 8], budget_jitter=0.0)
+    x = textured_and_flat()
+    _warm_stats(model, x)
+    with torch.no_grad():
+        logits = model(x)
+        final, maps = model.forward_intermediates(x, indices=[0, 1, 3])
+    assert torch.isfinite(logits).all()
+    k = model.last_num_clusters
+    assert (k[:, 1] <= k[:, 0]).all() and (k[:, 1] <= 8).all()
+    assert [t.shape for t in maps] == [(6, 32, 4, 4)] * 3
+
+
+def test_unpooling_is_exact_with_one_cluster_per_patch():
+    """With K = N and a tiny tau each patch is its own cluster, so Z_rec = A S = Z."""
+    model = tiny_model(dynamic=False, k_min=16, k_max=16, tau=1e-4, afa=False, cmtf=False).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        tokens = model._pos_embed(model.patch_embed(x))[:, 1:]                  # (2, 16, 32)
+        model.dtc["0"].init_centroids(tokens[0])                                 # centroids = image 0's tokens
+        groups = None
+        for _, groups in model._trunk(x[:1], last=0):  # noqa: B007
+            pass
+        a = groups[0].assign[0]                                                  # (1, 16, 16)
+        assert torch.allclose(a.sum(-1), torch.ones(1, 16))
+        s, _ = __import__("adaptivision").layers.condense(tokens[:1], a, torch.ones(1, 16))
+        assert torch.allclose(a @ s, tokens[:1], atol=1e-5)
+
+
+def test_cluster_loss_does_not_collapse_with_detached_tokens():
+    """Minimising L_cluster alone: with gradient into the tokens the embedding collapses onto
+    the centroids (loss -> ~0); with detach_tokens it can only move the centroids and stays
+    bounded by the spread of the tokens."""
+    x = torch.randn(16, 3, 16, 16)
+    finals = {}
+    for detach in (True, False):
+        torch.manual_seed(0)
+        model = tiny_model(dynamic=False, k_max=4, k_min=4, afa=False, cmtf=False)
+        crit = AdaptiVisionLoss(lambda_cluster=1.0, detach_tokens=detach)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        first = None
+        for _ in range(100):
+            _, aux = model(x, return_aux=True)
+            loss = crit(torch.zeros(16, 5, requires_grad=True), torch.zeros(16, dtype=torch.long), aux)["cluster"]
+            first = first if first is not None else loss.item()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        finals[detach] = loss.item() / first
+    assert finals[False] < 0.2, finals       # collapse is real without detaching ...
+    assert finals[True] > 0.5, finals        # ... and prevented with it
+
+
+def test_dtc_module_validates_its_inputs():
+    dtc = DynamicTokenClustering(8, 2, 4, complexity="saliency")
+    with pytest.raises(ValueError, match="patch_weights"):
+        dtc.complexity_score(torch.randn(1, 5, 8))

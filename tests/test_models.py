@@ -1,0 +1,106 @@
+"""The same checks for every registered model, as timm tests its own."""
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from timm.models import group_parameters
+
+from conftest import perturb_zero_init
+
+MODELS = timm.list_models("adaptivision_*")
+
+
+def test_registry_lists_every_size():
+    expected = {f"adaptivision_{s}_patch16_224" for s in ("tiny", "small", "base")}
+    expected |= {"adaptivision_tiny_patch2_28", "adaptivision_tiny_patch2_32"}
+    assert expected <= set(MODELS)
+
+
+def _inputs(model, batch=2):
+    c, h, w = model.pretrained_cfg["input_size"]
+    return torch.randn(batch, c, h, w)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_forward_backward_every_parameter(name):
+    model = timm.create_model(name, num_classes=7)
+    x = _inputs(model)
+    g = torch.randn(3, model.embed_dim)  # guidance tokens so that CMTF runs
+    perturb_zero_init(model)
+    model.train()
+    logits = model(x, guidance=g)
+    assert logits.shape == (2, 7) and torch.isfinite(logits).all()
+    logits.square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, f"no gradient reaches: {missing}"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_timm_interface(name):
+    model = timm.create_model(name).eval()
+    x = _inputs(model)
+    D = model.embed_dim
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        assert feats.dim() == 3 and feats.shape[0] == 2 and feats.shape[2] == D
+        assert model.forward_head(feats, pre_logits=True).shape == (2, D)
+        assert torch.allclose(model.forward_head(feats), model(x), atol=1e-5)
+        assert model.get_classifier() is model.head
+        model.reset_classifier(3)
+        assert model(x).shape == (2, 3)
+        model.reset_classifier(0)
+        assert model(x).shape == (2, D)
+        # forward_intermediates: NCHW maps of the full patch grid, also after condensation
+        H, W = model.patch_embed.grid_size
+        final, inters = model.forward_intermediates(x, indices=[0, len(model.blocks) - 1])
+        assert [t.shape for t in inters] == [(2, D, H, W)] * 2
+    assert {f"dtc.{k}.centroids" for k in model.dtc} <= model.no_weight_decay()
+    # every parameter belongs to exactly one group of the layer-decay matcher
+    groups = group_parameters(model, model.group_matcher())
+    grouped = [n for names in groups.values() for n in names]
+    assert sorted(grouped) == sorted(n for n, _ in model.named_parameters())
+
+
+def test_grad_checkpointing_gives_same_output_and_gradients():
+    torch.manual_seed(0)
+    model = timm.create_model("adaptivision_tiny_patch2_28", dynamic=False, budget_jitter=0.0)
+    x = _inputs(model)
+    model.train()
+    model.init_clusters(x)
+    y0 = model(x)
+    y0.sum().backward()
+    g0 = model.blocks[3].attn.qkv.weight.grad.clone()
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    y1 = model(x)
+    y1.sum().backward()
+    assert torch.allclose(y0, y1, atol=1e-5)
+    assert torch.allclose(g0, model.blocks[3].attn.qkv.weight.grad, atol=1e-5)
+
+
+def test_features_only_gives_nchw_maps():
+    model = timm.create_model("adaptivision_tiny_patch2_32", features_only=True, out_indices=(2, 5, 11))
+    maps = model(torch.randn(2, 3, 32, 32))
+    assert [m.shape for m in maps] == [(2, 192, 16, 16)] * 3
+    assert model.feature_info.channels() == [192] * 3
+
+
+def test_local_safetensors_weights_through_pretrained_cfg_overlay(tmp_path):
+    src = timm.create_model("adaptivision_tiny_patch2_28").eval()
+    x = _inputs(src)
+    with torch.no_grad():
+        src(x)  # seeds the centroids, which are then saved with the weights
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    dst = timm.create_model("adaptivision_tiny_patch2_28", pretrained=True,
+                            pretrained_cfg_overlay=dict(file=str(path))).eval()
+    with torch.no_grad():
+        assert torch.equal(src(x), dst(x))
+    # timm's fine-tuning path: another class count keeps the trunk and starts a new head
+    ft = timm.create_model("adaptivision_tiny_patch2_28", num_classes=3, pretrained=True,
+                           pretrained_cfg_overlay=dict(file=str(path)))
+    assert torch.equal(ft.dtc["0"].centroids, src.dtc["0"].centroids)
+    # weights of another size are refused with the shapes that differ
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        timm.create_model("adaptivision_small_patch2_28", pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(path)))
