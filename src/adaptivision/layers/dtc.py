@@ -7,11 +7,14 @@ super-tokens. ``K`` is chosen per image from a complexity score; the model group
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+REF_WIDTH = 384  # DeiT-S, the width of the paper's main model: tau = 150 is calibrated there
 
 
 def soft_assign(z: torch.Tensor, mu: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,10 +99,15 @@ class DynamicTokenClustering(nn.Module):
                 f"iters={self.iters}, complexity={self.complexity}, dynamic={self.dynamic}")
 
     def space(self, z: torch.Tensor) -> torch.Tensor:
-        """The space in which distances are measured (float32). LayerNorm'd tokens make
-        ``tau`` mean the same at every width and every point of training (DESIGN choice, see docs)."""
+        """The space in which distances are measured (float32).
+
+        ``assign_norm``: LayerNorm'd tokens scaled to the paper's DeiT-S width, so every token has
+        squared norm ``REF_WIDTH`` whatever the model's width or the stage of training, and
+        ``tau = 150`` is as sharp at width 96 or 768 as at 384 (docs/model.md)."""
         z = z.float()
-        return F.layer_norm(z, z.shape[-1:]) if self.assign_norm else z
+        if not self.assign_norm:
+            return z
+        return F.layer_norm(z, z.shape[-1:]) * math.sqrt(REF_WIDTH / z.shape[-1])
 
     @torch.no_grad()
     def init_centroids(self, tokens: torch.Tensor, max_points: int = 8192, seed: int = 0) -> None:

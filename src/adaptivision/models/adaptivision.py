@@ -356,13 +356,16 @@ default_cfgs = generate_default_cfgs({
     "adaptivision_tiny_patch16_224.untrained": _cfg(),
     "adaptivision_small_patch16_224.untrained": _cfg(),
     "adaptivision_base_patch16_224.untrained": _cfg(),
+    "adaptivision_nano_patch4_28.untrained": _cfg(**_FMNIST),
+    "adaptivision_nano_patch4_32.untrained": _cfg(**_CIFAR),
     "adaptivision_tiny_patch2_28.untrained": _cfg(**_FMNIST),
     "adaptivision_small_patch2_28.untrained": _cfg(**_FMNIST),
     "adaptivision_tiny_patch2_32.untrained": _cfg(**_CIFAR),
     "adaptivision_small_patch2_32.untrained": _cfg(**_CIFAR),
 })
 
-_SIZES = {"tiny": dict(embed_dim=192, depth=12, num_heads=3),
+_SIZES = {"nano": dict(embed_dim=96, depth=6, num_heads=3),  # trains on 2 CPU cores in minutes
+          "tiny": dict(embed_dim=192, depth=12, num_heads=3),
           "small": dict(embed_dim=384, depth=12, num_heads=6),
           "base": dict(embed_dim=768, depth=12, num_heads=12)}
 
@@ -395,6 +398,16 @@ def adaptivision_small_patch16_224(pretrained: bool = False, **kwargs) -> Adapti
 @register_model
 def adaptivision_base_patch16_224(pretrained: bool = False, **kwargs) -> AdaptiVision:
     return _make("base", 16, 224, pretrained, kwargs)
+
+
+@register_model
+def adaptivision_nano_patch4_28(pretrained: bool = False, **kwargs) -> AdaptiVision:
+    return _make("nano", 4, 28, pretrained, kwargs)
+
+
+@register_model
+def adaptivision_nano_patch4_32(pretrained: bool = False, **kwargs) -> AdaptiVision:
+    return _make("nano", 4, 32, pretrained, kwargs)
 
 
 @register_model

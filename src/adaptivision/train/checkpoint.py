@@ -1,0 +1,116 @@
+"""Checkpoints that never unpickle and never lose a user's data.
+
+A checkpoint ``NAME`` is two files: ``NAME.safetensors`` (model weights and buffers) and
+``NAME.state.pt`` (optimizer, scheduler, scaler, EMA weights, RNG states, epoch, metrics: only
+tensors and plain Python values, read back with ``torch.load(weights_only=True)``). Every write
+goes to a temporary file first and is renamed into place, so an interrupted run leaves the
+previous checkpoint whole.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import random
+import re
+import shutil
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+
+def _atomic(path: str, write) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_weights(model: nn.Module, path: str, metadata: Optional[dict] = None) -> None:
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    _atomic(path, lambda p: save_file(state, p, metadata={k: str(v) for k, v in (metadata or {}).items()}))
+
+
+def load_weights(model: nn.Module, path: str, strict: bool = True) -> None:
+    """Load safetensors weights; a mismatch names the keys and shapes that differ."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if not path.endswith(".safetensors"):
+        raise ValueError(f"{path}: weights are read from .safetensors files only (nothing is unpickled)")
+    try:
+        state = load_file(path)
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                    for k in set(own) & set(state) if state[k].shape != own[k].shape)
+    if shapes or (strict and (missing or unexpected)):
+        lines = [f"checkpoint {path} does not fit the model:"]
+        for title, items in (("shape mismatch", shapes), ("missing in checkpoint", missing),
+                             ("not in model", unexpected)):
+            if items:
+                more = f" (+{len(items) - 12} more)" if len(items) > 12 else ""
+                lines.append(f"  {title}: " + "; ".join(items[:12]) + more)
+        raise ValueError("\n".join(lines))
+    model.load_state_dict(state, strict=strict)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(x):
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+class CheckpointManager:
+    """Writes ``epoch-NNNN`` checkpoints into ``run_dir``, keeps the last ``keep_last`` and a
+    copy of the best as ``best``; ``last`` names the newest."""
+
+    def __init__(self, run_dir: str, keep_last: int = 2):
+        self.run_dir, self.keep_last = run_dir, keep_last
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.run_dir, name)
+
+    def save(self, name: str, model: nn.Module, state: dict, is_best: bool = False) -> str:
+        base = self.path(name)
+        save_weights(model, base + ".safetensors")
+        _atomic(base + ".state.pt", lambda p: torch.save(state, p))
+        for link in (["last"] + (["best"] if is_best else [])):
+            for ext in (".safetensors", ".state.pt"):
+                _atomic(self.path(link) + ext, lambda p, ext=ext: shutil.copyfile(base + ext, p))
+        self._prune()
+        return base
+
+    def _prune(self) -> None:
+        epochs = sorted(glob.glob(self.path("epoch-*.safetensors")),
+                        key=lambda p: int(re.search(r"epoch-(\d+)", p).group(1)))
+        for old in epochs[:-self.keep_last]:
+            for ext in (".safetensors", ".state.pt"):
+                stem = old[: -len(".safetensors")]
+                if os.path.exists(stem + ext):
+                    os.remove(stem + ext)
+
+    @staticmethod
+    def load_state(base: str) -> dict:
+        path = base + ".state.pt"
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"training state {path} does not exist (needed to resume)")
+        return torch.load(path, map_location="cpu", weights_only=True)

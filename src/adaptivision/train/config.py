@@ -1,0 +1,178 @@
+"""The typed run configuration: defaults = the paper's recipe scaled to the default job.
+
+A config comes from defaults, then an optional YAML/JSON file, then ``key=value`` overrides
+(values parsed as YAML: ``epochs=3``, ``model_kwargs={tau: 100}``). Unknown keys are rejected
+with the closest valid name, impossible values with the field and its allowed range, and the
+resolved config is saved as ``config.yaml`` in every run directory.
+"""
+from __future__ import annotations
+
+import json
+import os
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Optional
+
+import yaml
+
+from ..config import unknown_key_error
+from ..data.datasets import DATASETS
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    model: str = "adaptivision_nano_patch4_28"
+    model_kwargs: dict = field(default_factory=dict)
+    dataset: str = "fashion-mnist"
+    data_dir: Optional[str] = None
+    download: bool = False
+    img_size: Optional[int] = None          # default: the model's input size
+    strict_images: bool = False             # True: an unreadable image stops the run
+    limit_train: Optional[int] = None       # use only the first N training images (quick runs, tests)
+    limit_eval: Optional[int] = None
+    # recipe (paper 4.2: AdamW, base lr 5e-4 per 512 images, wd 0.05, cosine with warm-up)
+    epochs: int = 2
+    batch_size: int = 64                    # per process; the global batch is batch_size x world x accum_steps
+    base_lr: float = 1.6e-2                 # paper: 5e-4 for 300 epochs (configs/); 2-epoch job: lr 2e-3 at batch 64
+    lr: Optional[float] = None              # default: base_lr x global batch / 512
+    min_lr: float = 1e-5
+    warmup_epochs: float = 0.2
+    warmup_lr: float = 1e-6
+    weight_decay: float = 0.05
+    opt: str = "adamw"
+    sched: str = "cosine"
+    label_smoothing: float = 0.1
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    scale_min: Optional[float] = 1.0        # RandomResizedCrop scale (1.0: no crop); None: 0.08 (>=128 px) or 0.7
+    hflip: float = 0.0
+    color_jitter: float = 0.0
+    drop_path: float = 0.0
+    ema: bool = False
+    ema_decay: float = 0.9998
+    clip_grad: Optional[float] = None
+    accum_steps: int = 1
+    amp: str = "auto"                       # auto: fp16 + grad scaler on CUDA, off on CPU | bf16 | fp16 | none
+    # objective (eq. 12)
+    lambda_cluster: float = 0.0
+    lambda_align: float = 0.0
+    align_temperature: float = 0.07
+    detach_tokens: bool = True
+    # running
+    device: str = "auto"                    # auto | cpu | cuda
+    workers: int = 2
+    seed: int = 0
+    output: str = "runs"
+    name: Optional[str] = None              # run directory name (default: model-dataset-timestamp)
+    keep_last: int = 2                      # checkpoints kept besides the best
+    log_every: int = 50
+    compare_dense: bool = True              # also train the dense model of the same width and depth
+    init_samples: int = 256                 # training images that seed the DTC centroids
+    throughput_batch: int = 64
+
+    def validate(self) -> "TrainConfig":
+        def check(cond, name, allowed):
+            if not cond:
+                raise ValueError(f"Invalid value for '{name}': {getattr(self, name)!r}; allowed: {allowed}.")
+        check(self.dataset in DATASETS, "dataset", ", ".join(DATASETS))
+        check(self.epochs >= 1, "epochs", "an integer >= 1")
+        check(self.batch_size >= 1, "batch_size", "an integer >= 1")
+        check(self.base_lr > 0, "base_lr", "> 0")
+        check(self.lr is None or self.lr > 0, "lr", "None or > 0")
+        check(0 <= self.min_lr, "min_lr", ">= 0")
+        check(self.warmup_epochs >= 0, "warmup_epochs", ">= 0")
+        check(self.weight_decay >= 0, "weight_decay", ">= 0")
+        check(self.sched in ("cosine", "step", "none"), "sched", "'cosine', 'step' or 'none'")
+        check(0 <= self.label_smoothing < 1, "label_smoothing", "[0, 1)")
+        check(self.mixup >= 0 and self.cutmix >= 0, "mixup" if self.mixup < 0 else "cutmix", ">= 0")
+        check(self.scale_min is None or 0 < self.scale_min <= 1, "scale_min", "None or (0, 1]")
+        check(0 <= self.hflip <= 1, "hflip", "[0, 1]")
+        check(0 <= self.drop_path < 1, "drop_path", "[0, 1)")
+        check(0 < self.ema_decay < 1, "ema_decay", "(0, 1)")
+        check(self.clip_grad is None or self.clip_grad > 0, "clip_grad", "None or > 0")
+        check(self.accum_steps >= 1, "accum_steps", "an integer >= 1")
+        check(self.amp in ("auto", "bf16", "fp16", "none"), "amp", "'auto', 'bf16', 'fp16' or 'none'")
+        check(self.lambda_cluster >= 0, "lambda_cluster", ">= 0")
+        check(self.lambda_align >= 0, "lambda_align", ">= 0")
+        check(self.align_temperature > 0, "align_temperature", "> 0")
+        check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
+              "'auto', 'cpu', 'cuda' or 'cuda:N'")
+        check(self.workers >= 0, "workers", ">= 0")
+        check(self.keep_last >= 1, "keep_last", ">= 1")
+        check(self.log_every >= 1, "log_every", ">= 1")
+        check(self.limit_train is None or self.limit_train >= 1, "limit_train", "None or >= 1")
+        check(self.limit_eval is None or self.limit_eval >= 1, "limit_eval", "None or >= 1")
+        check(isinstance(self.model_kwargs, dict), "model_kwargs", "a mapping")
+        return self
+
+    # --- building ----------------------------------------------------------------------------
+    @classmethod
+    def build(cls, file: Optional[str] = None, overrides: Optional[list] = None, **kwargs) -> "TrainConfig":
+        values: dict = {}
+        if file:
+            values.update(load_file(file))
+        for item in overrides or []:
+            if "=" not in item:
+                raise ValueError(f"override {item!r} is not key=value")
+            key, raw = item.split("=", 1)
+            values[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        values.update(kwargs)
+        valid = {f.name for f in fields(cls)}
+        for key in values:
+            if key not in valid:
+                raise unknown_key_error(key, valid, "config key")
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()}).validate()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+
+
+def _coerce(name: str, value: Any, hint) -> Any:
+    """Values as the field's type: YAML reads ``8e-3`` (no dot) as a string, ``1`` as an int."""
+    allowed = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
+    if value is None:
+        if type(None) in typing.get_args(hint):
+            return None
+        raise ValueError(f"Invalid value for '{name}': None; allowed: a value of type {allowed[0].__name__}.")
+    target = allowed[0]
+    if target is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+    elif target in (int, float):
+        if isinstance(value, bool):
+            pass
+        elif isinstance(value, (int, float)) and (target is float or float(value).is_integer()):
+            return target(value)
+        elif isinstance(value, str):
+            try:
+                v = float(value)
+                if target is float or v.is_integer():
+                    return target(v)
+            except ValueError:
+                pass
+    elif target is str:
+        return str(value)
+    elif isinstance(value, target):
+        return value
+    raise ValueError(f"Invalid value for '{name}': {value!r}; allowed: a value of type {target.__name__}.")
+
+
+def load_file(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path} does not exist")
+    with open(path) as f:
+        text = f.read()
+    data: Any = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of keys to values, got {type(data).__name__}")
+    return data

@@ -1,0 +1,482 @@
+"""Training and evaluation engine: one process, one GPU, or many under ``torchrun`` (DDP).
+
+``run(cfg)`` trains the configured model and, with ``compare_dense``, the dense model of the
+same width and depth with the same recipe, then measures GMACs and throughput of both in the
+same process and writes ``summary.json`` / ``summary.md``. Only rank 0 writes anything.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import timm
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from timm.data import Mixup, create_transform, resolve_data_config
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler, StepLRScheduler
+from timm.utils import ModelEmaV3
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+from tqdm import tqdm
+
+from ..data.datasets import build_dataset, collate_skip
+from ..models import AdaptiVision
+from ..objective import AdaptiVisionLoss
+from ..profile import profile
+from .checkpoint import CheckpointManager, load_weights, rng_state, save_weights, set_rng_state
+from .config import TrainConfig
+
+DENSE_KWARGS = dict(condense_at=False, afa=False, cmtf=False)
+
+
+# --- processes and devices --------------------------------------------------------------------------
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str = "auto") -> Dist:
+    """Reads torchrun's environment; NCCL on GPUs, gloo on CPU."""
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda was asked for but no CUDA device is available")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        dev = torch.device(device if device.startswith("cuda:") else f"cuda:{local}")
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(rank, world, local, dev)
+
+
+def _all_sum(values: list, d: Dist) -> list:
+    if d.world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=d.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+# --- models and data ----------------------------------------------------------------------------------
+def model_spec(cfg: TrainConfig, num_classes: int, dense: bool) -> dict:
+    """Name and keyword arguments that rebuild the model (saved as ``model.json``)."""
+    kwargs = dict(cfg.model_kwargs)
+    if cfg.drop_path:
+        kwargs["drop_path_rate"] = cfg.drop_path
+    if cfg.img_size:
+        kwargs["img_size"] = cfg.img_size
+    if cfg.model.startswith("adaptivision_"):
+        kwargs.setdefault("cmtf", False)  # no guidance in this recipe: CMTF would be dead weight
+        if dense:
+            kwargs.update(DENSE_KWARGS)
+    return dict(name=cfg.model, num_classes=num_classes, kwargs=kwargs)
+
+
+def create_model(spec: dict) -> nn.Module:
+    return timm.create_model(spec["name"], num_classes=spec["num_classes"], **spec["kwargs"])
+
+
+def build_transforms(cfg: TrainConfig, model: nn.Module):
+    data_cfg = resolve_data_config({}, model=model)
+    size = data_cfg["input_size"][-1]
+    scale_min = cfg.scale_min if cfg.scale_min is not None else (0.08 if size >= 128 else 0.7)
+    train_tf = create_transform(data_cfg["input_size"], is_training=True, scale=(scale_min, 1.0),
+                                hflip=cfg.hflip, color_jitter=cfg.color_jitter or None,
+                                interpolation=data_cfg["interpolation"], mean=data_cfg["mean"], std=data_cfg["std"])
+    eval_tf = create_transform(data_cfg["input_size"], is_training=False, crop_pct=data_cfg["crop_pct"],
+                               interpolation=data_cfg["interpolation"], mean=data_cfg["mean"], std=data_cfg["std"])
+    mode = "L" if data_cfg["input_size"][0] == 1 else "RGB"
+    return train_tf, eval_tf, mode
+
+
+def _limit(ds, n: Optional[int]):
+    if n is None or n >= len(ds):
+        return ds
+    sub = Subset(ds, range(n))
+    sub.classes = ds.classes
+    if hasattr(ds, "class_indices"):
+        sub.class_indices = ds.class_indices
+    return sub
+
+
+def build_eval_dataset(cfg: TrainConfig, model: nn.Module, dataset: Optional[str] = None, data_dir=None):
+    _, eval_tf, mode = build_transforms(cfg, model)
+    ds = build_dataset(dataset or cfg.dataset, data_dir or cfg.data_dir, train=False, transform=eval_tf,
+                       mode=mode, strict=cfg.strict_images, download=cfg.download)
+    return _limit(ds, cfg.limit_eval)
+
+
+def eval_loader(ds, cfg: TrainConfig, d: Dist) -> DataLoader:
+    shard = Subset(ds, range(d.rank, len(ds), d.world))  # no padding: every image counted once
+    return DataLoader(shard, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers,
+                      collate_fn=collate_skip)
+
+
+# --- evaluation and measurement ---------------------------------------------------------------------
+def _autocast(amp: str, device: torch.device):
+    if amp == "none":
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, d: Dist, amp: str = "none",
+             class_indices: Optional[list] = None) -> dict:
+    """Top-1/top-5 (%) and loss over the whole data set (reduced across processes).
+    ``class_indices`` scores a 1000-way head on a class subset (ImageNet-A/R)."""
+    model.eval()
+    correct1 = correct5 = loss_sum = n = skipped = 0.0
+    idx = torch.tensor(class_indices, device=d.device) if class_indices is not None else None
+    for x, y, skip in loader:
+        skipped += skip
+        if x is None:
+            continue
+        x, y = x.to(d.device), y.to(d.device)
+        with _autocast(amp, d.device):
+            logits = model(x).float()
+        if idx is not None:
+            logits = logits[:, idx]
+        loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        correct1 += (top[:, 0] == y).sum().item()
+        correct5 += (top == y[:, None]).any(1).sum().item()
+        n += len(y)
+    correct1, correct5, loss_sum, n, skipped = _all_sum([correct1, correct5, loss_sum, n, skipped], d)
+    if n == 0:
+        raise RuntimeError("evaluation saw no readable image")
+    return dict(top1=100 * correct1 / n, top5=100 * correct5 / n, loss=loss_sum / n, images=int(n),
+                skipped=int(skipped))
+
+
+@torch.inference_mode()
+def throughput(model: nn.Module, input_size: tuple, batch: int, device: torch.device,
+               warmup: int = 3, repeats: int = 10, amp: str = "none") -> dict:
+    """timm-benchmark style: inference mode, warm-up, fixed batch; median images/s of repeats."""
+    model.eval()
+    x = torch.randn(batch, *input_size, device=device)
+    times = []
+    for i in range(warmup + repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        with _autocast(amp, device):
+            model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    med = statistics.median(times)
+    return dict(img_per_s=batch / med, batch=batch, repeats=repeats,
+                spread=(batch / max(times), batch / min(times)))
+
+
+# --- training -----------------------------------------------------------------------------------------
+class NonFiniteLoss(FloatingPointError):
+    pass
+
+
+def _resolve_amp(cfg: TrainConfig, device: torch.device) -> str:
+    if cfg.amp == "auto":  # bf16 autocast measured 7x slower than fp32 on this CPU kind: off on CPU
+        return "fp16" if device.type == "cuda" else "none"
+    if cfg.amp == "fp16" and device.type != "cuda":
+        raise ValueError("amp='fp16' needs a CUDA device; use amp='bf16' or 'none' on CPU")
+    return cfg.amp
+
+
+def train_phase(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bool = False,
+                stop_after: Optional[int] = None, log=print) -> Optional[dict]:
+    """Train one model into ``run_dir``; returns its results, or None if stopped early."""
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    # the data decide the head: a throw-away model gives the transforms (input size, mean, std)
+    train_tf, eval_tf, mode = build_transforms(cfg, create_model(model_spec(cfg, 1, dense)))
+    train_ds = _limit(build_dataset(cfg.dataset, cfg.data_dir, True, train_tf, mode, cfg.strict_images,
+                                    cfg.download), cfg.limit_train)
+    eval_ds = _limit(build_dataset(cfg.dataset, cfg.data_dir, False, eval_tf, mode, cfg.strict_images,
+                                   cfg.download), cfg.limit_eval)
+    num_classes = len(train_ds.classes)
+    spec = model_spec(cfg, num_classes, dense)
+    torch.manual_seed(cfg.seed)
+    model = create_model(spec).to(d.device)
+    ckpt = CheckpointManager(run_dir, cfg.keep_last)
+    if d.main:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "model.json"), "w") as f:
+            json.dump(spec, f, indent=1)
+        cfg.save(os.path.join(run_dir, "config.yaml"))
+
+    if isinstance(model, AdaptiVision) and model.dtc:
+        # seed the centroids from the first training images (same on every rank, whatever the shuffle)
+        init_ds = build_dataset(cfg.dataset, cfg.data_dir, True, eval_tf, mode, cfg.strict_images)
+        x, _, _ = collate_skip([init_ds[i] for i in range(min(cfg.init_samples, len(init_ds)))])
+        model.init_clusters(x.to(d.device))
+
+    sampler = DistributedSampler(train_ds, num_replicas=d.world, rank=d.rank, shuffle=True, seed=cfg.seed)
+    loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
+                        collate_fn=collate_skip, drop_last=True)
+    if len(loader) < cfg.accum_steps:
+        raise ValueError(f"{len(train_ds)} training images give {len(loader)} batches of {cfg.batch_size} "
+                         f"per process: fewer than accum_steps={cfg.accum_steps}")
+    global_batch = cfg.batch_size * d.world * cfg.accum_steps
+    lr = cfg.lr or cfg.base_lr * global_batch / 512
+    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay)
+    updates_per_epoch = len(loader) // cfg.accum_steps
+    total = cfg.epochs * updates_per_epoch
+    warmup = int(cfg.warmup_epochs * updates_per_epoch)
+    if cfg.sched == "cosine":
+        sched = CosineLRScheduler(optimizer, t_initial=total, lr_min=cfg.min_lr, warmup_t=warmup,
+                                  warmup_lr_init=cfg.warmup_lr, t_in_epochs=False)
+    elif cfg.sched == "step":
+        sched = StepLRScheduler(optimizer, decay_t=max(total // 3, 1), decay_rate=0.1, warmup_t=warmup,
+                                warmup_lr_init=cfg.warmup_lr, t_in_epochs=False)
+    else:
+        sched = None
+    amp = _resolve_amp(cfg, d.device)
+    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+    mixup = (Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
+                   num_classes=num_classes) if (cfg.mixup or cfg.cutmix) else None)
+    base = SoftTargetCrossEntropy() if mixup else nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    is_av = isinstance(model, AdaptiVision) and bool(model.dtc)
+    criterion = AdaptiVisionLoss(cfg.lambda_cluster if is_av else 0.0, cfg.lambda_align, cfg.align_temperature,
+                                 cfg.detach_tokens, base)
+    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema else None
+
+    start_epoch, num_updates, best = 0, 0, -1.0
+    if resume and os.path.exists(ckpt.path("last.safetensors")):
+        load_weights(model, ckpt.path("last.safetensors"))
+        st = ckpt.load_state(ckpt.path("last"))
+        optimizer.load_state_dict(st["optimizer"])
+        if scaler is not None and "scaler" in st:
+            scaler.load_state_dict(st["scaler"])
+        if ema is not None and "ema" in st:
+            ema.module.load_state_dict(st["ema"])
+        start_epoch, num_updates, best = st["epoch"] + 1, st["num_updates"], st["best_top1"]
+        set_rng_state(st["rng"])
+        log(f"resumed {run_dir} at epoch {start_epoch}")
+    elif resume and d.main:
+        log(f"nothing to resume in {run_dir}: starting from scratch")
+
+    net = DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None) \
+        if d.world > 1 else model
+    writer = _tensorboard(run_dir) if d.main else None
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    epochs_run, t_train = 0, 0.0
+    result = None
+    epoch_bar = tqdm(range(start_epoch, cfg.epochs), desc=f"{'dense' if dense else 'model'} epochs",
+                     disable=not d.main, position=0, leave=False, dynamic_ncols=True)
+    for epoch in epoch_bar:
+        if stop_after is not None and epochs_run >= stop_after:
+            return None
+        sampler.set_epoch(epoch)
+        net.train()
+        t0 = time.perf_counter()
+        seen = correct = skipped = 0
+        loss_avg = None
+        bar = tqdm(loader, desc=f"{'dense' if dense else 'model'} epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not d.main, mininterval=2, position=1, leave=False, dynamic_ncols=True)
+        optimizer.zero_grad(set_to_none=True)
+        for step, (x, y, skip) in enumerate(bar):
+            skipped += skip
+            if x is None:
+                continue
+            x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+            target = y
+            if mixup is not None:
+                x, target = mixup(x, y)
+            with _autocast(amp, d.device):
+                out = net(x, return_aux=True) if is_av else net(x)
+                logits, aux = out if is_av else (out, None)
+                terms = criterion(logits.float(), target, aux)
+            loss = terms["loss"]
+            if not torch.isfinite(loss):
+                base_path = ckpt.path("last-good")
+                if d.main:
+                    save_weights(model, base_path + ".safetensors")
+                raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step}: stopped; "
+                                    f"the weights before this step are in {base_path}.safetensors "
+                                    f"(and the last epoch checkpoint in {ckpt.path('last')}.*)")
+            (scaler.scale(loss / cfg.accum_steps) if scaler else loss / cfg.accum_steps).backward()
+            if (step + 1) % cfg.accum_steps == 0:
+                if cfg.clip_grad:
+                    if scaler:
+                        scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                num_updates += 1
+                if sched is not None:
+                    sched.step_update(num_updates)
+                if ema is not None:
+                    ema.update(model, step=num_updates)
+            seen += len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
+            if d.main and (step % cfg.log_every == 0 or step == len(loader) - 1):
+                rate = seen * d.world / (time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{loss_avg:.3f}", acc=f"{100 * correct / max(seen, 1):.1f}", img_s=f"{rate:.0f}")
+                rec = dict(kind="step", epoch=epoch, step=step, updates=num_updates, loss=loss.item(),
+                           lr=optimizer.param_groups[0]["lr"], img_per_s=rate,
+                           **{k: v.item() for k, v in terms.items() if k != "loss"})
+                _log_metrics(metrics_path, writer, rec, num_updates)
+        t_epoch = time.perf_counter() - t0
+        t_train += t_epoch
+        epochs_run += 1
+        # the unwrapped model: DDP's forward broadcasts buffers, and ranks may hold unequal eval shards
+        ev = evaluate(ema.module if ema is not None else model, eval_loader(eval_ds, cfg, d), d, amp,
+                      getattr(eval_ds, "class_indices", None))
+        seen, correct, skipped = _all_sum([seen, correct, skipped], d)
+        rec = dict(kind="epoch", epoch=epoch, train_top1=100 * correct / max(seen, 1), train_skipped=int(skipped),
+                   epoch_seconds=t_epoch, **{f"eval_{k}": v for k, v in ev.items()})
+        if d.main:
+            _log_metrics(metrics_path, writer, rec, epoch + 1)
+            epoch_bar.set_postfix(eval_top1=f"{ev['top1']:.2f}")
+            log(f"{'dense' if dense else 'model'} epoch {epoch + 1}/{cfg.epochs}: eval top-1 {ev['top1']:.2f}% "
+                f"top-5 {ev['top5']:.2f}% ({t_epoch:.0f}s, {skipped + ev['skipped']} unreadable images skipped)")
+            is_best = ev["top1"] > best
+            best = max(best, ev["top1"])
+            state = dict(epoch=epoch, num_updates=num_updates, best_top1=best, rng=rng_state(),
+                         optimizer=optimizer.state_dict(), eval=ev)
+            if scaler is not None:
+                state["scaler"] = scaler.state_dict()
+            if ema is not None:
+                state["ema"] = ema.module.state_dict()
+            ckpt.save(f"epoch-{epoch + 1:04d}", model, state, is_best)
+        result = dict(spec=spec, eval=ev, best_top1=best, train_seconds=t_train, epochs=cfg.epochs)
+    if writer is not None:
+        writer.close()
+    if result is None:  # everything was already done: report the saved state
+        st = ckpt.load_state(ckpt.path("last"))
+        result = dict(spec=spec, eval=st["eval"], best_top1=st["best_top1"], train_seconds=None, epochs=cfg.epochs)
+    result["model"] = model
+    return result
+
+
+def _tensorboard(run_dir: str):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is a dependency, but a stripped install should still train
+        return None
+    return SummaryWriter(os.path.join(run_dir, "tb"))
+
+
+def _log_metrics(path: str, writer, rec: dict, step: int) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    if writer is not None:
+        for k, v in rec.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("epoch", "step"):
+                writer.add_scalar(f"{rec['kind']}/{k}", v, step)
+
+
+# --- the whole job ----------------------------------------------------------------------------------
+def run(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[int] = None, log=print) -> dict:
+    """Train (and compare with the dense model), measure, and write the summary. ``resume``: a run
+    directory to continue; ``stop_after``: stop after that many epochs of this invocation."""
+    d = setup_distributed(cfg.device)
+    name = cfg.name or f"{cfg.model}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = resume or os.path.join(cfg.output, name)
+    if resume and not os.path.isdir(resume):
+        raise FileNotFoundError(f"--resume {resume}: no such run directory")
+    if not resume and os.path.exists(os.path.join(run_dir, "last.safetensors")):
+        raise FileExistsError(f"{run_dir} already holds a run: pass --resume {run_dir} to continue it, "
+                              "or another name= (nothing was overwritten)")
+    if d.main:
+        os.makedirs(run_dir, exist_ok=True)
+        log(f"run directory: {run_dir}")
+    results = {}
+    phases = [("adaptivision", False)]
+    if cfg.compare_dense and cfg.model.startswith("adaptivision_"):
+        phases.append(("dense", True))
+    for label, dense in phases:
+        sub = run_dir if not dense else os.path.join(run_dir, "dense")
+        r = train_phase(cfg, sub, dense, d, resume=bool(resume), stop_after=stop_after, log=log)
+        if r is None:
+            return dict(stopped=True, run_dir=run_dir)
+        results[label] = r
+    summary = dict(rank=d.rank, run_dir=run_dir)  # only rank 0 measures and writes the summary
+    if d.main:
+        summary = summarize(cfg, results, run_dir, d)
+        log(summary["markdown"])
+    if d.world > 1:
+        dist.barrier()
+    return summary
+
+
+def summarize(cfg: TrainConfig, results: dict, run_dir: str, d: Dist) -> dict:
+    """GMACs (mean over evaluation images, each with its own K) and throughput, measured in this
+    process one model right after the other, next to accuracy."""
+    rows = []
+    first = next(iter(results.values()))
+    eval_ds = build_eval_dataset(cfg, first["model"])
+    x, _, _ = collate_skip([eval_ds[i] for i in range(min(256, len(eval_ds)))])
+    for label, r in results.items():
+        model = r["model"].to(d.device).eval()
+        prof = profile(model, x.to(d.device))
+        tp = throughput(model, tuple(x.shape[1:]), cfg.throughput_batch, d.device)
+        rows.append(dict(model=label, name=r["spec"]["name"], params_m=prof["params"] / 1e6, gmacs=prof["gmacs"],
+                         mean_k=prof.get("mean_k"), top1=r["eval"]["top1"], top5=r["eval"]["top5"],
+                         best_top1=r["best_top1"], img_per_s=tp["img_per_s"], train_seconds=r["train_seconds"]))
+    md = ["| model | params (M) | GMACs | mean K | top-1 (%) | top-5 (%) | images/s | train time (s) |",
+          "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        k = "/".join(f"{v:.0f}" for v in r["mean_k"]) if r["mean_k"] else "—"
+        t = f"{r['train_seconds']:.0f}" if r["train_seconds"] is not None else "—"
+        md.append(f"| {r['model']} | {r['params_m']:.2f} | {r['gmacs']:.4f} | {k} | {r['top1']:.2f} | "
+                  f"{r['top5']:.2f} | {r['img_per_s']:.0f} | {t} |")
+    if len(rows) == 2:
+        md.append("")
+        md.append(f"Dense / AdaptiVision GMACs: {rows[1]['gmacs'] / rows[0]['gmacs']:.2f}x; "
+                  f"AdaptiVision / dense images/s: {rows[0]['img_per_s'] / rows[1]['img_per_s']:.2f}x "
+                  f"(batch {cfg.throughput_batch}, {d.device.type}, {torch.get_num_threads()} threads, same process).")
+    summary = dict(dataset=cfg.dataset, rows=rows, device=str(d.device), threads=torch.get_num_threads(),
+                   markdown="\n".join(md))
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    with open(os.path.join(run_dir, "summary.md"), "w") as f:
+        f.write(f"# {cfg.model} on {cfg.dataset}\n\n" + summary["markdown"] + "\n")
+    return summary
+
+
+def load_for_eval(checkpoint: str, model_name: Optional[str] = None) -> tuple:
+    """Rebuild the model of a run from ``model.json`` beside the checkpoint and load its weights."""
+    ckpt_dir = os.path.dirname(os.path.abspath(checkpoint))
+    spec_path = os.path.join(ckpt_dir, "model.json")
+    if model_name:
+        spec = dict(name=model_name, num_classes=None, kwargs={})
+    elif os.path.isfile(spec_path):
+        with open(spec_path) as f:
+            spec = json.load(f)
+    else:
+        raise FileNotFoundError(f"{spec_path} not found: pass --model NAME to say which model {checkpoint} holds")
+    if spec["num_classes"] is None:
+        from safetensors import safe_open
+        with safe_open(checkpoint, "pt") as f:
+            spec["num_classes"] = f.get_slice("head.weight").get_shape()[0] if "head.weight" in f.keys() else 0
+    model = create_model(spec)
+    load_weights(model, checkpoint)
+    cfg_path = os.path.join(ckpt_dir, "config.yaml")
+    cfg = TrainConfig.build(cfg_path) if os.path.isfile(cfg_path) else TrainConfig()
+    return model, cfg
+

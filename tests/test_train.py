@@ -1,0 +1,231 @@
+"""The training engine and CLI end to end on tiny on-disk fixtures."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from adaptivision.cli import main
+from adaptivision.train import TrainConfig, engine
+from adaptivision.train.checkpoint import load_weights
+from fixtures import make_fmnist
+
+TINY = "model_kwargs={embed_dim: 32, depth: 2, num_heads: 2}"
+QUICK = ["workers=0", "batch_size=16", "log_every=1", "throughput_batch=8", TINY]
+
+
+@pytest.fixture(scope="module")
+def fmnist(tmp_path_factory):
+    return make_fmnist(str(tmp_path_factory.mktemp("fm")), n_train=64, n_test=32)
+
+
+def _weights(path):
+    return load_file(path)
+
+
+def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
+    with pytest.raises(ValueError, match="Unknown config key 'epoch'.*Did you mean 'epochs'"):
+        TrainConfig.build(overrides=["epoch=3"])
+    with pytest.raises(ValueError, match="'amp'.*allowed"):
+        TrainConfig.build(overrides=["amp=fp8"])
+    with pytest.raises(ValueError, match="'batch_size'"):
+        TrainConfig.build(overrides=["batch_size=0"])
+    # YAML reads 8e-3 (no dot) as a string: values are coerced to the field's type
+    cfg = TrainConfig.build(overrides=["base_lr=8e-3", "clip_grad=1", "ema=true", "lr=null"])
+    assert cfg.base_lr == 0.008 and isinstance(cfg.base_lr, float) and cfg.clip_grad == 1.0 and cfg.ema
+    with pytest.raises(ValueError, match="'epochs': 2.5"):
+        TrainConfig.build(overrides=["epochs=2.5"])
+    with pytest.raises(ValueError, match="'model_kwargs'"):
+        TrainConfig.build(overrides=["model_kwargs=3"])
+    f = tmp_path / "c.yaml"
+    f.write_text("epochs: 5\nmodel_kwargs: {tau: 100}\n")
+    cfg = TrainConfig.build(str(f), ["epochs=7"])
+    assert cfg.epochs == 7 and cfg.model_kwargs == {"tau": 100}
+    f.write_text("- not a mapping\n")
+    with pytest.raises(ValueError, match="mapping"):
+        TrainConfig.build(str(f))
+
+
+def test_cli_train_end_to_end_with_dense_comparison(fmnist, tmp_path, capsys):
+    rc = main(["train", "--data-dir", fmnist, "--output", str(tmp_path), "--name", "run", "--epochs", "1", *QUICK])
+    assert rc == 0
+    run = tmp_path / "run"
+    files = set(os.listdir(run))
+    assert {"config.yaml", "model.json", "metrics.jsonl", "summary.json", "summary.md", "tb",
+            "epoch-0001.safetensors", "epoch-0001.state.pt", "best.safetensors", "last.safetensors"} <= files
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(run / "tb"))
+    assert (run / "dense" / "last.safetensors").exists()
+    saved = TrainConfig.build(str(run / "config.yaml"))
+    assert saved.epochs == 1 and saved.model_kwargs["embed_dim"] == 32
+    summary = json.loads((run / "summary.json").read_text())
+    rows = {r["model"]: r for r in summary["rows"]}
+    assert set(rows) == {"adaptivision", "dense"}
+    assert rows["adaptivision"]["gmacs"] < rows["dense"]["gmacs"]
+    assert all(r["img_per_s"] > 0 and 0 <= r["top1"] <= 100 for r in rows.values())
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"step", "epoch"} == {r["kind"] for r in recs}
+    out = capsys.readouterr().out
+    assert "| adaptivision |" in out and "| dense |" in out
+    # the training state is plain tensors and values: it loads with weights_only
+    st = torch.load(run / "last.state.pt", weights_only=True)
+    assert st["epoch"] == 0 and "optimizer" in st
+    # eval reproduces the final evaluation of the run
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run / "last.safetensors")]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert abs(res["top1"] - rows["adaptivision"]["top1"]) < 1e-9 and res["images"] == 32
+
+
+def test_resume_continues_exactly(fmnist, tmp_path):
+    args = ["train", "--data-dir", fmnist, "--output", str(tmp_path), "--epochs", "2", "compare_dense=false",
+            "hflip=0.5", "scale_min=0.5", *QUICK]
+    assert main([*args, "--name", "straight"]) == 0
+    assert main([*args, "--name", "split", "--stop-after", "1"]) == 0
+    assert not (tmp_path / "split" / "epoch-0002.safetensors").exists()
+    assert main([*args, "--resume", str(tmp_path / "split")]) == 0
+    a = _weights(tmp_path / "straight" / "last.safetensors")
+    b = _weights(tmp_path / "split" / "last.safetensors")
+    assert a.keys() == b.keys()
+    diff = {k: (a[k].float() - b[k].float()).abs().max().item() for k in a}
+    assert max(diff.values()) == 0.0, {k: v for k, v in diff.items() if v}
+
+
+def test_an_existing_run_is_never_overwritten(fmnist, tmp_path, capsys):
+    args = ["train", "--data-dir", fmnist, "--output", str(tmp_path), "--name", "r", "--epochs", "1",
+            "compare_dense=false", *QUICK]
+    assert main(args) == 0
+    before = (tmp_path / "r" / "last.safetensors").read_bytes()
+    assert main(args) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (tmp_path / "r" / "last.safetensors").read_bytes() == before
+
+
+def test_mismatched_and_corrupt_checkpoints_are_named(tmp_path):
+    import timm
+    src = timm.create_model("adaptivision_nano_patch4_28", embed_dim=32, depth=2, num_heads=2)
+    p = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(p))
+    other = timm.create_model("adaptivision_nano_patch4_28", embed_dim=48, depth=2, num_heads=2)
+    with pytest.raises(ValueError, match=r"(?s)does not fit.*shape mismatch.*blocks\.0\.attn\.qkv\.weight: checkpoint \(96, 32\) vs model \(144, 48\).*more\)"):
+        load_weights(other, str(p))
+    deeper = timm.create_model("adaptivision_nano_patch4_28", embed_dim=32, depth=3, num_heads=2)
+    with pytest.raises(ValueError, match=r"missing in checkpoint: blocks\.2\."):
+        load_weights(deeper, str(p))
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"garbage" * 10)
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        load_weights(src, str(bad))
+    with pytest.raises(ValueError, match="safetensors files only"):
+        load_weights(src, __file__)
+
+
+def test_non_finite_loss_stops_after_saving_the_last_good_state(fmnist, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = engine.AdaptiVisionLoss.forward
+
+    def flaky(self, *a, **k):
+        out = real(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 6:  # in the second epoch (4 steps per epoch)
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(engine.AdaptiVisionLoss, "forward", flaky)
+    cfg = TrainConfig.build(overrides=[f"data_dir={fmnist}", f"output={tmp_path}", "name=nan", "epochs=2",
+                                       "compare_dense=false", *QUICK])
+    with pytest.raises(engine.NonFiniteLoss, match="last-good.safetensors"):
+        engine.run(cfg)
+    run = tmp_path / "nan"
+    good = _weights(run / "last-good.safetensors")
+    assert all(torch.isfinite(v.float()).all() for v in good.values())
+    assert (run / "epoch-0001.safetensors").exists()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_match_one_process(fmnist, tmp_path):
+    """2 gloo processes x batch 8 vs 1 process x batch 16, same seed and data order.
+
+    The random crop is a no-op at scale 1 and flips are off, and K is fixed (dynamic=False): the
+    running complexity statistics are per-process batch statistics, which would otherwise choose
+    different K. What remains is the order of float32 sums (gradient all-reduce vs one batch),
+    ~1e-7 relative per step; Adam normalises each step, so after 8 steps at lr 1e-3 the weights
+    agree to well within 1e-4."""
+    common = ["--data-dir", fmnist, "--output", str(tmp_path), "--epochs", "2", "compare_dense=false",
+              "workers=0", "log_every=1", "throughput_batch=8", "hflip=0", "scale_min=1.0", "lr=1e-3",
+              "limit_eval=17",  # ranks get 2 and 1 eval batches: evaluation must not need collectives per batch
+              "model_kwargs={embed_dim: 32, depth: 2, num_heads: 2, dynamic: false}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           "-m", "adaptivision", "train", "--name", "ddp", "batch_size=8", *common]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert main(["train", "--name", "single", "batch_size=16", *common]) == 0
+    ddp = _weights(tmp_path / "ddp" / "last.safetensors")
+    single = _weights(tmp_path / "single" / "last.safetensors")
+    worst = max((ddp[k].float() - single[k].float()).abs().max().item() for k in ddp)
+    assert worst < 1e-4, worst
+    moved = max((ddp[k].float() - v.float()).abs().max().item()
+                for k, v in _weights(tmp_path / "ddp" / "epoch-0001.safetensors").items())
+    assert moved > 1e-3  # the comparison is not between two untrained models
+    # only rank 0 wrote: one metrics line per step, not two
+    steps = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert len([s for s in steps if s["kind"] == "step"]) == 8
+
+
+def test_shipped_configs_are_valid_and_the_default_job_matches_its_file():
+    root = os.path.join(os.path.dirname(__file__), "..", "configs")
+    for name in sorted(os.listdir(root)):
+        cfg = TrainConfig.build(os.path.join(root, name))
+        assert cfg.epochs >= 1, name
+    assert TrainConfig.build(os.path.join(root, "fashion-mnist.yaml")) == TrainConfig()
+
+
+def test_profile_command_takes_adaptivision_and_timm_names(capsys):
+    assert main(["profile", "--model", "adaptivision_nano_patch4_28,vit_tiny_patch16_224",
+                 "--batch-size", "2", "--repeats", "1"]) == 0
+    rows = {r["model"]: r for r in json.loads(capsys.readouterr().out)}
+    assert abs(rows["vit_tiny_patch16_224"]["gmacs"] - 1.25) < 0.02
+    assert rows["adaptivision_nano_patch4_28"]["mean_k"] and rows["adaptivision_nano_patch4_28"]["img_per_s"] > 0
+
+
+def test_rgb_model_trains_on_grayscale_data(fmnist, tmp_path):
+    """Fashion-MNIST (1 channel, 28 px) into a 3-channel 32 px CIFAR-shaped model."""
+    assert main(["train", "--data-dir", fmnist, "--output", str(tmp_path), "--name", "rgb", "--epochs", "1",
+                 "--model", "adaptivision_nano_patch4_32", "compare_dense=false", *QUICK]) == 0
+    spec = json.loads((tmp_path / "rgb" / "model.json").read_text())
+    assert spec["name"] == "adaptivision_nano_patch4_32" and spec["num_classes"] == 10
+
+
+def test_recipe_options_run_together(fmnist, tmp_path):
+    """Mixup + CutMix, EMA, gradient clipping, accumulation and bf16 autocast in one run; only
+    the last checkpoint (and best/last) are kept with keep_last=1."""
+    assert main(["train", "--data-dir", fmnist, "--output", str(tmp_path), "--name", "opts", "--epochs", "3",
+                 "compare_dense=false", "mixup=0.8", "cutmix=1.0", "ema=true", "ema_decay=0.9", "clip_grad=1.0",
+                 "accum_steps=2", "amp=bf16", "keep_last=1", "lambda_cluster=0.1", *QUICK]) == 0
+    run = tmp_path / "opts"
+    kept = sorted(p.name for p in run.glob("epoch-*.safetensors"))
+    assert kept == ["epoch-0003.safetensors"]
+    st = torch.load(run / "last.state.pt", weights_only=True)
+    assert "ema" in st and st["num_updates"] == 3 * (64 // 16) // 2
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all("cluster" in r for r in recs if r["kind"] == "step")
+
+
+def test_cli_errors_are_clear_and_exit_2(tmp_path, capsys):
+    assert main(["train", "dataset=cifar10", f"data_dir={tmp_path}/nowhere", f"output={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "cifar10 not found" in err and "Looked in" in err and "--download" in err
+    assert main(["train", "epoch=3"]) == 2
+    assert "Did you mean 'epochs'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "--checkpoint", "x.safetensors", "stray=1"])
