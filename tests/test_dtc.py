@@ -133,11 +133,11 @@ def test_token_budget_by_mean_k_and_by_gmacs():
     assert fixed.dtc["0"].fixed_k == 10
 
 
-def test_budget_on_the_small_model_reaches_the_paper_operating_point():
+def test_gmacs_budget_on_the_small_224_model():
     model = timm.create_model("adaptivision_small_patch16_224").eval()
-    x = torch.randn(4, 3, 224, 224)
-    model.set_token_budget(x, gmacs=3.1)
-    assert abs(profile(model, x)["gmacs"] - 3.1) / 3.1 < 0.05
+    x = torch.randn(2, 3, 224, 224)
+    model.set_token_budget(x, gmacs=2.5)
+    assert abs(profile(model, x)["gmacs"] - 2.5) / 2.5 < 0.05
 
 
 def test_kmeans_pp_init_gives_every_cluster_mass_on_real_images():

@@ -158,8 +158,11 @@ def test_torchrun_two_cpu_processes_match_one_process(fmnist, tmp_path):
     The random crop is a no-op at scale 1 and flips are off, and K is fixed (dynamic=False): the
     running complexity statistics are per-process batch statistics, which would otherwise choose
     different K. What remains is the order of float32 sums (gradient all-reduce vs one batch),
-    ~1e-7 relative per step; Adam normalises each step, so after 8 steps at lr 1e-3 the weights
-    agree to well within 1e-4."""
+    ~1e-7 relative. Adam divides by sqrt(v), so for weights whose gradient is near zero such
+    rounding can move a step by up to lr (1e-3): elementwise, the runs may differ by a few lr.
+    Globally they must agree: the distance between them is < 1% of the distance training moved
+    the weights, which a wrong reduction (sum instead of mean, a rank's batch dropped, unsynced
+    initial weights) exceeds by far."""
     common = ["--data-dir", fmnist, "--output", str(tmp_path), "--epochs", "2", "compare_dense=false",
               "workers=0", "log_every=1", "throughput_batch=8", "hflip=0", "scale_min=1.0", "lr=1e-3",
               "limit_eval=17",  # ranks get 2 and 1 eval batches: evaluation must not need collectives per batch
@@ -172,11 +175,13 @@ def test_torchrun_two_cpu_processes_match_one_process(fmnist, tmp_path):
     assert main(["train", "--name", "single", "batch_size=16", *common]) == 0
     ddp = _weights(tmp_path / "ddp" / "last.safetensors")
     single = _weights(tmp_path / "single" / "last.safetensors")
-    worst = max((ddp[k].float() - single[k].float()).abs().max().item() for k in ddp)
-    assert worst < 1e-4, worst
-    moved = max((ddp[k].float() - v.float()).abs().max().item()
-                for k, v in _weights(tmp_path / "ddp" / "epoch-0001.safetensors").items())
-    assert moved > 1e-3  # the comparison is not between two untrained models
+    start = _weights(tmp_path / "ddp" / "epoch-0001.safetensors")
+    floats = [k for k in ddp if ddp[k].is_floating_point()]
+    gap = torch.sqrt(sum((ddp[k] - single[k]).double().pow(2).sum() for k in floats))
+    moved = torch.sqrt(sum((ddp[k] - start[k]).double().pow(2).sum() for k in floats))
+    assert moved > 1e-2, moved  # the second epoch really trained
+    assert gap < 0.01 * moved, (gap, moved)
+    assert max((ddp[k] - single[k]).abs().max().item() for k in floats) < 5e-3  # a few lr at most
     # only rank 0 wrote: one metrics line per step, not two
     steps = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert len([s for s in steps if s["kind"] == "step"]) == 8
