@@ -400,16 +400,14 @@ def adaptivision_base_patch16_224(pretrained: bool = False, **kwargs) -> AdaptiV
     return _make("base", 16, 224, pretrained, kwargs)
 
 
-# The nano variants see only 49 (28 px) or 64 (32 px) patches: one full-resolution block before
-# clustering gave +2.7 points top-1 at the same speed on Fashion-MNIST (docs/training.md).
 @register_model
 def adaptivision_nano_patch4_28(pretrained: bool = False, **kwargs) -> AdaptiVision:
-    return _make("nano", 4, 28, pretrained, dict(dict(condense_at=1), **kwargs))
+    return _make("nano", 4, 28, pretrained, kwargs)
 
 
 @register_model
 def adaptivision_nano_patch4_32(pretrained: bool = False, **kwargs) -> AdaptiVision:
-    return _make("nano", 4, 32, pretrained, dict(dict(condense_at=1), **kwargs))
+    return _make("nano", 4, 32, pretrained, kwargs)
 
 
 @register_model
