@@ -209,3 +209,15 @@ def test_dtc_module_validates_its_inputs():
     dtc = DynamicTokenClustering(8, 2, 4, complexity="saliency")
     with pytest.raises(ValueError, match="patch_weights"):
         dtc.complexity_score(torch.randn(1, 5, 8))
+
+
+def test_without_guidance_cmtf_is_skipped_and_with_it_cmtf_acts():
+    x = textured_and_flat()
+    with_cmtf = _warm_stats(tiny_model(budget_jitter=0.0, gate="paper"), x)
+    without = tiny_model(budget_jitter=0.0, cmtf=False).eval()
+    missing, unexpected = without.load_state_dict(with_cmtf.state_dict(), strict=False)
+    assert not missing and all(k.startswith("cmtf.") for k in unexpected)
+    with torch.no_grad():
+        assert torch.equal(with_cmtf(x), without(x))
+        # the paper gate adds sigmoid(.) > 0 to every token, so guidance visibly changes the output
+        assert not torch.allclose(with_cmtf(x, guidance=torch.randn(3, 32)), without(x))
