@@ -23,10 +23,6 @@ def fmnist(tmp_path_factory):
     return make_fmnist(str(tmp_path_factory.mktemp("fm")), n_train=64, n_test=32)
 
 
-def _weights(path):
-    return load_file(path)
-
-
 def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
     with pytest.raises(ValueError, match="Unknown config key 'epoch'.*Did you mean 'epochs'"):
         TrainConfig.build(overrides=["epoch=3"])
@@ -68,6 +64,8 @@ def test_cli_train_end_to_end_with_dense_comparison(fmnist, tmp_path, capsys):
     assert all(r["img_per_s"] > 0 and 0 <= r["top1"] <= 100 for r in rows.values())
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"step", "epoch"} == {r["kind"] for r in recs}
+    lrs = [r["lr"] for r in recs if r["kind"] == "step"]  # cosine (no warm-up in 4 updates): falling to min_lr
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] < 0.5 * lrs[0]
     out = capsys.readouterr().out
     assert "| adaptivision |" in out and "| dense |" in out
     # the training state is plain tensors and values: it loads with weights_only
@@ -87,8 +85,8 @@ def test_resume_continues_exactly(fmnist, tmp_path):
     assert main([*args, "--name", "split", "--stop-after", "1"]) == 0
     assert not (tmp_path / "split" / "epoch-0002.safetensors").exists()
     assert main([*args, "--resume", str(tmp_path / "split")]) == 0
-    a = _weights(tmp_path / "straight" / "last.safetensors")
-    b = _weights(tmp_path / "split" / "last.safetensors")
+    a = load_file(tmp_path / "straight" / "last.safetensors")
+    b = load_file(tmp_path / "split" / "last.safetensors")
     assert a.keys() == b.keys()
     diff = {k: (a[k].float() - b[k].float()).abs().max().item() for k in a}
     assert max(diff.values()) == 0.0, {k: v for k, v in diff.items() if v}
@@ -140,7 +138,7 @@ def test_non_finite_loss_stops_after_saving_the_last_good_state(fmnist, tmp_path
     with pytest.raises(engine.NonFiniteLoss, match="last-good.safetensors"):
         engine.run(cfg)
     run = tmp_path / "nan"
-    good = _weights(run / "last-good.safetensors")
+    good = load_file(run / "last-good.safetensors")
     assert all(torch.isfinite(v.float()).all() for v in good.values())
     assert (run / "epoch-0001.safetensors").exists()
 
@@ -173,9 +171,9 @@ def test_torchrun_two_cpu_processes_match_one_process(fmnist, tmp_path):
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert main(["train", "--name", "single", "batch_size=16", *common]) == 0
-    ddp = _weights(tmp_path / "ddp" / "last.safetensors")
-    single = _weights(tmp_path / "single" / "last.safetensors")
-    start = _weights(tmp_path / "ddp" / "epoch-0001.safetensors")
+    ddp = load_file(tmp_path / "ddp" / "last.safetensors")
+    single = load_file(tmp_path / "single" / "last.safetensors")
+    start = load_file(tmp_path / "ddp" / "epoch-0001.safetensors")
     floats = [k for k in ddp if ddp[k].is_floating_point()]
     gap = torch.sqrt(sum((ddp[k] - single[k]).double().pow(2).sum() for k in floats))
     moved = torch.sqrt(sum((ddp[k] - start[k]).double().pow(2).sum() for k in floats))

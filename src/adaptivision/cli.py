@@ -46,23 +46,15 @@ def _eval(args) -> int:
 def _profile(args) -> int:
     import timm
 
-    import adaptivision  # noqa: F401  (registers the models)
-
-    from .profile import profile
-    from .train.engine import throughput
-    kwargs = {}
-    if args.img_size:
-        kwargs["img_size"] = args.img_size
+    from .train.engine import measure
+    kwargs = {"img_size": args.img_size} if args.img_size else {}
     rows = []
     for name in args.model.split(","):
-        model = timm.create_model(name, **kwargs).eval()
-        size = model.pretrained_cfg["input_size"] if not args.img_size else (
-            model.pretrained_cfg["input_size"][0], args.img_size, args.img_size)
-        x = torch.randn(args.batch_size, *size)
-        prof = profile(model, x)
-        tp = throughput(model, tuple(size), args.batch_size, torch.device("cpu"), repeats=args.repeats)
-        rows.append(dict(model=name, params_m=round(prof["params"] / 1e6, 3), gmacs=round(prof["gmacs"], 4),
-                         mean_k=prof.get("mean_k"), img_per_s=round(tp["img_per_s"], 1)))
+        model = timm.create_model(name, **kwargs)
+        c, h, w = model.pretrained_cfg["input_size"]
+        size = (c, args.img_size, args.img_size) if args.img_size else (c, h, w)
+        m = measure(model, torch.randn(args.batch_size, *size), args.batch_size, torch.device("cpu"), args.repeats)
+        rows.append(dict(model=name, **{k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}))
     print(json.dumps(rows, indent=1))
     return 0
 

@@ -33,13 +33,16 @@ _VIT_ARGS = set(inspect.signature(VisionTransformer.__init__).parameters) - {"se
 class _Group:
     """Images of one batch that currently have the same number of tokens."""
 
-    __slots__ = ("index", "x", "mass", "assign")
+    __slots__ = ("index", "x", "mass", "assign", "bias")
 
-    def __init__(self, index, x, mass, assign):
+    def __init__(self, index, x, mass, assign, prop_attn: bool = False):
         self.index = index    # (b,) positions in the input batch
         self.x = x            # (b, P+T, D) tokens, prefix ([CLS]) first
         self.mass = mass      # (b, P+T) patches per token; None = 1 everywhere (before condensation)
         self.assign = assign  # one assignment (b, N_in, K) per DTC stage passed, for unpooling
+        # ToMe's proportional attention: + log(mass) on the keys; constant until the next DTC stage
+        self.bias = (mass.log()[:, None, None, :].to(x.dtype)                      # (b, 1, 1, T)
+                     if prop_attn and mass is not None else None)
 
 
 class AdaptiVision(VisionTransformer):
@@ -148,18 +151,15 @@ class AdaptiVision(VisionTransformer):
                 s, m, a, zs, mu = dtc(z[sel], mass[sel], k, None if w is None else w[sel])
                 x = torch.cat([prefix[sel], s], dim=1)                               # (b_k, P+K, D)
                 m = torch.cat([m.new_ones(len(sel), P), m], dim=1)                   # (b_k, P+K)
-                out.append(_Group(grp.index[sel], x, m, grp.assign + [a]))
+                out.append(_Group(grp.index[sel], x, m, grp.assign + [a], self.opts.prop_attn))
                 self._cluster_terms.append((zs, mu, dtc.tau))
         return out
 
     def _run_block(self, blk: nn.Module, grp: _Group) -> torch.Tensor:
-        bias = None
-        if self.opts.prop_attn and grp.mass is not None:  # ToMe's proportional attention: + log(mass)
-            bias = grp.mass.log()[:, None, None, :].to(grp.x.dtype)                 # (b, 1, 1, T)
         kw = {"mass": grp.mass} if isinstance(blk, AFABlock) else {}
         if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            return checkpoint(blk, grp.x, bias, use_reentrant=False, **kw)
-        return blk(grp.x, bias, **kw)
+            return checkpoint(blk, grp.x, grp.bias, use_reentrant=False, **kw)
+        return blk(grp.x, grp.bias, **kw)
 
     def _assemble(self, groups: List[_Group], batch: int) -> torch.Tensor:
         """Groups -> one (B, P+T_max, D) tensor in input order; shorter rows are zero-padded and

@@ -18,6 +18,8 @@ import yaml
 from ..config import unknown_key_error
 from ..data.datasets import DATASETS
 
+SCHEDULES = ("cosine", "tanh", "step", "multistep", "poly", "constant", "none")
+
 
 @dataclass
 class TrainConfig:
@@ -83,7 +85,7 @@ class TrainConfig:
         check(0 <= self.min_lr, "min_lr", ">= 0")
         check(self.warmup_epochs >= 0, "warmup_epochs", ">= 0")
         check(self.weight_decay >= 0, "weight_decay", ">= 0")
-        check(self.sched in ("cosine", "step", "none"), "sched", "'cosine', 'step' or 'none'")
+        check(self.sched in SCHEDULES, "sched", ", ".join(SCHEDULES) + " (timm's create_scheduler_v2)")
         check(0 <= self.label_smoothing < 1, "label_smoothing", "[0, 1)")
         check(self.mixup >= 0 and self.cutmix >= 0, "mixup" if self.mixup < 0 else "cutmix", ">= 0")
         check(self.scale_min is None or 0 < self.scale_min <= 1, "scale_min", "None or (0, 1]")

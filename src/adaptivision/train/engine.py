@@ -21,7 +21,7 @@ import torch.nn as nn
 from timm.data import Mixup, create_transform, resolve_data_config
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
-from timm.scheduler import CosineLRScheduler, StepLRScheduler
+from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
@@ -188,6 +188,15 @@ def throughput(model: nn.Module, input_size: tuple, batch: int, device: torch.de
                 spread=(batch / max(times), batch / min(times)))
 
 
+def measure(model: nn.Module, images: torch.Tensor, batch: int, device: torch.device, repeats: int = 10) -> dict:
+    """Params (M), mean GMACs over ``images`` (each with its own K), mean K and images/s."""
+    model = model.to(device).eval()
+    prof = profile(model, images.to(device))
+    tp = throughput(model, tuple(images.shape[1:]), batch, device, repeats=repeats)
+    return dict(params_m=prof["params"] / 1e6, gmacs=prof["gmacs"], mean_k=prof.get("mean_k"),
+                img_per_s=tp["img_per_s"])
+
+
 # --- training -----------------------------------------------------------------------------------------
 class NonFiniteLoss(FloatingPointError):
     pass
@@ -214,7 +223,7 @@ def train_phase(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bo
                                    cfg.download), cfg.limit_eval)
     num_classes = len(train_ds.classes)
     spec = model_spec(cfg, num_classes, dense)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # again: the throw-away model above drew from the generator
     model = create_model(spec).to(d.device)
     ckpt = CheckpointManager(run_dir, cfg.keep_last)
     if d.main:
@@ -239,16 +248,12 @@ def train_phase(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bo
     lr = cfg.lr or cfg.base_lr * global_batch / 512
     optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay)
     updates_per_epoch = len(loader) // cfg.accum_steps
-    total = cfg.epochs * updates_per_epoch
-    warmup = int(cfg.warmup_epochs * updates_per_epoch)
-    if cfg.sched == "cosine":
-        sched = CosineLRScheduler(optimizer, t_initial=total, lr_min=cfg.min_lr, warmup_t=warmup,
-                                  warmup_lr_init=cfg.warmup_lr, t_in_epochs=False)
-    elif cfg.sched == "step":
-        sched = StepLRScheduler(optimizer, decay_t=max(total // 3, 1), decay_rate=0.1, warmup_t=warmup,
-                                warmup_lr_init=cfg.warmup_lr, t_in_epochs=False)
-    else:
-        sched = None
+    # warm-up in whole updates; the schedule steps per update, so resuming needs only num_updates
+    warmup = int(cfg.warmup_epochs * updates_per_epoch) / updates_per_epoch
+    sched, _ = create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=cfg.epochs, min_lr=cfg.min_lr,
+                                   warmup_lr=cfg.warmup_lr, warmup_epochs=warmup,
+                                   decay_epochs=max(cfg.epochs / 3, 1), step_on_epochs=False,
+                                   updates_per_epoch=updates_per_epoch)
     amp = _resolve_amp(cfg, d.device)
     scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
     mixup = (Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
@@ -261,15 +266,7 @@ def train_phase(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bo
 
     start_epoch, num_updates, best = 0, 0, -1.0
     if resume and os.path.exists(ckpt.path("last.safetensors")):
-        load_weights(model, ckpt.path("last.safetensors"))
-        st = ckpt.load_state(ckpt.path("last"))
-        optimizer.load_state_dict(st["optimizer"])
-        if scaler is not None and "scaler" in st:
-            scaler.load_state_dict(st["scaler"])
-        if ema is not None and "ema" in st:
-            ema.module.load_state_dict(st["ema"])
-        start_epoch, num_updates, best = st["epoch"] + 1, st["num_updates"], st["best_top1"]
-        set_rng_state(st["rng"])
+        start_epoch, num_updates, best = _restore(ckpt, model, optimizer, scaler, ema)
         log(f"resumed {run_dir} at epoch {start_epoch}")
     elif resume and d.main:
         log(f"nothing to resume in {run_dir}: starting from scratch")
@@ -373,6 +370,19 @@ def train_phase(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bo
     return result
 
 
+def _restore(ckpt: CheckpointManager, model, optimizer, scaler, ema) -> tuple:
+    """Load the newest checkpoint's weights and training state; returns (next epoch, updates, best)."""
+    load_weights(model, ckpt.path("last.safetensors"))
+    st = ckpt.load_state(ckpt.path("last"))
+    optimizer.load_state_dict(st["optimizer"])
+    if scaler is not None and "scaler" in st:
+        scaler.load_state_dict(st["scaler"])
+    if ema is not None and "ema" in st:
+        ema.module.load_state_dict(st["ema"])
+    set_rng_state(st["rng"])
+    return st["epoch"] + 1, st["num_updates"], st["best_top1"]
+
+
 def _tensorboard(run_dir: str):
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -432,12 +442,9 @@ def summarize(cfg: TrainConfig, results: dict, run_dir: str, d: Dist) -> dict:
     eval_ds = build_eval_dataset(cfg, first["model"])
     x, _, _ = collate_skip([eval_ds[i] for i in range(min(256, len(eval_ds)))])
     for label, r in results.items():
-        model = r["model"].to(d.device).eval()
-        prof = profile(model, x.to(d.device))
-        tp = throughput(model, tuple(x.shape[1:]), cfg.throughput_batch, d.device)
-        rows.append(dict(model=label, name=r["spec"]["name"], params_m=prof["params"] / 1e6, gmacs=prof["gmacs"],
-                         mean_k=prof.get("mean_k"), top1=r["eval"]["top1"], top5=r["eval"]["top5"],
-                         best_top1=r["best_top1"], img_per_s=tp["img_per_s"], train_seconds=r["train_seconds"]))
+        rows.append(dict(model=label, name=r["spec"]["name"], **measure(r["model"], x, cfg.throughput_batch, d.device),
+                         top1=r["eval"]["top1"], top5=r["eval"]["top5"], best_top1=r["best_top1"],
+                         train_seconds=r["train_seconds"]))
     md = ["| model | params (M) | GMACs | mean K | top-1 (%) | top-5 (%) | images/s | train time (s) |",
           "|---|---|---|---|---|---|---|---|"]
     for r in rows:
