@@ -62,14 +62,18 @@ def _afa_attention(dim=8, heads=2, tokens=5, rank=2):
     return blk
 
 
-def test_eq6_afa_equals_explicit_modulated_softmax():
+@pytest.mark.parametrize("impl", ["sdpa", "explicit"])
+@pytest.mark.parametrize("grad", [True, False])
+def test_eq6_afa_equals_explicit_modulated_softmax(impl, grad):
     torch.manual_seed(0)
     blk = _afa_attention()
     attn = blk.attn
+    attn.impl = impl
     x = torch.randn(3, 5, 8)
     mass = torch.rand(3, 5) + 0.5
     bias = mass.log()[:, None, None, :]
-    out = attn(x, bias, mass=mass)
+    with torch.set_grad_enabled(grad):
+        out = attn(x, bias, mass=mass)
     # explicit: softmax((Q K^T / sqrt(d)) ⊙ M + log m) V, M = 1 + sum_r u_r v_r^T
     B, T, _ = x.shape
     q, k, v = attn.qkv(x).reshape(B, T, 3, 2, 4).permute(2, 0, 3, 1, 4)

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterable, Optional, Sequence, Union
 
 IntOrSeq = Union[int, Sequence[int], None]
+REDUCTIONS = ("dtc", "none", "random", "importance", "evit", "tome")
 
 
 def unknown_key_error(key: str, valid: Iterable[str], what: str = "option") -> ValueError:
@@ -41,6 +42,11 @@ class ModelOptions:
     scalar is used for the first stage, later stages default to a third of the previous one.
     """
 
+    # --- which token reduction (DESIGN.md §4): ours or a baseline on the same backbone ---
+    reduction: str = "dtc"              # 'dtc' | 'none' | 'random' | 'importance' | 'evit' | 'tome'
+    keep_ratio: float = 0.7             # random/importance/evit: fraction of the entering tokens kept
+    reduce_at: IntOrSeq = None          # importance/evit blocks (default depth/4, depth/2, 3depth/4)
+    tome_r: int = 8                     # tome: tokens merged in every block
     # --- Dynamic Token Clustering (paper 3.2) ---
     condense_at: IntOrSeq = 0           # blocks run before each DTC stage; None/False/() = no condensation
     k_min: IntOrSeq = None              # default: a third of the tokens entering the stage
@@ -56,18 +62,19 @@ class ModelOptions:
     stat_momentum: float = 0.1          # running mean/std of the complexity score
     assign_norm: bool = True            # distances on LayerNorm'd tokens (scale-free tau); False = raw tokens
     # --- AdaptiveFocus Attention (paper 3.3) ---
-    afa: bool = True
+    afa: Optional[bool] = None          # default: on with reduction='dtc' (it modulates cluster slots)
     afa_rank: int = 1                   # R in M = 1 + sum_r u_r v_r^T
     afa_hidden: Optional[int] = None    # hidden width of f_m (default embed_dim // 4)
     norm: str = "pre"                   # 'pre' (timm) | 'post' (eq. 7 literal)
     # --- Cross-Modal Token Fusion (paper 3.4) ---
-    cmtf: bool = True
+    cmtf: Optional[bool] = None         # default: on with reduction='dtc'
     cmtf_at: IntOrSeq = None            # blocks preceded by CMTF; default: the first condensed block
     gate: str = "gated"                 # 'gated' (sound default) | 'paper' (eq. 10 literal)
     guidance_dim: Optional[int] = None  # width of raw guidance tokens (default embed_dim)
     align_dim: Optional[int] = None     # output width of the L_align projection (None = no head)
 
     stages: list = field(default_factory=list, init=False, repr=False)
+    reduce_blocks: list = field(default_factory=list, init=False, repr=False)
 
     @classmethod
     def field_names(cls) -> set:
@@ -90,10 +97,23 @@ class ModelOptions:
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("stages", None)
+        d.pop("reduce_blocks", None)
         return d
 
     def resolve(self, num_patches: int, depth: int, embed_dim: int) -> "ModelOptions":
         """Validate against the backbone and fill the per-stage K ranges (``self.stages``)."""
+        _check(self.reduction in REDUCTIONS, "reduction", self.reduction, ", ".join(map(repr, REDUCTIONS)))
+        _check(0 < self.keep_ratio <= 1, "keep_ratio", self.keep_ratio, "a float in (0, 1]")
+        _check(self.tome_r >= 0, "tome_r", self.tome_r, "an integer >= 0")
+        ours = self.reduction == "dtc"
+        for name in ("afa", "cmtf"):
+            v = getattr(self, name)
+            _check(ours or not v, name, v, f"False with reduction={self.reduction!r} (it acts on DTC's "
+                   "super-tokens; baselines are compared without it)")
+            setattr(self, name, ours if v is None else bool(v))
+        self._resolve_baseline(depth)
+        if not ours:
+            self.condense_at = None
         _check(self.k_step >= 1, "k_step", self.k_step, "an integer >= 1")
         _check(self.tau > 0, "tau", self.tau, "a float > 0")
         _check(self.iters >= 0, "iters", self.iters, "an integer >= 0")
@@ -110,7 +130,7 @@ class ModelOptions:
             v = getattr(self, name)
             _check(v is None or int(v) >= 1, name, v, "None or an integer >= 1")
 
-        at = _as_list(self.condense_at) or []
+        at = (_as_list(self.condense_at) or []) if ours else []
         _check(at == sorted(set(at)), "condense_at", self.condense_at, "strictly increasing block indices")
         for c in at:
             _check(0 <= c < depth, "condense_at", self.condense_at, f"block indices in [0, {depth - 1}]")
@@ -141,3 +161,21 @@ class ModelOptions:
         self.cmtf_at = cm if self.cmtf else []
         self.condense_at = at or None
         return self
+
+    def _resolve_baseline(self, depth: int) -> None:
+        """``reduce_blocks``: where the chosen baseline reduces tokens."""
+        red = self.reduction
+        blocks = _as_list(self.reduce_at)
+        if red in ("importance", "evit"):
+            blocks = blocks if blocks is not None else sorted({max(1, depth * i // 4) for i in (1, 2, 3)})
+        elif red == "random":
+            blocks = blocks if blocks is not None else (_as_list(self.condense_at) or [0])[:1]
+            _check(len(blocks) == 1, "reduce_at", self.reduce_at, "one block for reduction='random'")
+        elif red == "tome":
+            blocks = blocks if blocks is not None else list(range(depth))
+        else:
+            _check(blocks is None, "reduce_at", self.reduce_at, f"None with reduction={red!r}")
+            blocks = []
+        _check(blocks == sorted(set(blocks)) and all(0 <= b < depth for b in blocks), "reduce_at",
+               self.reduce_at, f"strictly increasing block indices in [0, {depth - 1}]")
+        self.reduce_blocks = blocks

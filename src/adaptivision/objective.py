@@ -62,7 +62,7 @@ class AdaptiVisionLoss(nn.Module):
 
     def __init__(self, lambda_cluster: float = 0.0, lambda_align: float = 0.0,
                  align_temperature: float = 0.07, detach_tokens: bool = True,
-                 base: Optional[nn.Module] = None):
+                 base: Optional[nn.Module] = None, lambda_reduction: float = 2.0):
         super().__init__()
         for name, v in (("lambda_cluster", lambda_cluster), ("lambda_align", lambda_align)):
             if v < 0:
@@ -72,6 +72,7 @@ class AdaptiVisionLoss(nn.Module):
         self.lambda_cluster, self.lambda_align = lambda_cluster, lambda_align
         self.align_temperature, self.detach_tokens = align_temperature, detach_tokens
         self.base = base if base is not None else nn.CrossEntropyLoss()
+        self.lambda_reduction = lambda_reduction  # DynamicViT's ratio-loss weight (its paper: 2.0)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, aux: Optional[dict] = None,
                 guidance_targets: Optional[torch.Tensor] = None,
@@ -84,6 +85,9 @@ class AdaptiVisionLoss(nn.Module):
                                  "(call model(x, return_aux=True))")
             out["cluster"] = cluster_loss(aux["cluster"], self.detach_tokens)
             out["loss"] = out["loss"] + self.lambda_cluster * out["cluster"]
+        if aux is not None and aux.get("reduction") is not None and self.lambda_reduction > 0:
+            out["reduction"] = aux["reduction"]  # the baseline's own training term (reduction='importance')
+            out["loss"] = out["loss"] + self.lambda_reduction * out["reduction"]
         if self.lambda_align > 0:
             if aux is None or aux.get("align") is None:
                 raise ValueError("lambda_align > 0 needs a model built with align_dim=... and its aux outputs")

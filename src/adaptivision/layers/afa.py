@@ -69,10 +69,19 @@ def _scale_rows(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return y.permute(0, 1, 3, 2, 4).flatten(3)                                       # (B, H, T, R*d)
 
 
+def _use_sdpa(impl: str, x: torch.Tensor) -> bool:
+    """``impl='auto'``: fused SDPA for Q~K~^T off CPU (CUDA's memory-efficient kernel takes a
+    value width different from the query/key width); the explicit form on CPU and in export."""
+    if impl != "auto":
+        return impl == "sdpa"
+    return x.device.type != "cpu" and not torch.onnx.is_in_onnx_export()
+
+
 class AdaptiveFocusAttention(Attention):
     """timm ``Attention`` whose logits are modulated by the low-rank ``M`` (eq. 6)."""
 
     modulator: ModulationPredictor
+    impl: str = "auto"  # 'auto' | 'sdpa' (Q~K~^T, fused) | 'explicit' (M materialised); same result
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
                 mass: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -82,16 +91,37 @@ class AdaptiveFocusAttention(Attention):
         q, k, v = self.qkv(x).reshape(B, T, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, d)
         q, k = self.q_norm(q), self.k_norm(k)
         u, w = self.modulator(x, mass)                                              # (B, R, T) each
-        # Q~ = [Q, u_1∘Q, ..., u_R∘Q], K~ = [K, v_1∘K, ...], so that Q~K~^T = (QK^T) ⊙ M
-        q_aug = torch.cat([q, _scale_rows(q, u)], dim=-1)                            # (B, H, T, d(R+1))
-        k_aug = torch.cat([k, _scale_rows(k, w)], dim=-1)                            # (B, H, T, d(R+1))
-        out = F.scaled_dot_product_attention(
-            q_aug, k_aug, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
-            dropout_p=self.attn_drop.p if self.training else 0.0)                   # (B, H, T, d)
+        if _use_sdpa(self.impl, q):
+            # Q~ = [Q, u_1∘Q, ..., u_R∘Q], K~ = [K, v_1∘K, ...], so that Q~K~^T = (QK^T) ⊙ M
+            q_aug = torch.cat([q, _scale_rows(q, u)], dim=-1)                        # (B, H, T, d(R+1))
+            k_aug = torch.cat([k, _scale_rows(k, w)], dim=-1)                        # (B, H, T, d(R+1))
+            out = F.scaled_dot_product_attention(
+                q_aug, k_aug, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
+                dropout_p=self.attn_drop.p if self.training else 0.0)               # (B, H, T, d)
+        else:
+            out = self._explicit(q, k, v, u, w, attn_mask, is_causal)               # (B, H, T, d)
         out = self.norm(out.transpose(1, 2).reshape(B, T, self.attn_dim))           # (B, T, H*d)
         if gate is not None:
             out = out * gate
         return self.proj_drop(self.proj(out))
+
+    def _explicit(self, q, k, v, u, w, attn_mask, is_causal) -> torch.Tensor:
+        """Eq. 6 with M materialised once per image, (B, 1, T, T), and shared by the heads.
+
+        On CPU the fused kernel only takes equal head widths, so Q~K~^T (width d(R+1)) falls
+        back to PyTorch's unfused path, 2-5x slower than this (docs/performance.md)."""
+        T = q.shape[-2]
+        m = torch.baddbmm(u.new_ones(1, 1, 1), u.transpose(1, 2), w)                 # (B, T, T) M of eq. 6
+        m = (m * self.scale).unsqueeze(1).to(q.dtype)                               # (B, 1, T, T)
+        attn = torch.matmul(q, k.transpose(-2, -1))                                 # (B, H, T, T)
+        # inference: in place, one pass less over the (B, H, T, T) logits
+        attn = attn * m if torch.is_grad_enabled() else attn.mul_(m)
+        if is_causal:
+            attn = attn.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        if attn_mask is not None:
+            attn = attn.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else attn + attn_mask
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        return torch.matmul(attn, v)
 
     def attention_macs(self, batch: int, tokens: int) -> int:
         """Multiply-accumulates of the attention products: Q~K~^T is (R+1) x QK^T, plus AV."""

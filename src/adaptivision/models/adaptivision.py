@@ -24,6 +24,10 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelOptions
 from ..layers import AFABlock, CrossModalTokenFusion, DynamicTokenClustering, make_afa_block
+from ..reduction import (
+    EViTBlock, ImportanceStage, PolicyBlock, RandomKeep, ReducingBlock, ToMeBlock, convert_block,
+    gather_tokens, keep_assignment,
+)
 
 __all__ = ["AdaptiVision"]
 
@@ -33,16 +37,20 @@ _VIT_ARGS = set(inspect.signature(VisionTransformer.__init__).parameters) - {"se
 class _Group:
     """Images of one batch that currently have the same number of tokens."""
 
-    __slots__ = ("index", "x", "mass", "assign", "bias")
+    __slots__ = ("index", "x", "mass", "assign", "bias", "policy")
 
-    def __init__(self, index, x, mass, assign, prop_attn: bool = False):
+    def __init__(self, index, x, mass, assign, prop_attn: bool = False, policy=None):
         self.index = index    # (b,) positions in the input batch
         self.x = x            # (b, P+T, D) tokens, prefix ([CLS]) first
         self.mass = mass      # (b, P+T) patches per token; None = 1 everywhere (before condensation)
-        self.assign = assign  # one assignment (b, N_in, K) per DTC stage passed, for unpooling
-        # ToMe's proportional attention: + log(mass) on the keys; constant until the next DTC stage
-        self.bias = (mass.log()[:, None, None, :].to(x.dtype)                      # (b, 1, 1, T)
-                     if prop_attn and mass is not None else None)
+        self.assign = assign  # one assignment (b, N_in, K) per reduction passed, for unpooling
+        self.policy = policy  # (b, N) DynamicViT's training-time keep mask (reduction='importance')
+        self.set_bias(prop_attn)
+
+    def set_bias(self, prop_attn: bool) -> None:
+        # ToMe's proportional attention: + log(mass) on the keys; constant until the next reduction
+        self.bias = (self.mass.log()[:, None, None, :].to(self.x.dtype)            # (b, 1, 1, T)
+                     if prop_attn and self.mass is not None else None)
 
 
 class AdaptiVision(VisionTransformer):
@@ -78,12 +86,36 @@ class AdaptiVision(VisionTransformer):
         qkv_bias = self.blocks[0].attn.qkv.bias is not None
         self.cmtf = nn.ModuleDict({str(i): CrossModalTokenFusion(D, heads, opts.gate, qkv_bias)
                                    for i in self.opts.cmtf_at})
+        self.reducer = self._build_baseline(self.opts, D, P)
+        # proportional attention where tokens stand for several patches by construction
+        self.prop_attn = self.opts.prop_attn and self.opts.reduction in ("dtc", "tome")
         gdim = opts.guidance_dim or D
         self.guidance_embed = nn.Linear(gdim, D) if (len(self.cmtf) and gdim != D) else nn.Identity()
         self.align_head = nn.Linear(D, opts.align_dim) if opts.align_dim else None
         self.last_num_clusters: Optional[torch.Tensor] = None  # (B, stages) K of each image, last forward
         self._feat_mass: Optional[torch.Tensor] = None
         self._cluster_terms: list = []
+        self._reduction_losses: list = []
+        self._track = False  # build assignments of the baselines too (dense outputs)
+
+    def _build_baseline(self, opts: ModelOptions, D: int, P: int) -> nn.ModuleDict:
+        """Stages (before a block) or converted blocks of the baseline ``opts.reduction``."""
+        stages = nn.ModuleDict()
+        at = opts.reduce_blocks
+        if opts.reduction == "random":
+            stages[str(at[0])] = RandomKeep(opts.keep_ratio)
+        elif opts.reduction == "importance":
+            for s, b in enumerate(at):
+                stages[str(b)] = ImportanceStage(D, opts.keep_ratio, s)
+            for blk in self.blocks[at[0]:]:  # later attention must honour the training-time mask
+                convert_block(blk, PolicyBlock)
+        elif opts.reduction == "evit":
+            for b in at:
+                convert_block(self.blocks[b], EViTBlock, keep_ratio=opts.keep_ratio, num_prefix=P)
+        elif opts.reduction == "tome":
+            for b in at:
+                convert_block(self.blocks[b], ToMeBlock, r=opts.tome_r, num_prefix=P)
+        return stages
 
     # --- timm interface -------------------------------------------------------------------------
     @torch.jit.ignore
@@ -95,7 +127,7 @@ class AdaptiVision(VisionTransformer):
     def group_matcher(self, coarse: bool = False) -> dict:
         return dict(
             stem=r"^cls_token|reg_token|pos_embed|patch_embed|norm_pre|guidance_embed",
-            blocks=[(r"^blocks\.(\d+)", None), (r"^(?:dtc|cmtf)\.(\d+)", None),
+            blocks=[(r"^blocks\.(\d+)", None), (r"^(?:dtc|cmtf|reducer)\.(\d+)", None),
                     (r"^norm|^align_head", (99999,))],
         )
 
@@ -120,10 +152,12 @@ class AdaptiVision(VisionTransformer):
         g = self.embed_guidance(guidance, B)                                        # (B, M, D) or None
         groups = [_Group(torch.arange(B, device=x.device), x, None, [])]
         self.last_num_clusters = torch.zeros(B, len(self.dtc), dtype=torch.long, device=x.device)
-        self._cluster_terms = []
+        self._cluster_terms, self._reduction_losses = [], []
         for i, blk in enumerate(self.blocks):
             if last is not None and i > last:
                 break
+            if str(i) in self.reducer:
+                groups = [self._baseline_stage(self.reducer[str(i)], grp) for grp in groups]
             if str(i) in self.dtc:
                 stage = list(self.dtc).index(str(i))
                 groups = self._condense(self.dtc[str(i)], stage, groups, patch_weights if stage == 0 else None)
@@ -131,7 +165,7 @@ class AdaptiVision(VisionTransformer):
                 for grp in groups:
                     grp.x = self.cmtf[str(i)](grp.x, g[grp.index])
             for grp in groups:
-                grp.x = self._run_block(blk, grp)
+                self._run_block(blk, grp)
             yield i, groups
 
     def _condense(self, dtc: DynamicTokenClustering, stage: int, groups: List[_Group],
@@ -151,15 +185,44 @@ class AdaptiVision(VisionTransformer):
                 s, m, a, zs, mu = dtc(z[sel], mass[sel], k, None if w is None else w[sel])
                 x = torch.cat([prefix[sel], s], dim=1)                               # (b_k, P+K, D)
                 m = torch.cat([m.new_ones(len(sel), P), m], dim=1)                   # (b_k, P+K)
-                out.append(_Group(grp.index[sel], x, m, grp.assign + [a], self.opts.prop_attn))
+                out.append(_Group(grp.index[sel], x, m, grp.assign + [a], self.prop_attn))
                 self._cluster_terms.append((zs, mu, dtc.tau))
         return out
 
-    def _run_block(self, blk: nn.Module, grp: _Group) -> torch.Tensor:
-        kw = {"mass": grp.mass} if isinstance(blk, AFABlock) else {}
+    def _baseline_stage(self, stage: nn.Module, grp: _Group) -> _Group:
+        """A baseline's reduction before a block: random or DynamicViT pruning."""
+        P = self.num_prefix_tokens
+        prefix, z = grp.x[:, :P], grp.x[:, P:]                                       # (b, P, D), (b, N, D)
+        if isinstance(stage, ImportanceStage) and self.training:  # mask, don't drop (DynamicViT)
+            policy = grp.policy if grp.policy is not None else z.new_ones(z.shape[:2])
+            grp.policy, loss = stage.train_policy(z, policy)                         # (b, N)
+            grp.mass = torch.cat([grp.policy.new_ones(len(grp.policy), P), grp.policy], 1).float()
+            self._reduction_losses.append(loss)
+            return grp
+        idx = stage(z) if isinstance(stage, RandomKeep) else stage.keep_index(z)    # (b, K)
+        x = torch.cat([prefix, gather_tokens(z, idx)], dim=1)                        # (b, P+K, D)
+        mass = None if grp.mass is None else torch.cat([grp.mass[:, :P], grp.mass[:, P:].gather(1, idx)], 1)
+        assign = grp.assign + [keep_assignment(idx, z.shape[1])] if self._track else grp.assign
+        return _Group(grp.index, x, mass, assign, self.prop_attn)
+
+    def _run_block(self, blk: nn.Module, grp: _Group) -> None:
+        """One block on one group, in place (a reducing block also changes its mass and length)."""
+        kw = {}
+        if isinstance(blk, (AFABlock, ReducingBlock)):
+            kw["mass"] = grp.mass
+        elif isinstance(blk, PolicyBlock) and grp.policy is not None:
+            kw["policy"] = torch.cat([grp.policy.new_ones(len(grp.policy), self.num_prefix_tokens), grp.policy], 1)
         if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            return checkpoint(blk, grp.x, grp.bias, use_reentrant=False, **kw)
-        return blk(grp.x, grp.bias, **kw)
+            out = checkpoint(blk, grp.x, grp.bias, use_reentrant=False, **kw)
+        else:
+            out = blk(grp.x, grp.bias, **kw)
+        if isinstance(blk, ReducingBlock):
+            grp.x, grp.mass, a = out
+            if a is not None:
+                grp.assign.append(a)
+            grp.set_bias(self.prop_attn)
+        else:
+            grp.x = out
 
     def _assemble(self, groups: List[_Group], batch: int) -> torch.Tensor:
         """Groups -> one (B, P+T_max, D) tensor in input order; shorter rows are zero-padded and
@@ -211,10 +274,12 @@ class AdaptiVision(VisionTransformer):
         pooled = self.forward_head(feats, pre_logits=True)                          # (B, D)
         logits = self.head(pooled)                                                  # (B, classes)
         terms, self._cluster_terms = self._cluster_terms, []  # don't keep the graph alive on self
+        red, self._reduction_losses = self._reduction_losses, []
         if not return_aux:
             return logits
         aux = dict(cluster=terms, pooled=pooled, num_clusters=self.last_num_clusters,
-                   align=self.align_head(pooled) if self.align_head is not None else None)
+                   align=self.align_head(pooled) if self.align_head is not None else None,
+                   reduction=sum(red) / len(red) if red else None)  # DynamicViT's ratio loss
         return logits, aux
 
     # --- dense outputs ------------------------------------------------------------------------
@@ -236,6 +301,13 @@ class AdaptiVision(VisionTransformer):
             out[index] = r
         return out
 
+    def _set_track(self, on: bool) -> None:
+        """Baselines build their (one-hot) assignments only when dense outputs need them."""
+        self._track = on
+        for blk in self.blocks:
+            if isinstance(blk, ReducingBlock):
+                blk.track = on
+
     def forward_intermediates(
             self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
             return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
@@ -249,11 +321,15 @@ class AdaptiVision(VisionTransformer):
         B, _, height, width = x.shape
         P = self.num_prefix_tokens
         inters, prefixes, groups = [], [], []
-        for i, groups in self._trunk(x, guidance, patch_weights, max_index if stop_early else None):
-            if i in take_indices:
-                y = self._unpool(groups, B, norm)                                   # (B, P+N, D)
-                prefixes.append(y[:, :P])
-                inters.append(y[:, P:])
+        self._set_track(True)
+        try:
+            for i, groups in self._trunk(x, guidance, patch_weights, max_index if stop_early else None):
+                if i in take_indices:
+                    y = self._unpool(groups, B, norm)                               # (B, P+N, D)
+                    prefixes.append(y[:, :P])
+                    inters.append(y[:, P:])
+        finally:
+            self._set_track(False)
         self._cluster_terms = []
         if output_fmt == "NCHW":
             H, W = self.patch_embed.dynamic_feat_size((height, width))

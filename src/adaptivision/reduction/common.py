@@ -1,0 +1,83 @@
+"""What the token-reduction baselines share: blocks that reduce tokens between attention and MLP.
+
+A reducing block is a timm ``Block`` converted in place (as AFA does, ToMe-style: subclass and
+swap ``__class__``, no upstream forward code copied). Its ``forward`` takes and returns the
+token ``mass`` (patches per token, prefix included) and, when ``track`` is set, the assignment
+(b, N_in, N_out) of its input patch tokens to its output patch tokens, so that dense outputs
+can be unpooled exactly as for DTC (``Z_rec = A S``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.vision_transformer import Block
+
+
+def qkv_heads(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v (B, H, T, d) of a timm ``Attention``, with its q/k norms applied."""
+    B, T, _ = x.shape
+    q, k, v = attn.qkv(x).reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    return attn.q_norm(q), attn.k_norm(k), v
+
+
+def attention_output(attn: Attention, out: torch.Tensor) -> torch.Tensor:
+    """(B, H, T, d) attention values -> the block's attention branch output (B, T, D)."""
+    B, H, T, d = out.shape
+    out = attn.norm(out.transpose(1, 2).reshape(B, T, H * d))
+    return attn.proj_drop(attn.proj(out))
+
+
+def sdpa(attn: Attention, q, k, v, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale,
+                                          dropout_p=attn.attn_drop.p if attn.training else 0.0)
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x (B, T, C), idx (B, K) -> (B, K, C)."""
+    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def keep_assignment(idx: torch.Tensor, n_in: int, extra: int = 0) -> torch.Tensor:
+    """One-hot (B, N_in, K + extra) assignment of kept patches (dropped ones map nowhere)."""
+    B, K = idx.shape
+    a = torch.zeros(B, n_in, K + extra, device=idx.device)                        # (B, N_in, K+extra)
+    a[torch.arange(B, device=idx.device).unsqueeze(1), idx, torch.arange(K, device=idx.device)] = 1.0
+    return a
+
+
+class ReducingBlock(Block):
+    """Base of the blocks that reduce tokens; ``reduce`` is what each baseline defines."""
+
+    track: bool = False      # build the assignment for unpooling (dense outputs only)
+    num_prefix: int = 1      # [CLS] etc.: never merged or dropped
+
+    def attend(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, object]:
+        """Attention branch and what ``reduce`` needs from it (default: nothing)."""
+        return self.attn(x, bias), None
+
+    def reduce(self, x, mass, info) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                mass: Optional[torch.Tensor] = None):
+        if mass is None:
+            mass = x.new_ones(x.shape[:2], dtype=torch.float32)                      # (B, T)
+        y, info = self.attend(self.norm1(x), attn_mask)
+        x = x + self.drop_path1(self.ls1(y))
+        x, mass, assign = self.reduce(x, mass, info)                                 # fewer tokens
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x, mass, assign
+
+
+def convert_block(block: Block, cls: type, **attrs) -> Block:
+    """Turn a plain timm ``Block`` into ``cls`` in place (its weights are kept as they are)."""
+    if type(block) is not Block or type(block.attn) is not Attention:
+        raise TypeError(f"{cls.__name__} converts timm Block/Attention, got {type(block).__name__}/"
+                        f"{type(block.attn).__name__}")
+    block.__class__ = cls
+    for k, v in attrs.items():
+        setattr(block, k, v)
+    return block

@@ -1,0 +1,69 @@
+"""ToMe baseline (Bolya et al., 2023): bipartite soft matching, ``r`` tokens merged per block.
+
+Between attention and MLP of every block, tokens are split alternately into sets A and B; each
+A token's most similar B token (cosine similarity of the attention keys, averaged over heads)
+is found, and the ``r`` most similar pairs are merged by a size-weighted average. Sizes are
+carried as the token ``mass``, and proportional attention adds ``log(size)`` to the logits
+(the model's ``prop_attn``). [CLS] is never merged.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .common import ReducingBlock, attention_output, qkv_heads, sdpa
+
+
+def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int = 1):
+    """Plan the merge of ``r`` tokens. metric: (B, T, C). Returns ``merge(x, reduce)`` which maps
+    (B, T, C) -> (B, T - r, C) by summing ("sum") or averaging ("mean") merged tokens."""
+    T = metric.shape[1]
+    r = min(r, (T - num_prefix) // 2)
+    if r <= 0:
+        return lambda x, reduce="sum": x
+    with torch.no_grad():
+        metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        a, b = metric[:, ::2], metric[:, 1::2]                                       # (B, Ta, C), (B, Tb, C)
+        scores = a @ b.transpose(-1, -2)                                             # (B, Ta, Tb)
+        # prefix tokens sit at even positions 0, 2, ... < num_prefix: never sources; odd ones never targets
+        scores[:, : (num_prefix + 1) // 2, :] = -float("inf")
+        scores[:, :, : num_prefix // 2] = -float("inf")
+        node_max, node_idx = scores.max(dim=-1)                                      # (B, Ta)
+        edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]              # (B, Ta, 1)
+        unm_idx = edge_idx[:, r:].sort(dim=1)[0]  # keep order, so the prefix stays in front
+        src_idx = edge_idx[:, :r]                                                    # (B, r, 1)
+        dst_idx = node_idx[..., None].gather(1, src_idx)                             # (B, r, 1)
+
+    def merge(x: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
+        src, dst = x[:, ::2], x[:, 1::2]
+        C = x.shape[-1]
+        unm = src.gather(1, unm_idx.expand(-1, -1, C))                               # (B, Ta - r, C)
+        src = src.gather(1, src_idx.expand(-1, -1, C))                               # (B, r, C)
+        dst = dst.scatter_reduce(1, dst_idx.expand(-1, -1, C), src, reduce=reduce)   # (B, Tb, C)
+        return torch.cat([unm, dst], dim=1)                                          # (B, T - r, C)
+
+    return merge
+
+
+class ToMeBlock(ReducingBlock):
+    """timm ``Block`` that merges ``r`` tokens after its attention."""
+
+    r: int = 0
+
+    def attend(self, x, bias):
+        q, k, v = qkv_heads(self.attn, x)                                            # (B, H, T, d)
+        return attention_output(self.attn, sdpa(self.attn, q, k, v, bias)), k.mean(1)  # metric (B, T, d)
+
+    def reduce(self, x, mass, metric):
+        merge = bipartite_soft_matching(metric, self.r, self.num_prefix)
+        m = mass.unsqueeze(-1)                                                       # (B, T, 1)
+        new_mass = merge(m)                                                          # (B, T-r, 1)
+        x = merge(x * m.to(x.dtype)) / new_mass.to(x.dtype)                          # size-weighted mean
+        assign: Optional[torch.Tensor] = None
+        if self.track:  # where each input patch went: merge the identity
+            B, T_in = mass.shape
+            eye = torch.eye(T_in, device=x.device).expand(B, -1, -1)                 # (B, T_in, T_in)
+            P = self.num_prefix
+            assign = merge(eye).transpose(1, 2)[:, P:, P:]                            # (B, N_in, N_out)
+        return x, new_mass.squeeze(-1), assign

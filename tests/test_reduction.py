@@ -1,0 +1,161 @@
+"""The baselines of DESIGN.md §4 (``reduction=``): each removes the tokens it says it does, keeps
+what must be kept, and trains."""
+import math
+
+import pytest
+import torch
+from timm.models.vision_transformer import Block
+
+from adaptivision.reduction import (
+    EViTBlock, ImportanceStage, ToMeBlock, bipartite_soft_matching, convert_block, fuse_inattentive,
+    policy_attention,
+)
+from conftest import tiny_model
+
+BASELINES = ["random", "importance", "evit", "tome"]
+
+
+def _tokens_per_block(model, x):
+    """Token count entering every block (eval mode)."""
+    seen = []
+    hooks = [b.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1])) for b in model.blocks]
+    with torch.no_grad():
+        model.eval()(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_tome_merges_r_per_block_and_preserves_size_weighted_means():
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 4)                                                        # [CLS] + 8 patches
+    mass = torch.rand(2, 9) + 0.5
+    merge = bipartite_soft_matching(torch.randn(2, 9, 3), r=3, num_prefix=1)
+    new_mass = merge(mass.unsqueeze(-1)).squeeze(-1)
+    y = merge(x * mass.unsqueeze(-1)) / new_mass.unsqueeze(-1)
+    assert y.shape == (2, 6, 4)
+    assert torch.allclose(y[:, 0], x[:, 0]) and torch.equal(new_mass[:, 0], mass[:, 0])  # [CLS] untouched, first
+    # total mass and mass-weighted sum of the tokens are conserved by merging
+    assert torch.allclose(new_mass.sum(1), mass.sum(1))
+    assert torch.allclose((y * new_mass.unsqueeze(-1)).sum(1), (x * mass.unsqueeze(-1)).sum(1), atol=1e-5)
+
+
+def test_tome_merges_the_most_similar_pair_by_hand():
+    # patches 1..4 (even positions are set A: 2, 4; odd are set B: 1, 3); token 4 == token 1
+    metric = torch.tensor([[[0., 0, 1], [1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 0.01, 0]]])
+    x = torch.arange(5.).view(1, 5, 1)
+    mass = torch.ones(1, 5, 1)
+    merge = bipartite_soft_matching(metric, r=1, num_prefix=1)
+    y = merge(x * mass) / merge(mass)
+    # set A unmerged (CLS 0, token 2), then set B (token 1 merged with 4 -> 2.5, token 3)
+    assert y.flatten().tolist() == [0.0, 2.0, 2.5, 3.0]
+
+
+def test_evit_fused_token_is_the_attention_weighted_mean_of_the_dropped():
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 4)                                                        # [CLS] + 6 patches
+    attn = torch.rand(2, 6)
+    y, mass, keep_idx, drop_idx = fuse_inattentive(x, torch.ones(2, 7), attn, keep=4)
+    assert y.shape == (2, 6, 4) and mass[:, -1].tolist() == [2.0, 2.0]
+    for b in range(2):
+        order = attn[b].argsort(descending=True)
+        assert set(keep_idx[b].tolist()) == set(order[:4].tolist())
+        d = order[4:]
+        w = attn[b, d]
+        expected = (x[b, 1 + d] * w[:, None]).sum(0) / w.sum()
+        assert torch.allclose(y[b, -1], expected, atol=1e-6)
+        assert torch.equal(y[b, 0], x[b, 0])
+
+
+def test_evit_block_uses_the_cls_attention_of_its_own_heads():
+    torch.manual_seed(0)
+    blk = convert_block(Block(8, 2, qkv_bias=True), EViTBlock, keep_ratio=0.5, num_prefix=1)
+    x = torch.randn(2, 9, 8)
+    _, cls_attn = blk.attend(x, None)
+    q, k, _ = blk.attn.qkv(x).reshape(2, 9, 3, 2, 4).permute(2, 0, 3, 1, 4)
+    ref = ((q[:, :, 0:1] @ k.transpose(-1, -2)) / 2.0).softmax(-1)[:, :, 0, 1:].mean(1)
+    assert torch.allclose(cls_attn, ref, atol=1e-6)
+    y, mass, _ = blk(x)
+    assert y.shape == (2, 1 + 4 + 1, 8) and torch.allclose(mass.sum(1), torch.full((2,), 9.0))
+
+
+def test_dynamicvit_policy_masks_pruned_keys_and_keeps_the_gradient():
+    torch.manual_seed(0)
+    blk = Block(8, 2, qkv_bias=True)
+    x = torch.randn(1, 5, 8)
+    policy = torch.tensor([[1.0, 1.0, 0.0, 1.0, 0.0]], requires_grad=True)
+    q, k, _ = blk.attn.qkv(x).reshape(1, 5, 3, 2, 4).permute(2, 0, 3, 1, 4)
+    out = policy_attention(blk.attn, x, policy)
+    # same as plain attention over the kept keys only, for a kept query
+    kept = [0, 1, 3]
+    plain = torch.nn.functional.scaled_dot_product_attention(
+        *(t[:, :, kept] for t in blk.attn.qkv(x).reshape(1, 5, 3, 2, 4).permute(2, 0, 3, 1, 4)))
+    ref = blk.attn.proj(plain.transpose(1, 2).reshape(1, 3, 8))
+    assert torch.allclose(out[:, kept], ref, atol=1e-4)
+    out.sum().backward()
+    assert policy.grad is not None and policy.grad.abs().sum() > 0
+
+
+def test_dynamicvit_stage_ratio_loss_and_topk():
+    torch.manual_seed(0)
+    stage = ImportanceStage(16, keep_ratio=0.5, stage=1)
+    z = torch.randn(3, 10, 16)
+    keep, loss = stage.train_policy(z, torch.ones(3, 10))
+    assert set(keep.unique().tolist()) <= {0.0, 1.0}
+    assert torch.allclose(loss, (keep.mean(1) - 0.25).pow(2).mean())  # stage 1: target 0.5 ** 2
+    idx = stage.keep_index(z)
+    assert idx.shape == (3, 5) and (idx.diff(dim=1) > 0).all()
+
+
+@pytest.mark.parametrize("reduction", BASELINES)
+def test_tokens_removed_as_specified(reduction):
+    model = tiny_model(depth=4, reduction=reduction, keep_ratio=0.5, tome_r=3, img_size=32)  # 64 patches
+    counts = _tokens_per_block(model, torch.randn(2, 3, 32, 32))
+    expected = {
+        "random": [1 + 32, 33, 33, 33],                       # before block 0 (condense_at)
+        "importance": [65, 1 + 32, 1 + 16, 1 + 8],            # before blocks 1, 2, 3 of 4
+        "evit": [65, 65, 1 + 32 + 1, 1 + 17 + 1],             # after attention of blocks 1, 2, 3
+        "tome": [65, 62, 59, 56],                             # 3 per block
+    }[reduction]
+    assert counts == expected
+
+
+@pytest.mark.parametrize("reduction", BASELINES)
+def test_baselines_train_every_parameter_and_unpool(reduction):
+    torch.manual_seed(0)
+    model = tiny_model(reduction=reduction, keep_ratio=0.5, tome_r=2).train()
+    x = torch.randn(4, 3, 16, 16)
+    logits, aux = model(x, return_aux=True)
+    loss = logits.square().mean() + (aux["reduction"] if aux["reduction"] is not None else 0)
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, f"no gradient reaches: {missing}"
+    assert (aux["reduction"] is not None) == (reduction == "importance")
+    # dense outputs on the full grid, as for DTC
+    model.eval()
+    feats = model.forward_intermediates(x, indices=[3], intermediates_only=True)[0]
+    assert feats.shape == (4, model.embed_dim, 4, 4) and torch.isfinite(feats).all()
+
+
+def test_tome_unpooling_copies_each_merged_token_to_its_patches():
+    model = tiny_model(reduction="tome", tome_r=4).eval()
+    x = torch.randn(2, 3, 16, 16)
+    grid = model.forward_intermediates(x, indices=[3], norm=True, intermediates_only=True, output_fmt="NLC")[0]
+    tokens = model.forward_features(x)[:, 1:]        # 16 patches -> 12 -> 8 -> 4 -> 2 merged tokens
+    assert tokens.shape[1] == 2
+    for g, t in zip(grid, tokens, strict=True):     # every patch shows exactly the token it ended in
+        dist = torch.cdist(g, t)                                                    # (16 patches, 2 tokens)
+        assert (dist.min(1).values < 1e-4).all()
+        assert len(dist.argmin(1).unique()) == 2     # and both tokens own patches
+
+
+def test_baseline_options_are_checked():
+    with pytest.raises(ValueError, match="reduction"):
+        tiny_model(reduction="pruning")
+    with pytest.raises(ValueError, match="afa"):
+        tiny_model(reduction="tome", afa=True)
+    with pytest.raises(ValueError, match="keep_ratio"):
+        tiny_model(reduction="evit", keep_ratio=0.0)
+    with pytest.raises(ValueError, match="reduce_at"):
+        tiny_model(reduction="none", reduce_at=2)
+    assert math.isclose(tiny_model(reduction="evit").opts.keep_ratio, 0.7)
