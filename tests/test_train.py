@@ -76,6 +76,15 @@ def test_cli_train_end_to_end_with_dense_comparison(fmnist, tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(run / "last.safetensors")]) == 0
     res = json.loads(capsys.readouterr().out)
     assert abs(res["top1"] - rows["adaptivision"]["top1"]) < 1e-9 and res["images"] == 32
+    # one checkpoint, other budgets: calibrated GMACs within 5%, or one fixed K for every image
+    target = 0.8 * res["gmacs"]
+    assert main(["eval", "--checkpoint", str(run / "last.safetensors"), "--budget", f"gmacs={target}"]) == 0
+    low = json.loads(capsys.readouterr().out)
+    assert abs(low["gmacs"] - target) / target < 0.05 and low["mean_k"][0] < res["mean_k"][0]
+    assert main(["eval", "--checkpoint", str(run / "last.safetensors"), "--budget", "k=24"]) == 0
+    assert json.loads(capsys.readouterr().out)["mean_k"] == [24.0]
+    assert main(["eval", "--checkpoint", str(run / "last.safetensors"), "--budget", "k=999"]) == 2
+    assert "outside this model's range" in capsys.readouterr().err
 
 
 def test_resume_continues_exactly(fmnist, tmp_path):

@@ -26,6 +26,12 @@ def _eval(args) -> int:
     from .profile import profile
     from .train.engine import build_eval_dataset, eval_loader, evaluate, load_for_eval, setup_distributed
     model, cfg = load_for_eval(args.checkpoint, args.model)
+    budget = None
+    if args.budget:
+        from .benchmark import parse_spec
+        _, _, budget = parse_spec("model:" + args.budget)
+        if not budget:
+            raise ValueError(f"--budget {args.budget!r}: expected gmacs=, mean_k=, bias= or k=")
     if args.data_dir is not None:
         cfg.data_dir = args.data_dir
     if args.dataset is not None and args.dataset != cfg.dataset:
@@ -33,6 +39,11 @@ def _eval(args) -> int:
     d = setup_distributed(cfg.device)
     model.to(d.device)
     ds = build_eval_dataset(cfg, model, args.dataset, args.data_dir)
+    if budget:  # calibrated on the first evaluation images, then fixed for the whole set
+        from .benchmark import apply_budget
+        from .data import collate_skip as _collate
+        xb, _, _ = _collate([ds[i] for i in range(min(256, len(ds)))])
+        apply_budget(model.eval(), budget, xb.to(d.device))
     res = evaluate(model, eval_loader(ds, cfg, d), d, "none", getattr(ds, "class_indices", None))
     from .data import collate_skip
     x, _, _ = collate_skip([ds[i] for i in range(min(64, len(ds)))])
@@ -59,6 +70,42 @@ def _profile(args) -> int:
     return 0
 
 
+def _experiment(args) -> int:
+    from .experiments import EXPERIMENTS, run_experiment
+    if args.action == "list":
+        for e in EXPERIMENTS.values():
+            cells = ", ".join(c.label for c in e.cells)
+            print(f"{e.name:9s} {e.title}\n          cells: {cells}" + (f"\n          {e.note}" if e.note else ""))
+        return 0
+    if not args.name:
+        raise ValueError("experiment run needs a NAME (see `adaptivision experiment list`)")
+    eval_data = {}
+    for item in args.eval_data or []:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise ValueError(f"--eval-data takes NAME=DIR (e.g. imagenet-a=/data/imagenet-a), got {item!r}")
+        eval_data[name] = path
+    run_experiment(args.name, args.out, args.scale, args.dataset, args.data_dir, args.epochs, args.seeds,
+                   list(args.overrides), args.checkpoint, eval_data)
+    return 0
+
+
+def _benchmark(args) -> int:
+    from .benchmark import benchmark, to_markdown, write
+    res = benchmark(args.models.split(","), args.img_size, args.batch_size, args.device, args.amp, args.compile,
+                    args.budget, args.warmup, args.rounds, args.checkpoint, args.channels_last)
+    print(to_markdown(res))
+    if args.out:
+        print("written: " + ", ".join(write(res, args.out)))
+    return 0
+
+
+def _report(args) -> int:
+    from .experiments import report
+    print(report(args.run_dirs, args.out))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="adaptivision", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -80,6 +127,7 @@ def main(argv=None) -> int:
     e.add_argument("--model", help="model name, when the checkpoint has no model.json beside it")
     e.add_argument("--dataset")
     e.add_argument("--data-dir", dest="data_dir")
+    e.add_argument("--budget", help="inference budget of one checkpoint: gmacs=1.3 | mean_k=64 | bias=-1 | k=64")
     e.set_defaults(fn=_eval)
     f = sub.add_parser("profile", help="params, GMACs and throughput of models (timm names work too)")
     f.add_argument("--model", required=True, help="one or more names, comma-separated")
@@ -87,8 +135,42 @@ def main(argv=None) -> int:
     f.add_argument("--batch-size", type=int, default=32, dest="batch_size")
     f.add_argument("--repeats", type=int, default=10)
     f.set_defaults(fn=_profile)
+    x = sub.add_parser("experiment", help="the paper's tables and figures: `experiment list`, `experiment run NAME`")
+    x.add_argument("action", choices=("list", "run"))
+    x.add_argument("name", nargs="?", help="table1, table4, table5, table6, table7, figure1a, theorem1, variants")
+    x.add_argument("--dataset", default="fashion-mnist")
+    x.add_argument("--data-dir", dest="data_dir")
+    x.add_argument("--epochs", type=int)
+    x.add_argument("--seeds", type=int, default=1)
+    x.add_argument("--scale", default="small", choices=("smoke", "small", "paper"),
+                   help="smoke: a few steps (CI); small: minutes per run on a CPU; paper: configs/<dataset>.yaml")
+    x.add_argument("--out", default="experiments", help="runs and records go here (shared by experiments)")
+    x.add_argument("--checkpoint", action="append", help="table6: a checkpoint to evaluate (repeatable)")
+    x.add_argument("--eval-data", action="append", dest="eval_data", metavar="NAME=DIR",
+                   help="table6: extra evaluation set, e.g. imagenet-a=/data/imagenet-a (repeatable)")
+    x.add_argument("overrides", nargs="*", metavar="key=value", help="TrainConfig fields for every run")
+    x.set_defaults(fn=_experiment)
+    b = sub.add_parser("benchmark", help="images/s next to GMACs, speed-up over the first model")
+    b.add_argument("--models", required=True,
+                   help="comma-separated NAME[:key=value...] (timm names, model options, gmacs=|mean_k=|bias=|k=)")
+    b.add_argument("--img-size", type=int, dest="img_size")
+    b.add_argument("--batch-size", type=int, default=64, dest="batch_size")
+    b.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    b.add_argument("--amp", action="store_true", help="fp16 autocast on CUDA, bf16 on CPU")
+    b.add_argument("--compile", action="store_true", help="torch.compile every model")
+    b.add_argument("--channels-last", action="store_true", dest="channels_last")
+    b.add_argument("--budget", help="default budget of AdaptiVision models, e.g. gmacs=1.3 or mean_k=64")
+    b.add_argument("--checkpoint", help="weights for the AdaptiVision models (a .safetensors of a run)")
+    b.add_argument("--warmup", type=int, default=3)
+    b.add_argument("--rounds", type=int, default=15)
+    b.add_argument("--out", help="write OUT.json and OUT.md")
+    b.set_defaults(fn=_benchmark)
+    r = sub.add_parser("report", help="Markdown tables and PNG plots from experiment directories")
+    r.add_argument("run_dirs", nargs="+", metavar="EXPERIMENT_DIR", help="e.g. experiments/table5")
+    r.add_argument("--out", required=True)
+    r.set_defaults(fn=_report)
     args, extra = p.parse_known_args(argv)
-    bad = [e for e in extra if args.cmd != "train" or "=" not in e or e.startswith("-")]
+    bad = [e for e in extra if args.cmd not in ("train", "experiment") or "=" not in e or e.startswith("-")]
     if bad:
         p.error(f"unrecognized arguments: {' '.join(bad)}")
     if extra:

@@ -93,6 +93,18 @@ class DynamicTokenClustering(nn.Module):
         self.budget_bias = 0.0
         self.fixed_k: Optional[int] = None
         self.last_score: Optional[torch.Tensor] = None
+        self._ready = False
+
+    def is_initialized(self) -> bool:
+        """``initialized`` as a Python bool, read from the buffer only until it is True, so that
+        compiled and exported graphs do not branch on a tensor."""
+        if not self._ready:
+            self._ready = bool(self.initialized)
+        return self._ready
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._ready = False  # the loaded buffer decides
+        return super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, k=[{self.k_min}, {self.k_max}] step {self.k_step}, tau={self.tau}, "
@@ -107,7 +119,7 @@ class DynamicTokenClustering(nn.Module):
         z = z.float()
         if not self.assign_norm:
             return z
-        return F.layer_norm(z, z.shape[-1:]) * math.sqrt(REF_WIDTH / z.shape[-1])
+        return F.layer_norm(z, (self.dim,)) * math.sqrt(REF_WIDTH / self.dim)  # constants: exportable
 
     @torch.no_grad()
     def init_centroids(self, tokens: torch.Tensor, max_points: int = 8192, seed: int = 0) -> None:
@@ -119,6 +131,7 @@ class DynamicTokenClustering(nn.Module):
             pts = pts[torch.randperm(pts.shape[0], generator=g, device=pts.device)[:max_points]]
         self.centroids.copy_(kmeans_pp(pts, self.k_max, g).to(self.centroids.dtype))
         self.initialized.fill_(True)
+        self._ready = True
 
     # --- per-image K ------------------------------------------------------------------------
     def complexity_score(self, z: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:

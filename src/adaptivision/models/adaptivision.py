@@ -171,7 +171,7 @@ class AdaptiVision(VisionTransformer):
     def _condense(self, dtc: DynamicTokenClustering, stage: int, groups: List[_Group],
                   weights: Optional[torch.Tensor]) -> List[_Group]:
         P = self.num_prefix_tokens
-        if not bool(dtc.initialized):  # seed the centroids from the first real tokens they see
+        if not dtc.is_initialized():  # seed the centroids from the first real tokens they see
             dtc.init_centroids(torch.cat([grp.x[:, P:].reshape(-1, self.embed_dim) for grp in groups]))
         out = []
         for grp in groups:
@@ -180,14 +180,26 @@ class AdaptiVision(VisionTransformer):
             w = weights[grp.index] if weights is not None else None                  # (b, N) or None
             ks = dtc.num_clusters(z, w)                                              # (b,)
             self.last_num_clusters[grp.index, stage] = ks
-            for k in torch.unique(ks).tolist():  # one dense batch per K
-                sel = torch.nonzero(ks == k).squeeze(1)
-                s, m, a, zs, mu = dtc(z[sel], mass[sel], k, None if w is None else w[sel])
-                x = torch.cat([prefix[sel], s], dim=1)                               # (b_k, P+K, D)
-                m = torch.cat([m.new_ones(len(sel), P), m], dim=1)                   # (b_k, P+K)
-                out.append(_Group(grp.index[sel], x, m, grp.assign + [a], self.prop_attn))
+            for k, sel in self._plan(dtc, ks, z.shape[1]):  # one dense batch per K
+                def pick(t, sel=sel):
+                    return t if sel is None or t is None else t[sel]
+                s, m, a, zs, mu = dtc(pick(z), pick(mass), k, pick(w))
+                x = torch.cat([pick(prefix), s], dim=1)                              # (b_k, P+K, D)
+                m = torch.cat([m.new_ones(m.shape[0], P), m], dim=1)                 # (b_k, P+K)
+                out.append(_Group(pick(grp.index), x, m, grp.assign + [a], self.prop_attn))
                 self._cluster_terms.append((zs, mu, dtc.tau))
         return out
+
+    @staticmethod
+    def _plan(dtc: DynamicTokenClustering, ks: torch.Tensor, n: int) -> list:
+        """[(K, rows of the group or None for all)]. Fixed K needs no look at ``ks`` (no host
+        sync), which keeps ``torch.compile`` graphs whole and makes ONNX export possible."""
+        if not dtc.dynamic:
+            return [(min(dtc.fixed_k if dtc.fixed_k is not None else dtc.k_max, n), None)]
+        values = torch.unique(ks).tolist()
+        if len(values) == 1:
+            return [(values[0], None)]
+        return [(k, torch.nonzero(ks == k).squeeze(1)) for k in values]
 
     def _baseline_stage(self, stage: nn.Module, grp: _Group) -> _Group:
         """A baseline's reduction before a block: random or DynamicViT pruning."""
@@ -349,6 +361,7 @@ class AdaptiVision(VisionTransformer):
         starts from the same centroids."""
         for dtc in self.dtc.values():
             dtc.initialized.fill_(False)
+            dtc._ready = False
         with torch.no_grad():
             self.forward_features(images, **forward_kwargs)
 

@@ -1,0 +1,85 @@
+"""The paper's tables and figures as experiments: which runs each needs and how it is laid out.
+
+A *cell* is one configuration (a row or a point); the runner trains it once per seed with the
+ordinary engine, and cells with the same configuration are shared between experiments (the
+``dtc`` row of Table 5 is the ``tau = 150`` row of Table 4 and the full model of Table 7).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+SCALES = ("smoke", "small", "paper")
+
+
+@dataclass(frozen=True)
+class Cell:
+    label: str                       # the row label, as in the paper
+    kwargs: dict = field(default_factory=dict)  # model options (ModelOptions / timm)
+    model: Optional[str] = None      # a different model name (e.g. a timm dense model); default: the scale's
+    match_gmacs: bool = False        # set the baseline's knob so its GMACs equal the dtc cell's
+    needs: Optional[str] = None      # why it cannot run yet (the report says so in its row)
+    scales: tuple = SCALES           # where the cell exists (timm's Swin-T only at paper scale)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    title: str
+    kind: str                        # 'train' | 'budget' | 'scaling' | 'robustness'
+    cells: tuple = ()
+    key: Optional[str] = None        # column named after the swept option (Table 4: tau)
+    paper_datasets: tuple = ("imagenet",)
+    note: str = ""
+
+
+DTC = Cell("AdaptiVision (DTC)", {"reduction": "dtc"})
+DENSE = Cell("ViT (dense)", {"reduction": "none"})
+BASELINES = (
+    DENSE,
+    Cell("Random keep", {"reduction": "random"}, match_gmacs=True),
+    Cell("DynamicViT (importance)", {"reduction": "importance"}, match_gmacs=True),
+    Cell("EViT", {"reduction": "evit"}, match_gmacs=True),
+    Cell("ToMe", {"reduction": "tome"}, match_gmacs=True),
+    DTC,
+)
+NO_GUIDANCE = "needs guidance providers (issue 6): CMTF has nothing to fuse without them"
+
+EXPERIMENTS = {e.name: e for e in (
+    Experiment("table1", "Table 1/2: model comparison", "train", (
+        Cell("DeiT-S (timm)", {}, model="deit_small_patch16_224", scales=("paper",)),
+        Cell("Swin-T (timm)", {}, model="swin_tiny_patch4_window7_224", scales=("paper",)),
+        DENSE, DTC), paper_datasets=("imagenet", "cifar10", "cifar100", "tinyimagenet", "chestxray")),
+    Experiment("table4", "Table 4: DTC temperature tau", "train",
+               tuple(Cell(f"tau = {t}", {"reduction": "dtc", "tau": float(t)}) for t in (1, 20, 100, 150, 200, 250)),
+               key="tau"),
+    Experiment("table5", "Table 5: token reduction strategies at matched GMACs", "train", BASELINES),
+    Experiment("table6", "Table 6: robustness, ImageNet-A / ImageNet-R", "robustness", (DENSE, DTC),
+               note="evaluates the checkpoints of the table1 cells (or --checkpoint) on --eval-data sets"),
+    Experiment("table7", "Table 7: component ablation", "train", (
+        DENSE,
+        Cell("+DTC", {"reduction": "dtc", "afa": False}),
+        Cell("+DTC+AFA", {"reduction": "dtc"}),
+        Cell("+DTC+AFA+CMTF", {"reduction": "dtc", "cmtf": True}, needs=NO_GUIDANCE))),
+    Experiment("figure1a", "Figure 1(a): accuracy vs GMACs, one trained model per method", "budget",
+               BASELINES[1:], note="re-evaluates the table5 checkpoints at several budgets"),
+    Experiment("theorem1", "Theorem 1: cost as the image grows (fixed K range)", "scaling", (DENSE, DTC)),
+    Experiment("variants", "Paper-literal vs sound variants (DESIGN.md)", "train", (
+        Cell("sound defaults", {"reduction": "dtc"}),
+        Cell("normalize=False (eq. 3 literal sum)", {"reduction": "dtc", "normalize": False}),
+        Cell("norm='post' (eq. 7 literal)", {"reduction": "dtc", "norm": "post"}),
+        Cell("gate='paper' (eq. 10 literal)", {"reduction": "dtc", "cmtf": True, "gate": "paper"}, needs=NO_GUIDANCE))),
+)}
+
+# Budgets of Figure 1(a): DTC's bias knob, ToMe's r as a fraction of (patches / depth), the
+# keep ratio of the others. One trained model per method serves all of its budgets.
+BUDGETS = {"dtc": [-4.0, -2.0, 0.0, 2.0, 4.0], "tome": [0.2, 0.4, 0.6, 0.8, 1.0],
+           "random": [0.3, 0.45, 0.6, 0.75, 0.9], "importance": [0.5, 0.6, 0.7, 0.8, 0.9],
+           "evit": [0.5, 0.6, 0.7, 0.8, 0.9]}
+
+
+def get(name: str) -> Experiment:
+    if name not in EXPERIMENTS:
+        from ..config import unknown_key_error
+        raise unknown_key_error(name, EXPERIMENTS, "experiment")
+    return EXPERIMENTS[name]

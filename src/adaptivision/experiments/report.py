@@ -1,0 +1,155 @@
+"""``adaptivision report RUN_DIR... --out DIR``: Markdown tables in the paper's layout, mean ± std
+over seeds, and PNG plots. Every cell comes from a file a run wrote; a run that is missing or
+unfinished shows as missing, never as a number."""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from typing import Optional
+
+MISSING = "—"
+
+
+def _stat(values: list, digits: int = 2) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return MISSING
+    m = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{m:.{digits}f}"
+    return f"{m:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def _summary(exp_dir: str, run: dict) -> Optional[dict]:
+    path = os.path.join(exp_dir, "..", run["run_dir"], "summary.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)["rows"][0]
+
+
+def _train_table(rec: dict, exp_dir: str, notes: list) -> list:
+    key = rec.get("key")
+    head = ["model"] + ([key] if key else []) + ["knob", "params (M)", "GMACs", "mean K", "top-1 (%)", "top-5 (%)",
+                                                 "images/s", "seeds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for cell in rec["cells"]:
+        rows = [r for r in (_summary(exp_dir, run) for run in cell.get("runs", [])) if r is not None]
+        if cell.get("status"):
+            notes.append(f"{cell['label']}: {cell['status']}")
+        elif len(rows) < len(cell.get("runs", [])) or not rows:
+            notes.append(f"{cell['label']}: {len(cell.get('runs', [])) - len(rows)} run(s) missing or unfinished")
+        knob = f"{cell['knob']}={cell['knob_value']}" if cell.get("knob") else MISSING
+        mean_k = [statistics.fmean(r["mean_k"]) if r.get("mean_k") else None for r in rows]
+        vals = [cell["label"]] + ([str(cell.get("key", MISSING))] if key else []) + [
+            knob, _stat([r["params_m"] for r in rows]), _stat([r["gmacs"] for r in rows], 4), _stat(mean_k, 1),
+            _stat([r["top1"] for r in rows]), _stat([r["top5"] for r in rows]), _stat([r["img_per_s"] for r in rows], 0),
+            str(len(rows))]
+        lines.append("| " + " | ".join(vals) + " |")
+    return lines
+
+
+def _budget(rec: dict, out: str, name: str, plots: list) -> list:
+    lines = ["| method | knob | GMACs | top-1 (%) | seeds |", "|---|---|---|---|---|"]
+    curves = {}
+    for cell in rec["cells"]:
+        by_knob: dict = {}
+        for run in cell.get("runs", []):
+            for p in run.get("points", []):
+                by_knob.setdefault(p["knob"], []).append(p)
+        for knob, pts in by_knob.items():
+            lines.append(f"| {cell['label']} | {knob} | {_stat([p['gmacs'] for p in pts], 4)} | "
+                         f"{_stat([p['top1'] for p in pts])} | {len(pts)} |")
+            curves.setdefault(cell["label"], []).append(
+                (statistics.fmean(p["gmacs"] for p in pts), statistics.fmean(p["top1"] for p in pts)))
+        if not by_knob:
+            lines.append(f"| {cell['label']} | {MISSING} | {MISSING} | {MISSING} | 0 |")
+    if curves:
+        plots.append(_plot(out, name, "GMACs per image", "top-1 (%)",
+                           {k: sorted(v) for k, v in curves.items()}, rec["title"]))
+    return lines
+
+
+def _scaling(rec: dict, out: str, name: str, plots: list) -> list:
+    cells = rec["cells"]
+    if len(cells) < 2:
+        return ["(needs a dense and an AdaptiVision cell)"]
+    dense, av = cells[0], cells[1]
+    lines = ["| image | tokens N | dense GMACs | AdaptiVision GMACs | GMACs ratio | dense ms/img | "
+             "AdaptiVision ms/img | time ratio |", "|---|---|---|---|---|---|---|---|"]
+    for d, a in zip(dense["points"], av["points"], strict=False):
+        lines.append(f"| {d['img_size']} | {d['tokens']} | {d['gmacs']:.4f} | {a['gmacs']:.4f} | "
+                     f"{d['gmacs'] / a['gmacs']:.2f}x | {d['ms_per_image']:.2f} | {a['ms_per_image']:.2f} | "
+                     f"{d['ms_per_image'] / a['ms_per_image']:.2f}x |")
+    for metric, label in (("gmacs", "GMACs per image"), ("ms_per_image", "ms per image")):
+        plots.append(_plot(out, f"{name}_{metric}", "patch tokens N", label,
+                           {c["label"]: [(p["tokens"], p[metric]) for p in c["points"]] for c in cells},
+                           rec["title"], log=True))
+    return lines
+
+
+def _robustness(rec: dict) -> list:
+    sets = sorted({s for c in rec["cells"] for s in c["results"]})
+    lines = ["| model | " + " | ".join(f"{s} top-1 (%)" for s in sets) + " |", "|---|" + "---|" * len(sets)]
+    for c in rec["cells"]:
+        vals = [f"{c['results'][s]['top1']:.2f}" if s in c["results"] else MISSING for s in sets]
+        lines.append(f"| {c['label']} | " + " | ".join(vals) + " |")
+    return lines
+
+
+def _plot(out: str, name: str, xlabel: str, ylabel: str, curves: dict, title: str, log: bool = False) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for label, pts in curves.items():
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, ys, marker="o", label=label)
+    if log:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(out, f"{name}.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return os.path.basename(path)
+
+
+def report(exp_dirs: list, out: str) -> str:
+    """Write ``out/report.md`` (and PNGs) for the experiment directories; returns its path."""
+    os.makedirs(out, exist_ok=True)
+    md = ["# AdaptiVision experiment report", ""]
+    for exp_dir in exp_dirs:
+        path = os.path.join(exp_dir, "experiment.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} not found: pass directories written by `adaptivision experiment run`")
+        with open(path) as f:
+            rec = json.load(f)
+        name, notes, plots = rec["experiment"], [], []
+        md += [f"## {rec['title']}", "",
+               f"Scale `{rec['scale']}`, data set `{rec['dataset']}`, model `{rec['model']}`, {rec['epochs']} epoch(s), "
+               f"{rec['seeds']} seed(s); recorded {rec.get('finished', '?')} ({rec.get('threads', '?')} threads). "
+               f"Mean ± std over seeds.", ""]
+        if rec["kind"] == "train":
+            md += _train_table(rec, exp_dir, notes)
+        elif rec["kind"] == "budget":
+            md += _budget(rec, out, name, plots)
+        elif rec["kind"] == "scaling":
+            md += _scaling(rec, out, name, plots)
+        else:
+            md += _robustness(rec)
+        md.append("")
+        md += [f"- {n}" for n in notes] + ([""] if notes else [])
+        md += [f"![{name}]({p})" for p in plots] + ([""] if plots else [])
+    path = os.path.join(out, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(md))
+    return path

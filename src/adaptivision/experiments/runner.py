@@ -1,0 +1,254 @@
+"""``adaptivision experiment run NAME``: train / evaluate / measure the cells of an experiment.
+
+Runs go to ``OUT/runs/<cell>-<hash>/seed<S>`` (the ordinary run directories of the engine),
+so experiments that share a configuration share its runs, a finished run is never redone and
+an interrupted one is resumed. ``OUT/<experiment>/experiment.json`` records what was run and
+measured; ``adaptivision report`` turns it into tables and plots.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import timm
+import torch
+
+from ..config import ModelOptions
+from ..data import collate_skip
+from ..profile import profile
+from ..train import TrainConfig
+from ..train import engine
+from . import knobs
+from .registry import BUDGETS, Cell, Experiment, get
+
+SMALL_MODELS = {"fashion-mnist": "adaptivision_nano_patch4_28", "cifar10": "adaptivision_nano_patch4_32",
+                "cifar100": "adaptivision_nano_patch4_32"}
+CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
+
+
+def base_config(scale: str, dataset: str, data_dir: Optional[str], epochs: Optional[int],
+                overrides: Optional[list] = None) -> TrainConfig:
+    """The recipe of a scale: ``smoke`` (CI: a few steps), ``small`` (this CPU: minutes per run,
+    1 epoch on 10k images), ``paper`` (configs/<dataset>.yaml: the paper's recipe, GPUs)."""
+    if scale == "paper":
+        path = CONFIG_DIR / f"{dataset}.yaml"
+        if not path.is_file():
+            raise FileNotFoundError(f"no paper-scale config {path} for dataset {dataset!r}")
+        cfg = TrainConfig.build(str(path), overrides)
+    elif scale in ("small", "smoke"):
+        cfg = TrainConfig.build(None, overrides, model=SMALL_MODELS.get(dataset, "adaptivision_small_patch16_224"),
+                                dataset=dataset, epochs=1, limit_train=10000, limit_eval=5000)
+        if scale == "smoke":
+            cfg = dataclasses.replace(cfg, limit_train=48, limit_eval=32, batch_size=16, throughput_batch=8,
+                                      workers=0, init_samples=32, log_every=1000)
+    else:
+        raise ValueError(f"Invalid value for 'scale': {scale!r}; allowed: 'smoke', 'small', 'paper'.")
+    changes = dict(compare_dense=False, data_dir=data_dir if data_dir is not None else cfg.data_dir)
+    if epochs is not None:
+        changes["epochs"] = epochs
+    return dataclasses.replace(cfg, **changes)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40]
+
+
+def _non_default(kwargs: dict) -> dict:
+    """Drop options given at their default value, so equal configurations share their runs."""
+    defaults = ModelOptions().to_dict()
+    return {k: v for k, v in kwargs.items() if k not in defaults or defaults[k] != v}
+
+
+def _images(cfg: TrainConfig, model, n: int = 64) -> torch.Tensor:
+    ds = engine.build_eval_dataset(cfg, model)
+    x, _, _ = collate_skip([ds[i] for i in range(min(n, len(ds)))])
+    return x
+
+
+class Runner:
+    def __init__(self, exp: Experiment, out: str, scale: str, base: TrainConfig, seeds: int = 1,
+                 log: Callable = print):
+        self.exp, self.out, self.scale, self.base, self.seeds, self.log = exp, out, scale, base, seeds, log
+        self.record = dict(experiment=exp.name, title=exp.title, kind=exp.kind, scale=scale, dataset=base.dataset,
+                           model=base.model, epochs=base.epochs, seeds=seeds, key=exp.key, cells=[],
+                           started=time.strftime("%Y-%m-%d %H:%M:%S"))
+        self._dtc_gmacs: Optional[float] = None
+
+    # --- configurations ---------------------------------------------------------------------------
+    def cell_config(self, cell: Cell, seed: int) -> tuple[TrainConfig, dict]:
+        model = cell.model or self.base.model
+        kwargs = {} if cell.model else _non_default(dict(self.base.model_kwargs, **cell.kwargs))
+        extra = {}
+        if cell.match_gmacs:
+            kwargs, extra = self._matched(model, kwargs)
+        cfg = dataclasses.replace(self.base, model=model, model_kwargs=kwargs, seed=seed)
+        ident = json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("seed", "name", "output")},
+                           sort_keys=True, default=str)
+        name = f"{_slug(cell.label)}-{hashlib.sha1(ident.encode()).hexdigest()[:8]}"
+        return dataclasses.replace(cfg, output=os.path.join(self.out, "runs"), name=f"{name}/seed{seed}"), extra
+
+    def _matched(self, model_name: str, kwargs: dict) -> tuple[dict, dict]:
+        """Knob of a baseline set so that its GMACs equal the dtc cell's (both measured at init)."""
+        spec = dict(name=model_name, num_classes=10, kwargs=dict(kwargs, cmtf=False))
+        model = engine.create_model(spec).eval()
+        x = _images(self.base, model)
+        if self._dtc_gmacs is None:
+            dtc = engine.create_model(dict(spec, kwargs=dict(self.base.model_kwargs, reduction="dtc", cmtf=False)))
+            self._dtc_gmacs = profile(dtc, x)["gmacs"]
+        knob, gmacs = knobs.match_gmacs(model, x, self._dtc_gmacs)
+        name = "tome_r" if kwargs.get("reduction") == "tome" else "keep_ratio"
+        return dict(kwargs, **{name: knob}), dict(knob=name, knob_value=knob, matched_to=self._dtc_gmacs,
+                                                  gmacs_at_init=gmacs)
+
+    # --- running ----------------------------------------------------------------------------------
+    def train_cell(self, cell: Cell) -> dict:
+        entry = dict(label=cell.label, kwargs=cell.kwargs, model=cell.model, runs=[])
+        if self.exp.key:
+            entry["key"] = cell.kwargs.get(self.exp.key)
+        if self.scale not in cell.scales:
+            entry["status"] = f"paper scale only (not at scale {self.scale!r})"
+            return entry
+        if cell.needs:
+            entry["status"] = f"not run: {cell.needs}"
+            return entry
+        for seed in range(self.seeds):
+            cfg, extra = self.cell_config(cell, seed)
+            entry.update(extra)
+            run_dir = os.path.join(cfg.output, cfg.name)
+            rel = os.path.relpath(run_dir, self.out)
+            if os.path.isfile(os.path.join(run_dir, "summary.json")):
+                self.log(f"[{self.exp.name}] {cell.label} seed {seed}: done before ({rel})")
+            else:
+                resume = run_dir if os.path.isfile(os.path.join(run_dir, "last.safetensors")) else None
+                self.log(f"[{self.exp.name}] {cell.label} seed {seed}: {'resuming' if resume else 'training'} {rel}")
+                engine.run(cfg, resume=resume, log=lambda *a: None)
+            entry["runs"].append(dict(seed=seed, run_dir=rel))
+        return entry
+
+    def run(self, checkpoints: Optional[list] = None, eval_data: Optional[dict] = None) -> dict:
+        kind = self.exp.kind
+        if kind == "scaling":
+            self.record["cells"] = self.scaling()
+        elif kind == "robustness":
+            self.record["cells"] = self.robustness(checkpoints, eval_data or {})
+        else:
+            self.record["cells"] = [self.train_cell(c) for c in self.exp.cells]
+            if kind == "budget":
+                for entry in self.record["cells"]:
+                    self.budget_sweep(entry)
+        self.record["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        self.record["threads"] = torch.get_num_threads()
+        path = os.path.join(self.out, self.exp.name, "experiment.json")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(self.record, f, indent=1)
+        self.log(f"[{self.exp.name}] recorded {path}")
+        return self.record
+
+    # --- evaluation-only kinds --------------------------------------------------------------------
+    def _load(self, run_dir: str):
+        ckpt = os.path.join(self.out, run_dir, "best.safetensors")
+        model, cfg = engine.load_for_eval(ckpt)
+        return model.eval(), cfg
+
+    def _eval(self, model, cfg: TrainConfig, dataset=None, data_dir=None) -> dict:
+        d = engine.setup_distributed("cpu" if not torch.cuda.is_available() else cfg.device)
+        model.to(d.device)
+        ds = engine.build_eval_dataset(cfg, model, dataset, data_dir)
+        res = engine.evaluate(model, engine.eval_loader(ds, cfg, d), d, "none", getattr(ds, "class_indices", None))
+        x, _, _ = collate_skip([ds[i] for i in range(min(256, len(ds)))])
+        res["gmacs"] = profile(model, x.to(d.device))["gmacs"]
+        return res
+
+    def budget_sweep(self, entry: dict) -> None:
+        """Figure 1(a): every trained model of the cell at each budget of its method."""
+        red = (entry["kwargs"] or {}).get("reduction", "dtc")
+        for run in entry["runs"]:
+            model, cfg = self._load(run["run_dir"])
+            run["points"] = []
+            for b in BUDGETS.get(red, []):
+                value = knobs.tome_r(model, b) if red == "tome" else b
+                knobs.set_knob(model, value)
+                res = self._eval(model, cfg)
+                run["points"].append(dict(knob=value, gmacs=res["gmacs"], top1=res["top1"], top5=res["top5"]))
+                self.log(f"[figure1a] {entry['label']} seed {run['seed']} knob {value}: "
+                         f"{res['gmacs']:.4f} GMACs, top-1 {res['top1']:.2f}")
+
+    def robustness(self, checkpoints: Optional[list], eval_data: dict) -> list:
+        """Table 6: trained checkpoints on their own test set and on ``eval_data`` (name -> dir)."""
+        if not checkpoints:  # the table1 runs of this output directory
+            checkpoints = []
+            for cell in self.exp.cells:
+                for seed in range(self.seeds):
+                    cfg, _ = self.cell_config(cell, seed)
+                    ckpt = os.path.join(cfg.output, cfg.name, "best.safetensors")
+                    if os.path.isfile(ckpt):
+                        checkpoints.append(ckpt)
+        if not checkpoints:
+            raise FileNotFoundError(f"table6 found no trained checkpoint under {self.out}/runs: run table1 first "
+                                    "(same --out, --dataset, --scale) or pass --checkpoint")
+        entries = []
+        for ckpt in checkpoints:
+            model, cfg = engine.load_for_eval(ckpt)
+            model.eval()
+            cfg = dataclasses.replace(cfg, limit_eval=self.base.limit_eval)
+            row = dict(label=f"{cfg.model} {json.dumps(cfg.model_kwargs, sort_keys=True)}", checkpoint=ckpt,
+                       results={cfg.dataset: self._eval(model, cfg)})
+            for name, path in eval_data.items():
+                row["results"][name] = self._eval(model, dataclasses.replace(cfg, data_dir=path, dataset=name))
+            entries.append(row)
+        return entries
+
+    def scaling(self) -> list:
+        """Theorem 1: GMACs and measured time per image as the image grows; the K range stays that
+        of the base size, so AdaptiVision's attention does not grow with the image."""
+        sizes = {"smoke": [28, 56], "small": [28, 56, 84, 112, 168], "paper": [224, 320, 448, 640]}[self.scale]
+        base = timm.create_model(self.base.model)
+        c, h, _ = base.pretrained_cfg["input_size"]
+        n0 = base.patch_embed.num_patches
+        k_range = dict(k_min=max(1, n0 // 3), k_max=max(1, 2 * n0 // 3))
+        batch = 4 if self.scale == "smoke" else 16
+        entries = []
+        for cell in self.exp.cells:
+            kwargs = dict(cell.kwargs, cmtf=False, **(k_range if cell.kwargs.get("reduction") == "dtc" else {}))
+            entry = dict(label=cell.label, kwargs=kwargs, points=[])
+            for size in sizes if self.scale != "paper" else [s for s in sizes if s % base.patch_embed.patch_size[0] == 0]:
+                model = timm.create_model(self.base.model, img_size=size, **kwargs).eval()
+                x = torch.randn(batch, c, size, size)
+                prof = profile(model, x)
+                times = _time(model, x, 3 if self.scale == "smoke" else 7)
+                entry["points"].append(dict(img_size=size, tokens=model.patch_embed.num_patches, gmacs=prof["gmacs"],
+                                            ms_per_image=1e3 * statistics.median(times) / batch))
+                self.log(f"[theorem1] {cell.label} {size}px: {prof['gmacs']:.4f} GMACs, "
+                         f"{entry['points'][-1]['ms_per_image']:.2f} ms/image")
+            entries.append(entry)
+        return entries
+
+
+@torch.inference_mode()
+def _time(model, x, repeats: int) -> list:
+    model(x)
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        model(x)
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def run_experiment(name: str, out: str = "experiments", scale: str = "small", dataset: str = "fashion-mnist",
+                   data_dir: Optional[str] = None, epochs: Optional[int] = None, seeds: int = 1,
+                   overrides: Optional[list] = None, checkpoints: Optional[list] = None,
+                   eval_data: Optional[dict] = None, log: Callable = print) -> dict:
+    exp = get(name)
+    if seeds < 1:
+        raise ValueError(f"Invalid value for 'seeds': {seeds!r}; allowed: an integer >= 1.")
+    base = base_config(scale, dataset, data_dir, epochs, overrides)
+    return Runner(exp, out, scale, base, seeds, log).run(checkpoints, eval_data)

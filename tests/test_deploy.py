@@ -1,0 +1,100 @@
+"""Compile, export and benchmark paths (issue 5): same outputs, bounded recompiles, working CLI."""
+import json
+
+import pytest
+import timm
+import torch
+import torch._dynamo as dynamo
+from torch._dynamo.utils import counters
+
+from adaptivision.benchmark import mixed_batch, parse_spec
+from adaptivision.cli import main
+from adaptivision.export import export_onnx, fixed_k
+from conftest import textured_and_flat, tiny_model
+
+
+def _with_stats(model, x):
+    model.train()
+    with torch.no_grad():
+        model(x)
+    return model.eval()
+
+
+def test_compile_matches_eager_and_bucketed_k_bounds_recompiles():
+    model = _with_stats(tiny_model(), textured_and_flat(4, 4))
+    x = textured_and_flat(4, 4)
+    dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="eager")  # dynamo's capture; inductor is timed in benchmarks/
+    ks, graphs = set(), []
+    with torch.no_grad():
+        for bias in (0, -3, -1, 1, 3, 0.5, -2, 2):
+            model.set_token_budget(bias=bias)
+            out = compiled(x)
+            ks |= set(model.last_num_clusters.flatten().tolist())
+            assert torch.allclose(out, model(x), atol=1e-6)
+            graphs.append(counters["stats"]["unique_graphs"])
+    assert len(ks) >= 6, ks  # the budgets really produced many group shapes
+    # shapes become dynamic after the first recompiles: later budgets add few graphs, not one per shape
+    assert graphs[-1] - graphs[0] <= graphs[0] // 2, graphs
+
+
+def test_fixed_k_compiles_as_one_graph():
+    model = tiny_model(dynamic=False).eval()
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        ref = model(x)
+        out = torch.compile(model, backend="eager", fullgraph=True)(x)  # fails on any graph break
+    assert torch.allclose(out, ref, atol=1e-6)
+
+
+def test_onnx_export_in_fixed_k_mode_matches_pytorch(tmp_path):
+    ort = pytest.importorskip("onnxruntime", reason="pip install adaptivision[test] brings onnxruntime")
+    pytest.importorskip("onnxscript")
+    model = tiny_model().eval()  # per-image K model, exported at one K
+    with pytest.raises(ValueError, match="one K"):
+        export_onnx(model, str(tmp_path / "m.onnx"))
+    path = export_onnx(model, str(tmp_path / "m.onnx"), k=8)
+    sess = ort.InferenceSession(path)
+    assert model.dtc["0"].dynamic  # export left the model as it was
+    with fixed_k(model, 8), torch.no_grad():
+        for batch in (1, 5):  # the batch dimension is dynamic
+            x = torch.randn(batch, 3, 16, 16)
+            out = sess.run(None, {"images": x.numpy()})[0]
+            assert out.shape == (batch, 5)
+            assert abs(out - model(x).numpy()).max() < 1e-4
+            assert model.last_num_clusters.flatten().tolist() == [8] * batch
+
+
+def test_spec_parsing_and_errors():
+    assert parse_spec("adaptivision_small_patch16_224:afa=false:gmacs=1.3") == (
+        "adaptivision_small_patch16_224", {"afa": False}, {"gmacs": 1.3})
+    assert parse_spec("deit_small_patch16_224") == ("deit_small_patch16_224", {}, {})
+    with pytest.raises(ValueError, match="key=value"):
+        parse_spec("adaptivision_small_patch16_224:afa")
+    with pytest.raises(ValueError, match="one budget"):
+        parse_spec("m:gmacs=1:bias=0")
+
+
+def test_mixed_batch_spreads_k():
+    model = timm.create_model("adaptivision_nano_patch4_28")
+    x = mixed_batch(16, 1, 28)
+    _with_stats(model, x)
+    with torch.no_grad():
+        model(x)
+    assert len(model.last_num_clusters.unique()) >= 3
+
+
+def test_benchmark_cli_writes_json_and_markdown(tmp_path, capsys):
+    out = tmp_path / "bench"
+    models = "adaptivision_nano_patch4_28:reduction=none,adaptivision_nano_patch4_28:gmacs=0.02"
+    assert main(["benchmark", "--models", models, "--batch-size", "4", "--rounds", "2", "--warmup", "1",
+                 "--out", str(out)]) == 0
+    res = json.loads((tmp_path / "bench.json").read_text())
+    dense, av = res["rows"]
+    assert dense["speedup"] == 1.0 and abs(av["gmacs"] - 0.02) / 0.02 < 0.05  # budget calibrated
+    assert av["gmacs_ratio"] == pytest.approx(dense["gmacs"] / av["gmacs"])
+    assert av["realized"] == pytest.approx(av["speedup"] / av["gmacs_ratio"])
+    assert "| adaptivision_nano_patch4_28:gmacs=0.02 |" in (tmp_path / "bench.md").read_text()
+    assert main(["benchmark", "--models", "deit_tiny_patch16_224:gmacs=1"]) == 2
+    assert "needs an AdaptiVision model" in capsys.readouterr().err
