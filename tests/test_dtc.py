@@ -221,3 +221,17 @@ def test_without_guidance_cmtf_is_skipped_and_with_it_cmtf_acts():
         assert torch.equal(with_cmtf(x), without(x))
         # the paper gate adds sigmoid(.) > 0 to every token, so guidance visibly changes the output
         assert not torch.allclose(with_cmtf(x, guidance=torch.randn(3, 32)), without(x))
+
+
+def test_sharp_tau_leaves_empty_clusters_without_nan_gradients():
+    # tau = 1 (Table 4's sharpest) assigns hard: some clusters get exactly zero mass, and the
+    # proportional-attention bias log(mass) must not turn that into a NaN gradient
+    imgs = read_fmnist(16).float().div(255).sub(0.286).div(0.353).unsqueeze(1)
+    model = timm.create_model("adaptivision_nano_patch4_28", tau=1.0, num_classes=10)
+    with torch.no_grad():
+        model(imgs)
+        _, m, _, _, _ = model.dtc["0"](model._pos_embed(model.patch_embed(imgs))[:, 1:], torch.ones(16, 49), 40)
+    assert (m == 0).any()  # the situation is real: empty clusters
+    model(imgs).logsumexp(-1).mean().backward()
+    bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    assert not bad, bad

@@ -7,7 +7,11 @@ import torch
 from timm.models.vision_transformer import Block
 
 from adaptivision.reduction import (
-    EViTBlock, ImportanceStage, ToMeBlock, bipartite_soft_matching, convert_block, fuse_inattentive,
+    EViTBlock,
+    ImportanceStage,
+    bipartite_soft_matching,
+    convert_block,
+    fuse_inattentive,
     policy_attention,
 )
 from conftest import tiny_model

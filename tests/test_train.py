@@ -152,6 +152,24 @@ def test_non_finite_loss_stops_after_saving_the_last_good_state(fmnist, tmp_path
     assert (run / "epoch-0001.safetensors").exists()
 
 
+def test_a_nan_gradient_stops_before_it_reaches_the_weights(fmnist, tmp_path, monkeypatch):
+    # the loss can stay finite while a gradient is NaN (seen with tau=1 before the log-mass clamp)
+    real = engine.AdaptiVisionLoss.forward
+
+    def poisoned(self, *a, **k):
+        out = real(self, *a, **k)
+        out["loss"] = out["loss"] + (out["loss"] * 0).sqrt()  # value + 0, gradient 0 * d sqrt(0) = NaN
+        return out
+
+    monkeypatch.setattr(engine.AdaptiVisionLoss, "forward", poisoned)
+    cfg = TrainConfig.build(overrides=[f"data_dir={fmnist}", f"output={tmp_path}", "name=nangrad", "epochs=1",
+                                       "compare_dense=false", *QUICK])
+    with pytest.raises(engine.NonFiniteLoss, match="non-finite gradient"):
+        engine.run(cfg)
+    good = load_file(tmp_path / "nangrad" / "last-good.safetensors")
+    assert all(torch.isfinite(v.float()).all() for v in good.values())
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -23,8 +23,7 @@ import torch
 from ..config import ModelOptions
 from ..data import collate_skip
 from ..profile import profile
-from ..train import TrainConfig
-from ..train import engine
+from ..train import TrainConfig, engine
 from . import knobs
 from .registry import BUDGETS, Cell, Experiment, get
 
@@ -91,7 +90,9 @@ class Runner:
         cfg = dataclasses.replace(self.base, model=model, model_kwargs=kwargs, seed=seed)
         ident = json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("seed", "name", "output")},
                            sort_keys=True, default=str)
-        name = f"{_slug(cell.label)}-{hashlib.sha1(ident.encode()).hexdigest()[:8]}"
+        # named by what is run, not by the row label, so equal configurations share one run
+        what = _slug(model if cell.model else kwargs.get("reduction", "dtc"))
+        name = f"{what}-{hashlib.sha1(ident.encode()).hexdigest()[:8]}"
         return dataclasses.replace(cfg, output=os.path.join(self.out, "runs"), name=f"{name}/seed{seed}"), extra
 
     def _matched(self, model_name: str, kwargs: dict) -> tuple[dict, dict]:

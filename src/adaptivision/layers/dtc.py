@@ -153,6 +153,7 @@ class DynamicTokenClustering(nn.Module):
 
     def k_from_score(self, score: torch.Tensor, bias: float) -> torch.Tensor:
         """``K = clamp(round_to(k_step, K_min + (K_max - K_min) * sigmoid(score + bias)))``."""
+        score = torch.nan_to_num(score, nan=0.0)  # a broken score must not give a negative K
         k = self.k_min + (self.k_max - self.k_min) * torch.sigmoid(score + bias)
         k = torch.round(k / self.k_step) * self.k_step
         return k.clamp(self.k_min, self.k_max).long()

@@ -25,8 +25,15 @@ from torch.utils.checkpoint import checkpoint
 from ..config import ModelOptions
 from ..layers import AFABlock, CrossModalTokenFusion, DynamicTokenClustering, make_afa_block
 from ..reduction import (
-    EViTBlock, ImportanceStage, PolicyBlock, RandomKeep, ReducingBlock, ToMeBlock, convert_block,
-    gather_tokens, keep_assignment,
+    EViTBlock,
+    ImportanceStage,
+    PolicyBlock,
+    RandomKeep,
+    ReducingBlock,
+    ToMeBlock,
+    convert_block,
+    gather_tokens,
+    keep_assignment,
 )
 
 __all__ = ["AdaptiVision"]
@@ -49,7 +56,9 @@ class _Group:
 
     def set_bias(self, prop_attn: bool) -> None:
         # ToMe's proportional attention: + log(mass) on the keys; constant until the next reduction
-        self.bias = (self.mass.log()[:, None, None, :].to(self.x.dtype)            # (b, 1, 1, T)
+        # clamped: a cluster that received no mass at all (sharp tau) must not give log(0), whose
+        # gradient is NaN; at 1e-6 it is simply ignored by attention
+        self.bias = (self.mass.clamp_min(1e-6).log()[:, None, None, :].to(self.x.dtype)  # (b, 1, 1, T)
                      if prop_attn and self.mass is not None else None)
 
 

@@ -14,7 +14,6 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from timm.models.vision_transformer import Block
 
 from .common import attention_output, qkv_heads

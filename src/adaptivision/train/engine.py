@@ -304,18 +304,17 @@ def train_phase(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bo
                 terms = criterion(logits.float(), target, aux)
             loss = terms["loss"]
             if not torch.isfinite(loss):
-                base_path = ckpt.path("last-good")
-                if d.main:
-                    save_weights(model, base_path + ".safetensors")
-                raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step}: stopped; "
-                                    f"the weights before this step are in {base_path}.safetensors "
-                                    f"(and the last epoch checkpoint in {ckpt.path('last')}.*)")
+                _stop_non_finite(f"non-finite loss ({loss.item()})", epoch, step, model, ckpt, d)
             (scaler.scale(loss / cfg.accum_steps) if scaler else loss / cfg.accum_steps).backward()
             if (step + 1) % cfg.accum_steps == 0:
-                if cfg.clip_grad:
-                    if scaler:
-                        scaler.unscale_(optimizer)
+                if scaler and cfg.clip_grad:
+                    scaler.unscale_(optimizer)
                     nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                elif not scaler:  # (the fp16 scaler skips inf steps by design) a NaN gradient would
+                    # poison the weights while the loss can stay finite: stop before the update
+                    gnorm = nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad or float("inf"))
+                    if not torch.isfinite(gnorm):
+                        _stop_non_finite("non-finite gradient", epoch, step, model, ckpt, d)
                 if scaler:
                     scaler.step(optimizer)
                     scaler.update()
@@ -368,6 +367,14 @@ def train_phase(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bo
         result = dict(spec=spec, eval=st["eval"], best_top1=st["best_top1"], train_seconds=None, epochs=cfg.epochs)
     result["model"] = model
     return result
+
+
+def _stop_non_finite(what: str, epoch: int, step: int, model, ckpt: CheckpointManager, d: Dist):
+    base_path = ckpt.path("last-good")
+    if d.main:
+        save_weights(model, base_path + ".safetensors")
+    raise NonFiniteLoss(f"{what} at epoch {epoch + 1}, step {step}: stopped; the weights before this step are "
+                        f"in {base_path}.safetensors (and the last epoch checkpoint in {ckpt.path('last')}.*)")
 
 
 def _restore(ckpt: CheckpointManager, model, optimizer, scaler, ema) -> tuple:

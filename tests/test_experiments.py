@@ -1,0 +1,98 @@
+"""Every experiment end to end at smoke scale on a tiny Fashion-MNIST fixture, and the report."""
+import json
+import os
+
+import pytest
+
+from adaptivision.cli import main
+from adaptivision.experiments import EXPERIMENTS, report
+from fixtures import make_fmnist
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory):
+    root = tmp_path_factory.mktemp("xp")
+    data = str(root / "fm")
+    make_fmnist(data)
+    out = str(root / "out")
+    common = ["--scale", "smoke", "--data-dir", data, "--out", out]
+    for name in ("table5", "figure1a", "table7", "table4", "variants", "table1", "theorem1"):
+        assert main(["experiment", "run", name, *common]) == 0, name
+    # Table 6: the table1 checkpoints on their own test set and on an extra evaluation set
+    assert main(["experiment", "run", "table6", *common, "--eval-data", f"fashion-mnist={data}"]) == 0
+    return out
+
+
+def _record(out, name):
+    with open(os.path.join(out, name, "experiment.json")) as f:
+        return json.load(f)
+
+
+def test_list_names_every_experiment(capsys):
+    assert main(["experiment", "list"]) == 0
+    text = capsys.readouterr().out
+    assert all(name in text for name in EXPERIMENTS)
+
+
+def test_table5_matches_gmacs_and_shares_runs(done):
+    rec = _record(done, "table5")
+    cells = {c["label"]: c for c in rec["cells"]}
+    target = cells["Random keep"]["matched_to"]
+    for label in ("Random keep", "DynamicViT (importance)", "EViT", "ToMe"):
+        c = cells[label]
+        assert c["knob"] in ("keep_ratio", "tome_r")
+        assert abs(c["gmacs_at_init"] - target) / target < 0.1, (label, c["gmacs_at_init"], target)
+    # the dtc cell of Table 5 is the tau = 150 cell of Table 4 and the full model of Table 7: one run
+    t4 = {c["key"]: c for c in _record(done, "table4")["cells"]}
+    t7 = {c["label"]: c for c in _record(done, "table7")["cells"]}
+    dtc_run = cells["AdaptiVision (DTC)"]["runs"][0]["run_dir"]
+    assert t4[150.0]["runs"][0]["run_dir"] == dtc_run == t7["+DTC+AFA"]["runs"][0]["run_dir"]
+    assert t4[1.0]["runs"][0]["run_dir"] != dtc_run
+
+
+def test_figure1a_points_follow_the_budget(done):
+    rec = _record(done, "figure1a")
+    for cell in rec["cells"]:
+        pts = cell["runs"][0]["points"]
+        assert len(pts) == 5
+        g = [p["gmacs"] for p in pts]
+        # ToMe's r removes tokens as it grows; the other knobs keep more as they grow
+        assert g == sorted(g, reverse=cell["kwargs"]["reduction"] == "tome"), (cell["label"], g)
+
+
+def test_theorem1_adaptivision_cost_grows_slower_than_dense(done):
+    dense, av = _record(done, "theorem1")["cells"]
+    ratio = [d["gmacs"] / a["gmacs"] for d, a in zip(dense["points"], av["points"], strict=True)]
+    assert ratio[-1] > 2 * ratio[0]  # quadratic attention vs a fixed K range
+
+
+def test_report_tables_plots_and_missing_cells(done, tmp_path):
+    names = ["table5", "figure1a", "table7", "table4", "variants", "table1", "theorem1", "table6"]
+    path = report([os.path.join(done, n) for n in names], str(tmp_path))
+    text = open(path).read()
+    for title in ("Table 5", "Table 4", "Table 7", "Figure 1(a)", "Theorem 1", "Table 6"):
+        assert title in text
+    # a cell that cannot run is shown as missing, with the reason, and never gets numbers
+    row = next(ln for ln in text.splitlines() if ln.startswith("| +DTC+AFA+CMTF |"))
+    assert row.count("—") >= 6 and row.rstrip().endswith("| 0 |")
+    assert "+DTC+AFA+CMTF: not run: needs guidance" in text
+    assert "DeiT-S (timm): paper scale only" in text
+    for png in ("figure1a.png", "theorem1_gmacs.png", "theorem1_ms_per_image.png"):
+        with open(tmp_path / png, "rb") as f:
+            assert f.read(8) == PNG
+    # a run deleted after the fact is reported missing, not remembered
+    rec = _record(done, "table7")
+    victim = next(c for c in rec["cells"] if c["label"] == "+DTC")["runs"][0]["run_dir"]
+    os.remove(os.path.join(done, victim, "summary.json"))
+    text = open(report([os.path.join(done, "table7")], str(tmp_path / "again"))).read()
+    assert "+DTC: 1 run(s) missing or unfinished" in text
+
+
+def test_bad_experiment_requests_are_named(tmp_path, capsys):
+    assert main(["experiment", "run", "table55", "--out", str(tmp_path)]) == 2
+    assert "Did you mean 'table5'" in capsys.readouterr().err
+    assert main(["experiment", "run", "table5", "--seeds", "0", "--out", str(tmp_path)]) == 2
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    assert "experiment.json" in capsys.readouterr().err
