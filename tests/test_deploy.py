@@ -98,3 +98,18 @@ def test_benchmark_cli_writes_json_and_markdown(tmp_path, capsys):
     assert "| adaptivision_nano_patch4_28:gmacs=0.02 |" in (tmp_path / "bench.md").read_text()
     assert main(["benchmark", "--models", "deit_tiny_patch16_224:gmacs=1"]) == 2
     assert "needs an AdaptiVision model" in capsys.readouterr().err
+
+
+def test_speed_target_benchmark_smoke(tmp_path):
+    """CI's short version of benchmarks/speed_targets.py (the real one takes minutes at 224²)."""
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "speed_targets.py"
+    spec = importlib.util.spec_from_file_location("speed_targets", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "smoke"
+    assert mod.main(["--smoke", "--out", str(out)]) == 0
+    res = json.loads((tmp_path / "smoke.json").read_text())
+    assert len(res["throughput"]["rows"]) == 6 and len(res["targets"]) == 7
+    assert all(isinstance(t["met"], bool) for t in res["targets"])

@@ -235,3 +235,17 @@ def test_sharp_tau_leaves_empty_clusters_without_nan_gradients():
     model(imgs).logsumexp(-1).mean().backward()
     bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
     assert not bad, bad
+
+
+def test_one_224_checkpoint_serves_the_default_and_an_aggressive_budget():
+    model = timm.create_model("adaptivision_small_patch16_224").eval()
+    dtc = model.dtc["0"]
+    assert (dtc.k_min, dtc.k_mid, dtc.k_max) == (32, 128, 196)
+    x = torch.randn(2, 3, 224, 224)
+    assert profile(model, x)["mean_k"] == [128.0]          # an average image sits at k_mid
+    model.set_token_budget(x, gmacs=1.3)
+    assert abs(profile(model, x)["gmacs"] - 1.3) / 1.3 < 0.05
+    with pytest.raises(ValueError, match="out of this model's reach"):
+        model.set_token_budget(x, gmacs=0.2)
+    with pytest.raises(ValueError, match="k_mid"):
+        timm.create_model("adaptivision_tiny_patch16_224", k_min=64, k_mid=40)

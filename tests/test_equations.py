@@ -204,3 +204,17 @@ def test_eq12_total_is_the_weighted_sum_of_the_terms():
         AdaptiVisionLoss(lambda_cluster=-1)
     with pytest.raises(ValueError, match="guidance_targets"):
         AdaptiVisionLoss(lambda_align=1.0)(logits, target, aux)
+
+
+def test_afa_chunked_inference_equals_one_piece(monkeypatch):
+    torch.manual_seed(0)
+    attn = _afa_attention().attn
+    attn.impl = "explicit"
+    x = torch.randn(7, 5, 8)
+    mass = torch.rand(7, 5) + 0.5
+    bias = mass.log()[:, None, None, :]
+    with torch.no_grad():
+        whole = attn(x, bias, mass=mass)
+        monkeypatch.setattr(type(attn), "CHUNK_ELEMENTS", 2 * 2 * 5 * 5)  # 2 images per chunk, last one alone
+        chunked = attn(x, bias, mass=mass)
+    assert torch.allclose(chunked, whole, atol=1e-6)

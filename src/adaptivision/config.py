@@ -51,6 +51,7 @@ class ModelOptions:
     condense_at: IntOrSeq = 0           # blocks run before each DTC stage; None/False/() = no condensation
     k_min: IntOrSeq = None              # default: a third of the tokens entering the stage
     k_max: IntOrSeq = None              # default: all tokens entering the stage
+    k_mid: Optional[int] = None         # first stage: K of an average image at budget bias 0 (default: mid-range)
     k_step: int = 8                     # K is rounded to a multiple of this (bounds the number of groups)
     tau: float = 150.0                  # eq. 2 temperature (Table 4)
     iters: int = 0                      # soft k-means refinement steps
@@ -150,7 +151,11 @@ class ModelOptions:
             _check(1 <= k_max <= n_in, "k_max", self.k_max,
                    f"1 <= k_max <= {n_in} (tokens entering stage {s} at block {c})")
             _check(1 <= k_min <= k_max, "k_min", self.k_min, f"1 <= k_min <= k_max ({k_max})")
-            self.stages.append(dict(block=c, k_min=k_min, k_max=k_max))
+            k_mid = None
+            if s == 0 and self.k_mid is not None:
+                k_mid = int(self.k_mid)
+                _check(k_min < k_mid < k_max, "k_mid", self.k_mid, f"k_min < k_mid < k_max ({k_min}, {k_max})")
+            self.stages.append(dict(block=c, k_min=k_min, k_max=k_max, k_mid=k_mid))
             n_in = k_min  # the next stage must fit the smallest K this one can produce
 
         cm = _as_list(self.cmtf_at)

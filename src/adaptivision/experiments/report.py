@@ -31,8 +31,9 @@ def _summary(exp_dir: str, run: dict) -> Optional[dict]:
 
 def _train_table(rec: dict, exp_dir: str, notes: list) -> list:
     key = rec.get("key")
-    head = ["model"] + ([key] if key else []) + ["knob", "params (M)", "GMACs", "mean K", "top-1 (%)", "top-5 (%)",
-                                                 "images/s", "seeds"]
+    knobs = any(c.get("knob") for c in rec["cells"])  # the matched setting of each baseline (Table 5)
+    head = ["model"] + ([key] if key else []) + (["knob"] if knobs else []) + [
+        "params (M)", "GMACs", "mean K", "top-1 (%)", "top-5 (%)", "images/s", "seeds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for cell in rec["cells"]:
         rows = [r for r in (_summary(exp_dir, run) for run in cell.get("runs", [])) if r is not None]
@@ -42,8 +43,8 @@ def _train_table(rec: dict, exp_dir: str, notes: list) -> list:
             notes.append(f"{cell['label']}: {len(cell.get('runs', [])) - len(rows)} run(s) missing or unfinished")
         knob = f"{cell['knob']}={cell['knob_value']}" if cell.get("knob") else MISSING
         mean_k = [statistics.fmean(r["mean_k"]) if r.get("mean_k") else None for r in rows]
-        vals = [cell["label"]] + ([str(cell.get("key", MISSING))] if key else []) + [
-            knob, _stat([r["params_m"] for r in rows]), _stat([r["gmacs"] for r in rows], 4), _stat(mean_k, 1),
+        vals = [cell["label"]] + ([str(cell.get("key", MISSING))] if key else []) + ([knob] if knobs else []) + [
+            _stat([r["params_m"] for r in rows]), _stat([r["gmacs"] for r in rows], 4), _stat(mean_k, 1),
             _stat([r["top1"] for r in rows]), _stat([r["top5"] for r in rows]), _stat([r["img_per_s"] for r in rows], 0),
             str(len(rows))]
         lines.append("| " + " | ".join(vals) + " |")

@@ -99,11 +99,27 @@ class AdaptiveFocusAttention(Attention):
                 q_aug, k_aug, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
                 dropout_p=self.attn_drop.p if self.training else 0.0)               # (B, H, T, d)
         else:
-            out = self._explicit(q, k, v, u, w, attn_mask, is_causal)               # (B, H, T, d)
+            out = self._explicit_chunked(q, k, v, u, w, attn_mask, is_causal)       # (B, H, T, d)
         out = self.norm(out.transpose(1, 2).reshape(B, T, self.attn_dim))           # (B, T, H*d)
         if gate is not None:
             out = out * gate
         return self.proj_drop(self.proj(out))
+
+    CHUNK_ELEMENTS = 3 * 2 ** 19  # logits per chunk (6 MiB fp32): cache-sized, measured best on CPU
+
+    def _explicit_chunked(self, q, k, v, u, w, attn_mask, is_causal) -> torch.Tensor:
+        """Inference: images in chunks whose (b, H, T, T) logits stay in cache (1.45x faster at
+        B=64, T=129 on this CPU, docs/performance.md). Training: one piece, for autograd."""
+        B, H, T, _ = q.shape
+        step = max(1, self.CHUNK_ELEMENTS // (H * T * T))
+        if torch.is_grad_enabled() or step >= B:
+            return self._explicit(q, k, v, u, w, attn_mask, is_causal)
+        out = q.new_empty(q.shape[:-1] + v.shape[-1:])                               # (B, H, T, d)
+        for i in range(0, B, step):
+            j = slice(i, i + step)
+            mask = attn_mask[j] if attn_mask is not None and attn_mask.shape[0] == B else attn_mask
+            out[j] = self._explicit(q[j], k[j], v[j], u[j], w[j], mask, is_causal)
+        return out
 
     def _explicit(self, q, k, v, u, w, attn_mask, is_causal) -> torch.Tensor:
         """Eq. 6 with M materialised once per image, (B, 1, T, T), and shared by the heads.

@@ -77,13 +77,16 @@ class DynamicTokenClustering(nn.Module):
     def __init__(self, dim: int, k_min: int, k_max: int, k_step: int = 8, tau: float = 150.0,
                  iters: int = 0, normalize: bool = True, complexity: str = "variance",
                  dynamic: bool = True, budget_jitter: float = 1.0, stat_momentum: float = 0.1,
-                 assign_norm: bool = True):
+                 assign_norm: bool = True, k_mid: Optional[int] = None):
         super().__init__()
         self.dim, self.k_min, self.k_max, self.k_step = dim, k_min, k_max, k_step
         self.tau, self.iters, self.normalize = tau, iters, normalize
         self.complexity, self.dynamic, self.budget_jitter = complexity, dynamic, budget_jitter
         self.stat_momentum, self.assign_norm = stat_momentum, assign_norm
         self.centroids = nn.Parameter(torch.zeros(k_max, dim))                       # (K_max, D)
+        # the sigmoid's offset that puts an average image (score 0) at k_mid instead of mid-range
+        self.k_mid = k_mid
+        self.bias0 = 0.0 if k_mid is None else math.log((k_mid - k_min) / (k_max - k_mid))
         # Persistent: a loaded checkpoint must neither re-seed its centroids nor forget its statistics.
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.register_buffer("c_mean", torch.zeros(()))
@@ -154,7 +157,7 @@ class DynamicTokenClustering(nn.Module):
     def k_from_score(self, score: torch.Tensor, bias: float) -> torch.Tensor:
         """``K = clamp(round_to(k_step, K_min + (K_max - K_min) * sigmoid(score + bias)))``."""
         score = torch.nan_to_num(score, nan=0.0)  # a broken score must not give a negative K
-        k = self.k_min + (self.k_max - self.k_min) * torch.sigmoid(score + bias)
+        k = self.k_min + (self.k_max - self.k_min) * torch.sigmoid(score + self.bias0 + bias)
         k = torch.round(k / self.k_step) * self.k_step
         return k.clamp(self.k_min, self.k_max).long()
 

@@ -85,7 +85,8 @@ class AdaptiVision(VisionTransformer):
         self.dtc = nn.ModuleDict({
             str(st["block"]): DynamicTokenClustering(
                 D, st["k_min"], st["k_max"], opts.k_step, opts.tau, opts.iters, opts.normalize,
-                opts.complexity, opts.dynamic, opts.budget_jitter, opts.stat_momentum, opts.assign_norm)
+                opts.complexity, opts.dynamic, opts.budget_jitter, opts.stat_momentum, opts.assign_norm,
+                st["k_mid"])
             for st in stages})
         if opts.afa and stages:  # blocks after the first condensation attend over K+P tokens
             for i in range(stages[0]["block"], len(self.blocks)):
@@ -430,6 +431,11 @@ class AdaptiVision(VisionTransformer):
                 if best is None or abs(val - target) < abs(best[1] - target):
                     best = (mid, val)
                 lo, hi = (mid, hi) if val < target else (lo, mid)
+            if gmacs is not None and abs(best[1] - gmacs) > 0.05 * gmacs:  # never a silent miss
+                lo_g, hi_g = measure(-20.0), measure(20.0)
+                dtc.budget_bias = 0.0
+                raise ValueError(f"gmacs={gmacs} is out of this model's reach on these images: its K range "
+                                 f"[{dtc.k_min}, {dtc.k_max}] gives {lo_g:.4g} to {hi_g:.4g} GMACs")
             dtc.budget_bias = best[0]
             return best[0]
         finally:
@@ -478,8 +484,15 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> AdaptiVision:
     )
 
 
+# 224² models: an average image at 128 of 196 super-tokens (the paper's 3.1 GMACs for the small
+# size), with room down to 32 so that one checkpoint also serves aggressive budgets (<= 1.3 GMACs)
+_RANGE_224 = dict(k_min=32, k_mid=128)
+
+
 def _make(size: str, patch: int, img: int, pretrained: bool, kwargs: dict) -> AdaptiVision:
     args = dict(patch_size=patch, img_size=img, **_SIZES[size])
+    if img == 224 and not {"k_min", "k_max", "k_mid", "condense_at", "img_size", "patch_size"} & set(kwargs):
+        args.update(_RANGE_224)
     return _create(f"adaptivision_{size}_patch{patch}_{img}", pretrained=pretrained, **dict(args, **kwargs))
 
 
