@@ -1,5 +1,6 @@
 import pytest
 import timm
+import torch
 
 from conftest import tiny_model
 
@@ -48,5 +49,11 @@ def test_second_stage_must_fit_in_the_first():
 def test_defaults_put_small_at_two_thirds_of_the_patches():
     m = timm.create_model("adaptivision_small_patch16_224")
     st = m.opts.stages[0]
-    assert (st["k_min"], st["k_max"]) == (64, 196)
-    assert abs((st["k_min"] + st["k_max"]) / 2 / 196 - 2 / 3) < 0.02
+    assert (st["k_min"], st["k_mid"], st["k_max"]) == (32, 128, 196)
+    assert abs(st["k_mid"] / 196 - 2 / 3) < 0.02
+    # the K of an average image (score 0) is k_mid; the sigmoid still spans [k_min, k_max]
+    dtc = m.dtc["0"]
+    k = dtc.k_from_score(torch.tensor([-30.0, 0.0, 30.0]), 0.0).tolist()
+    assert k == [32, 128, 192]  # on the k_step = 8 grid (196 is not on it)
+    # a user-chosen range gets the generic default: mid-range, no offset
+    assert timm.create_model("adaptivision_small_patch16_224", k_max=150).dtc["0"].k_mid is None
