@@ -95,14 +95,17 @@ def apply_budget(model: torch.nn.Module, budget: dict, images: torch.Tensor) -> 
         model.set_token_budget(images, **{k: float(v) for k, v in budget.items()})
 
 
-def _autocast(amp: bool, device: torch.device):
-    if not amp:
+def _autocast(amp, device: torch.device):
+    """amp: False/'none' (fp32), True/'auto' (fp16 on CUDA, bf16 on CPU), 'bf16' or 'fp16'."""
+    if amp in (False, None, "none"):
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
+    if amp in (True, "auto"):
+        amp = "fp16" if device.type == "cuda" else "bf16"
+    return torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16)
 
 
 @torch.inference_mode()
-def time_models(models: list, x: torch.Tensor, warmup: int = 3, rounds: int = 15, amp: bool = False) -> list:
+def time_models(models: list, x: torch.Tensor, warmup: int = 3, rounds: int = 15, amp=False) -> list:
     """Per-batch seconds of each model, interleaved: round r times every model once."""
     dev = x.device
 

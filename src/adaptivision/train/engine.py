@@ -170,19 +170,10 @@ def evaluate(model: nn.Module, loader: DataLoader, d: Dist, amp: str = "none",
 def throughput(model: nn.Module, input_size: tuple, batch: int, device: torch.device,
                warmup: int = 3, repeats: int = 10, amp: str = "none") -> dict:
     """timm-benchmark style: inference mode, warm-up, fixed batch; median images/s of repeats."""
+    from ..benchmark import time_models  # late: benchmark imports the train package
     model.eval()
     x = torch.randn(batch, *input_size, device=device)
-    times = []
-    for i in range(warmup + repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        with _autocast(amp, device):
-            model(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
+    times = time_models([model], x, warmup, repeats, amp)[0]
     med = statistics.median(times)
     return dict(img_per_s=batch / med, batch=batch, repeats=repeats,
                 spread=(batch / max(times), batch / min(times)))
