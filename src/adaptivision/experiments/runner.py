@@ -65,12 +65,6 @@ def _non_default(kwargs: dict) -> dict:
     return {k: v for k, v in kwargs.items() if k not in defaults or defaults[k] != v}
 
 
-def _images(cfg: TrainConfig, model, n: int = 64) -> torch.Tensor:
-    ds = engine.build_eval_dataset(cfg, model)
-    x, _, _ = collate_skip([ds[i] for i in range(min(n, len(ds)))])
-    return x
-
-
 class Runner:
     def __init__(self, exp: Experiment, out: str, scale: str, base: TrainConfig, seeds: int = 1,
                  log: Callable = print):
@@ -97,9 +91,11 @@ class Runner:
 
     def _matched(self, model_name: str, kwargs: dict) -> tuple[dict, dict]:
         """Knob of a baseline set so that its GMACs equal the dtc cell's (both measured at init)."""
-        spec = dict(name=model_name, num_classes=10, kwargs=dict(kwargs, cmtf=False))
+        probe = engine.create_model(dict(name=model_name, num_classes=0, kwargs=dict(kwargs, cmtf=False)))
+        ds = engine.build_eval_dataset(self.base, probe)
+        x, _, _ = collate_skip([ds[i] for i in range(min(64, len(ds)))])
+        spec = dict(name=model_name, num_classes=len(ds.classes), kwargs=dict(kwargs, cmtf=False))
         model = engine.create_model(spec).eval()
-        x = _images(self.base, model)
         if self._dtc_gmacs is None:
             dtc = engine.create_model(dict(spec, kwargs=dict(self.base.model_kwargs, reduction="dtc", cmtf=False)))
             self._dtc_gmacs = profile(dtc, x)["gmacs"]
