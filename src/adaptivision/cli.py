@@ -11,7 +11,7 @@ import torch
 def _train(args) -> int:
     from .train import TrainConfig, run
     overrides = list(args.overrides)
-    for key in ("dataset", "data_dir", "model", "epochs", "output", "name"):
+    for key in ("dataset", "data_dir", "model", "epochs", "output", "name", "init_from"):
         v = getattr(args, key)
         if v is not None:
             overrides.append(f"{key}={v}")
@@ -117,6 +117,8 @@ def main(argv=None) -> int:
     t.add_argument("--epochs", type=int)
     t.add_argument("--output")
     t.add_argument("--name")
+    t.add_argument("--init-from", dest="init_from", metavar="WEIGHTS",
+                   help="fine-tune from a timm ViT/DeiT .safetensors of the same size (new modules start fresh)")
     t.add_argument("--download", action="store_true", help="let torchvision download the data set")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where it stopped")
     t.add_argument("--stop-after", type=int, dest="stop_after", help="stop after N epochs of this invocation")

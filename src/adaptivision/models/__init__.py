@@ -1,4 +1,5 @@
 """Model assembly and timm registration (importing this registers ``adaptivision_*`` with timm)."""
 from .adaptivision import AdaptiVision
+from .from_timm import from_timm
 
-__all__ = ["AdaptiVision"]
+__all__ = ["AdaptiVision", "from_timm"]

@@ -35,16 +35,46 @@ def save_weights(model: nn.Module, path: str, metadata: Optional[dict] = None) -
     _atomic(path, lambda p: save_file(state, p, metadata={k: str(v) for k, v in (metadata or {}).items()}))
 
 
-def load_weights(model: nn.Module, path: str, strict: bool = True) -> None:
-    """Load safetensors weights; a mismatch names the keys and shapes that differ."""
+def read_weights(path: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if not path.endswith(".safetensors"):
         raise ValueError(f"{path}: weights are read from .safetensors files only (nothing is unpickled)")
     try:
-        state = load_file(path)
+        return load_file(path)
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+
+
+def load_pretrained(model: nn.Module, path: str) -> list:
+    """Start fine-tuning from a timm ViT's (or an AdaptiVision run's) weights: the modules
+    AdaptiVision adds (DTC, AFA's f_m, CMTF) start fresh, and a classifier of another size is
+    left out (timm does the same). Anything else that does not fit raises, naming the keys.
+    Returns notes on what was not loaded."""
+    from ..models.from_timm import is_added  # late: the model package is not needed to save weights
+
+    state, own, notes = read_weights(path), model.state_dict(), []
+    head = sorted(k for k in state if k.startswith("head.") and k in own and state[k].shape != own[k].shape)
+    if head:
+        notes.append(f"{', '.join(head)}: another number of classes in {path}; the new classifier starts fresh")
+        state = {k: v for k, v in state.items() if k not in head}
+    unexpected = sorted(set(state) - set(own))
+    missing = sorted(k for k in set(own) - set(state) if not is_added(k) and k not in head)
+    shapes = sorted(f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+                    for k in set(own) & set(state) if state[k].shape != own[k].shape)
+    if unexpected or missing or shapes:
+        raise ValueError(f"--init-from {path} does not fit {type(model).__name__}: not in the model "
+                         f"{unexpected[:8]}, missing from the file {missing[:8]}, shape mismatch {shapes[:8]}")
+    added = sorted(k for k in set(own) - set(state) if is_added(k))
+    if added:
+        notes.append(f"{len(added)} AdaptiVision tensors (DTC, AFA, CMTF) are not in {path}: they start fresh")
+    model.load_state_dict(state, strict=False)
+    return notes
+
+
+def load_weights(model: nn.Module, path: str, strict: bool = True) -> None:
+    """Load safetensors weights; a mismatch names the keys and shapes that differ."""
+    state = read_weights(path)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

@@ -26,6 +26,7 @@ class TrainConfig:
     # what to train
     model: str = "adaptivision_nano_patch4_28"
     model_kwargs: dict = field(default_factory=dict)
+    init_from: Optional[str] = None         # .safetensors of a timm ViT/DeiT (or a run) to fine-tune from
     dataset: str = "fashion-mnist"
     data_dir: Optional[str] = None
     download: bool = False

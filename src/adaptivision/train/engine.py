@@ -31,7 +31,14 @@ from ..data.datasets import build_dataset, collate_skip
 from ..models import AdaptiVision
 from ..objective import AdaptiVisionLoss
 from ..profile import profile
-from .checkpoint import CheckpointManager, load_weights, rng_state, save_weights, set_rng_state
+from .checkpoint import (
+    CheckpointManager,
+    load_pretrained,
+    load_weights,
+    rng_state,
+    save_weights,
+    set_rng_state,
+)
 from .config import TrainConfig
 
 DENSE_KWARGS = dict(condense_at=False, afa=False, cmtf=False)
@@ -216,6 +223,10 @@ def train_phase(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bo
     spec = model_spec(cfg, num_classes, dense)
     torch.manual_seed(cfg.seed)  # again: the throw-away model above drew from the generator
     model = create_model(spec).to(d.device)
+    if cfg.init_from and not resume:  # before the centroids are seeded: they summarise these weights' tokens
+        for note in load_pretrained(model, cfg.init_from):
+            if d.main:
+                log(f"init_from: {note}")
     ckpt = CheckpointManager(run_dir, cfg.keep_last)
     if d.main:
         os.makedirs(run_dir, exist_ok=True)
