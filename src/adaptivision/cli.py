@@ -100,6 +100,36 @@ def _benchmark(args) -> int:
     return 0
 
 
+def _visualize(args) -> int:
+    from timm.data import resolve_data_config
+
+    from .train.engine import build_eval_dataset, build_transforms, load_for_eval
+    from .visualize import visualize
+    model, cfg = load_for_eval(args.checkpoint, args.model)
+    _, eval_tf, mode = build_transforms(cfg, model)
+    if args.images:
+        from PIL import Image, UnidentifiedImageError
+        xs = []
+        for path in args.images:
+            try:
+                with Image.open(path) as im:
+                    xs.append(eval_tf(im.convert(mode)))
+            except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
+                raise ValueError(f"cannot read image {path}: {e}") from e
+        names = list(args.images)
+    else:
+        if args.data_dir is not None:
+            cfg.data_dir = args.data_dir
+        ds = build_eval_dataset(cfg, model, args.dataset, args.data_dir)
+        picks = range(min(args.num, len(ds)))
+        xs = [ds[i][0] for i in picks]
+        names = [f"{args.dataset or cfg.dataset}-{i:04d}" for i in picks]
+    data_cfg = resolve_data_config({}, model=model)
+    paths = visualize(model, torch.stack(xs), args.out, names, data_cfg["mean"], data_cfg["std"], args.block)
+    print("\n".join(paths))
+    return 0
+
+
 def _report(args) -> int:
     from .experiments import report
     print(report(args.run_dirs, args.out))
@@ -167,6 +197,16 @@ def main(argv=None) -> int:
     b.add_argument("--rounds", type=int, default=15)
     b.add_argument("--out", help="write OUT.json and OUT.md")
     b.set_defaults(fn=_benchmark)
+    v = sub.add_parser("visualize", help="PNGs of each image's super-token partition and AFA modulation")
+    v.add_argument("--checkpoint", required=True, help="a .safetensors file of a run (model.json beside it)")
+    v.add_argument("--model", help="model name, when the checkpoint has no model.json beside it")
+    v.add_argument("images", nargs="*", metavar="IMAGE", help="image files (default: --num images of --dataset)")
+    v.add_argument("--dataset", help="take images from this data set's test split (default: the run's)")
+    v.add_argument("--data-dir", dest="data_dir")
+    v.add_argument("--num", type=int, default=8)
+    v.add_argument("--block", type=int, help="block whose AFA modulation is shown (default: the last)")
+    v.add_argument("--out", required=True)
+    v.set_defaults(fn=_visualize)
     r = sub.add_parser("report", help="Markdown tables and PNG plots from experiment directories")
     r.add_argument("run_dirs", nargs="+", metavar="EXPERIMENT_DIR", help="e.g. experiments/table5")
     r.add_argument("--out", required=True)

@@ -1,0 +1,63 @@
+"""``adaptivision visualize`` writes valid PNGs of the partition and the AFA modulation."""
+import json
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from adaptivision.cli import main
+from adaptivision.train.checkpoint import save_weights
+from adaptivision.visualize import clustering
+from conftest import textured_and_flat, tiny_model
+from fixtures import make_fmnist
+
+PNG = b"\x89PNG\r\n\x1a\n"
+SPEC = dict(name="adaptivision_nano_patch4_28", num_classes=10, kwargs=dict(embed_dim=32, depth=3, num_heads=2))
+
+
+@pytest.fixture()
+def checkpoint(tmp_path):
+    model = timm.create_model(SPEC["name"], num_classes=10, **SPEC["kwargs"])
+    model.init_clusters(torch.randn(4, 1, 28, 28))
+    save_weights(model, str(tmp_path / "best.safetensors"))
+    (tmp_path / "model.json").write_text(json.dumps(SPEC))
+    return str(tmp_path / "best.safetensors")
+
+
+def test_partition_labels_and_modulation_by_hand():
+    model = tiny_model(budget_jitter=0.0)
+    x = textured_and_flat()
+    with torch.no_grad():
+        model.train()(x)  # complexity statistics
+    infos = clustering(model, x, block=2)
+    with torch.no_grad():
+        model(x)
+    ks = model.last_num_clusters[:, 0].tolist()
+    for info, k in zip(infos, ks, strict=True):
+        assert info["k"] == k and info["labels"].shape == (4, 4)
+        assert info["labels"].max() < k and info["m"].shape == (k + 1, k + 1)
+    # AFA starts as plain attention: M = 1 everywhere at initialisation
+    assert all(np.allclose(info["m"], 1.0) for info in infos)
+    with pytest.raises(ValueError, match="after the first condensation"):
+        clustering(model, x, block=0)
+
+
+def test_cli_writes_pngs_for_files_and_for_a_dataset(checkpoint, tmp_path, capsys):
+    img = tmp_path / "shirt.png"
+    Image.fromarray((np.random.default_rng(0).random((28, 28)) * 255).astype("uint8")).save(img)
+    out = tmp_path / "pics"
+    assert main(["visualize", "--checkpoint", checkpoint, str(img), "--out", str(out)]) == 0
+    with open(out / "shirt.png", "rb") as f:
+        assert f.read(8) == PNG
+    data = make_fmnist(str(tmp_path / "fm"))
+    assert main(["visualize", "--checkpoint", checkpoint, "--dataset", "fashion-mnist", "--data-dir", data,
+                 "--num", "3", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "fashion-mnist-0000.png", "fashion-mnist-0001.png", "fashion-mnist-0002.png", "shirt.png"]
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    capsys.readouterr()
+    assert main(["visualize", "--checkpoint", checkpoint, str(bad), "--out", str(out)]) == 2
+    assert "cannot read image" in capsys.readouterr().err
