@@ -1,0 +1,109 @@
+"""Fashion-MNIST mosaics: mIoU vs GMACs for the dense backbone, AdaptiVision at several budgets
+(one trained model) and ToMe with unmerging at several r (one trained model).
+
+    .venv/bin/python benchmarks/mosaic_segmentation.py [--steps 300] [--out benchmarks/results/mosaic]
+    .venv/bin/python benchmarks/mosaic_segmentation.py --smoke      # a few steps, for CI
+
+Backbones: adaptivision_nano_patch4_28 at 56x56 (196 patches), Segmenter linear decoder,
+AdamW, cosine schedule, batch 32; training canvases from the Fashion-MNIST training images,
+evaluation canvases from the test images.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import timm
+import torch
+
+import adaptivision  # noqa: F401
+from adaptivision.data.datasets import fashion_mnist
+from adaptivision.data.mosaic import MOSAIC_CLASSES, FashionMosaics
+from adaptivision.dense import Segmenter, confusion, mean_iou
+from adaptivision.experiments import knobs
+from adaptivision.profile import profile
+
+BACKBONES = {"dense": dict(reduction="none"), "adaptivision": dict(cmtf=False), "tome": dict(reduction="tome")}
+BUDGETS = {"dense": [None], "adaptivision": [-2.0, 0.0, 2.0], "tome": [4, 8, 12]}
+
+
+def train(name: str, train_ds, steps: int, batch: int, seed: int, log) -> Segmenter:
+    torch.manual_seed(seed)
+    backbone = timm.create_model("adaptivision_nano_patch4_28", img_size=56, **BACKBONES[name])
+    model = Segmenter(backbone, num_classes=len(MOSAIC_CLASSES))
+    if name == "adaptivision":
+        backbone.init_clusters(torch.stack([train_ds[i][0] for i in range(64)]))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    warm = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    t0 = time.time()
+    for step in range(steps):
+        idx = torch.randint(len(train_ds), (batch,), generator=g).tolist()
+        x, y = zip(*(train_ds[i] for i in idx), strict=True)
+        loss = torch.nn.functional.cross_entropy(model(torch.stack(x)), torch.stack(y))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"[{name}] step {step + 1}/{steps} loss {loss.item():.3f} ({time.time() - t0:.0f} s)")
+    return model.eval()
+
+
+@torch.no_grad()
+def evaluate(model: Segmenter, ds, batch: int = 50) -> tuple[float, float]:
+    conf = torch.zeros(len(MOSAIC_CLASSES), len(MOSAIC_CLASSES), dtype=torch.long)
+    for i in range(0, len(ds), batch):
+        x, y = zip(*(ds[j] for j in range(i, min(i + batch, len(ds)))), strict=True)
+        conf += confusion(model(torch.stack(x)).argmax(1), torch.stack(y), len(MOSAIC_CLASSES))
+    x = torch.stack([ds[j][0] for j in range(min(64, len(ds)))])
+    return mean_iou(conf), profile(model, x)["gmacs"]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--eval-size", type=int, default=500)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="benchmarks/results/mosaic")
+    p.add_argument("--smoke", action="store_true")
+    a = p.parse_args(argv)
+    if a.smoke:
+        a.steps, a.batch, a.eval_size = 2, 4, 8
+    train_ds = FashionMosaics(fashion_mnist(a.data_dir, train=True), length=100_000, seed=1)
+    test_ds = FashionMosaics(fashion_mnist(a.data_dir, train=False), length=a.eval_size, seed=2)
+    rows = []
+    for name in BACKBONES:
+        model = train(name, train_ds, a.steps, a.batch, a.seed, print)
+        for b in BUDGETS[name]:
+            if b is not None:
+                knobs.set_knob(model.backbone, b)
+            miou, gmacs = evaluate(model, test_ds)
+            rows.append(dict(backbone=name, knob=b, gmacs=gmacs, miou=miou))
+            print(f"[{name}] knob {b}: {gmacs:.4f} GMACs, mIoU {miou:.2f}")
+    md = [f"Fashion-MNIST mosaics 56x56, {a.steps} steps of batch {a.batch}, seed {a.seed}, "
+          f"{a.eval_size} test canvases; GMACs include the linear decoder.", "",
+          "| backbone | knob | GMACs | mIoU (%) |", "|---|---|---|---|"]
+    md += [f"| {r['backbone']} | {r['knob'] if r['knob'] is not None else '—'} | {r['gmacs']:.4f} | "
+           f"{r['miou']:.2f} |" for r in rows]
+    print("\n".join(md))
+    if a.out:
+        os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+        with open(a.out + ".json", "w") as f:
+            json.dump(dict(rows=rows, steps=a.steps, batch=a.batch, seed=a.seed), f, indent=1)
+        with open(a.out + ".md", "w") as f:
+            f.write("\n".join(md) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
