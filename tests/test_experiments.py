@@ -79,7 +79,9 @@ def test_report_tables_plots_and_missing_cells(done, tmp_path):
     assert row.count("—") >= 6 and row.rstrip().endswith("| 0 |")
     assert "+DTC+AFA+CMTF: not run: needs guidance" in text
     assert "DeiT-S (timm): paper scale only" in text
-    for png in ("figure1a.png", "theorem1_gmacs.png", "theorem1_ms_per_image.png"):
+    # pictures of what a trained DTC run's clustering does, embedded under its table
+    assert "![table5](table5-AdaptiVision_(DTC)-0.png)" in text
+    for png in ("figure1a.png", "theorem1_gmacs.png", "theorem1_ms_per_image.png", "table5-AdaptiVision_(DTC)-0.png"):
         with open(tmp_path / png, "rb") as f:
             assert f.read(8) == PNG
     # a run deleted after the fact is reported missing, not remembered

@@ -99,6 +99,34 @@ def _robustness(rec: dict) -> list:
     return lines
 
 
+def _pictures(rec: dict, exp_dir: str, out: str, name: str, notes: list, num: int = 2) -> list:
+    """`adaptivision visualize` of the first finished AdaptiVision (DTC) run of the experiment."""
+    for cell in rec["cells"]:
+        if (cell.get("kwargs") or {}).get("reduction", "dtc") != "dtc" or cell.get("model"):
+            continue
+        for run in cell.get("runs", []):
+            ckpt = os.path.join(exp_dir, "..", run["run_dir"], "best.safetensors")
+            if not os.path.isfile(ckpt):
+                continue
+            try:
+                import torch
+                from timm.data import resolve_data_config
+
+                from ..train.engine import build_eval_dataset, load_for_eval
+                from ..visualize import visualize
+                model, cfg = load_for_eval(ckpt)
+                ds = build_eval_dataset(cfg, model)
+                xs = torch.stack([ds[i][0] for i in range(min(num, len(ds)))])
+                names = [f"{name}-{cell['label']}-{i}".replace(" ", "_").replace("/", "_") for i in range(len(xs))]
+                data_cfg = resolve_data_config({}, model=model)
+                paths = visualize(model, xs, out, names, data_cfg["mean"], data_cfg["std"])
+                return [os.path.basename(p) for p in paths]
+            except (OSError, ValueError) as e:  # e.g. the data set is not on this machine
+                notes.append(f"pictures of {cell['label']} not made: {e}")
+                return []
+    return []
+
+
 def _plot(out: str, name: str, xlabel: str, ylabel: str, curves: dict, title: str, log: bool = False) -> str:
     import matplotlib
     matplotlib.use("Agg")
@@ -124,8 +152,9 @@ def _plot(out: str, name: str, xlabel: str, ylabel: str, curves: dict, title: st
     return os.path.basename(path)
 
 
-def report(exp_dirs: list, out: str) -> str:
-    """Write ``out/report.md`` (and PNGs) for the experiment directories; returns its path."""
+def report(exp_dirs: list, out: str, pictures: bool = True) -> str:
+    """Write ``out/report.md`` (and PNGs) for the experiment directories; returns its path.
+    ``pictures``: also show what the clustering of a trained AdaptiVision run does."""
     os.makedirs(out, exist_ok=True)
     md = ["# AdaptiVision experiment report", ""]
     for exp_dir in exp_dirs:
@@ -141,6 +170,8 @@ def report(exp_dirs: list, out: str) -> str:
                f"Mean ± std over seeds.", ""]
         if rec["kind"] == "train":
             md += _train_table(rec, exp_dir, notes)
+            if pictures:
+                plots += _pictures(rec, exp_dir, out, name, notes)
         elif rec["kind"] == "budget":
             md += _budget(rec, out, name, plots)
         elif rec["kind"] == "scaling":
