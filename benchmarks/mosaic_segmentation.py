@@ -25,6 +25,7 @@ from adaptivision.data.datasets import fashion_mnist
 from adaptivision.data.mosaic import MOSAIC_CLASSES, FashionMosaics
 from adaptivision.dense import Segmenter, confusion, mean_iou
 from adaptivision.experiments import knobs
+from adaptivision.experiments.report import plot_curves
 from adaptivision.profile import profile
 
 BACKBONES = {"dense": dict(reduction="none"), "adaptivision": dict(cmtf=False), "tome": dict(reduction="tome")}
@@ -102,6 +103,9 @@ def main(argv=None) -> int:
             json.dump(dict(rows=rows, steps=a.steps, batch=a.batch, seed=a.seed), f, indent=1)
         with open(a.out + ".md", "w") as f:
             f.write("\n".join(md) + "\n")
+        curves = {name: sorted((r["gmacs"], r["miou"]) for r in rows if r["backbone"] == name) for name in BACKBONES}
+        print("plot:", plot_curves(os.path.dirname(a.out) or ".", os.path.basename(a.out), "GMACs per image", "mIoU (%)",
+                             curves, "Fashion-MNIST mosaics: mIoU vs GMACs"))
     return 0
 
 

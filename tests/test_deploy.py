@@ -113,3 +113,19 @@ def test_speed_target_benchmark_smoke(tmp_path):
     res = json.loads((tmp_path / "smoke.json").read_text())
     assert len(res["throughput"]["rows"]) == 6 and len(res["targets"]) == 7
     assert all(isinstance(t["met"], bool) for t in res["targets"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA paths: run where a GPU is available")
+def test_cuda_paths_sdpa_amp_channels_last():
+    model = tiny_model().eval()
+    x = textured_and_flat(4, 4)
+    with torch.no_grad():
+        ref = model(x)
+        gpu = model.cuda()
+        assert gpu.blocks[-1].attn.impl == "auto"  # fused SDPA form on CUDA
+        out = gpu(x.cuda().to(memory_format=torch.channels_last))
+        assert torch.allclose(out.cpu(), ref, atol=1e-4)
+        with torch.autocast("cuda", dtype=torch.float16):
+            assert torch.isfinite(gpu(x.cuda())).all()
+    assert main(["benchmark", "--models", "adaptivision_nano_patch4_28:reduction=none,adaptivision_nano_patch4_28",
+                 "--device", "cuda", "--amp", "--channels-last", "--rounds", "2", "--batch-size", "8"]) == 0

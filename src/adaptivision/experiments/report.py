@@ -67,7 +67,7 @@ def _budget(rec: dict, out: str, name: str, plots: list) -> list:
         if not by_knob:
             lines.append(f"| {cell['label']} | {MISSING} | {MISSING} | {MISSING} | 0 |")
     if curves:
-        plots.append(_plot(out, name, "GMACs per image", "top-1 (%)",
+        plots.append(plot_curves(out, name, "GMACs per image", "top-1 (%)",
                            {k: sorted(v) for k, v in curves.items()}, rec["title"]))
     return lines
 
@@ -84,7 +84,7 @@ def _scaling(rec: dict, out: str, name: str, plots: list) -> list:
                      f"{d['gmacs'] / a['gmacs']:.2f}x | {d['ms_per_image']:.2f} | {a['ms_per_image']:.2f} | "
                      f"{d['ms_per_image'] / a['ms_per_image']:.2f}x |")
     for metric, label in (("gmacs", "GMACs per image"), ("ms_per_image", "ms per image")):
-        plots.append(_plot(out, f"{name}_{metric}", "patch tokens N", label,
+        plots.append(plot_curves(out, f"{name}_{metric}", "patch tokens N", label,
                            {c["label"]: [(p["tokens"], p[metric]) for p in c["points"]] for c in cells},
                            rec["title"], log=True))
     return lines
@@ -127,7 +127,7 @@ def _pictures(rec: dict, exp_dir: str, out: str, name: str, notes: list, num: in
     return []
 
 
-def _plot(out: str, name: str, xlabel: str, ylabel: str, curves: dict, title: str, log: bool = False) -> str:
+def plot_curves(out: str, name: str, xlabel: str, ylabel: str, curves: dict, title: str, log: bool = False) -> str:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
