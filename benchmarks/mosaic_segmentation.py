@@ -32,13 +32,13 @@ BACKBONES = {"dense": dict(reduction="none"), "adaptivision": dict(cmtf=False), 
 BUDGETS = {"dense": [None], "adaptivision": [-2.0, 0.0, 2.0], "tome": [4, 8, 12]}
 
 
-def train(name: str, train_ds, steps: int, batch: int, seed: int, log) -> Segmenter:
+def train(name: str, train_ds, steps: int, batch: int, seed: int, log, lr: float = 1e-3) -> Segmenter:
     torch.manual_seed(seed)
     backbone = timm.create_model("adaptivision_nano_patch4_28", img_size=56, **BACKBONES[name])
     model = Segmenter(backbone, num_classes=len(MOSAIC_CLASSES))
     if name == "adaptivision":
         backbone.init_clusters(torch.stack([train_ds[i][0] for i in range(64)]))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     warm = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
@@ -72,6 +72,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eval-size", type=int, default=500)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -84,14 +85,14 @@ def main(argv=None) -> int:
     test_ds = FashionMosaics(fashion_mnist(a.data_dir, train=False), length=a.eval_size, seed=2)
     rows = []
     for name in BACKBONES:
-        model = train(name, train_ds, a.steps, a.batch, a.seed, print)
+        model = train(name, train_ds, a.steps, a.batch, a.seed, print, a.lr)
         for b in BUDGETS[name]:
             if b is not None:
                 knobs.set_knob(model.backbone, b)
             miou, gmacs = evaluate(model, test_ds)
             rows.append(dict(backbone=name, knob=b, gmacs=gmacs, miou=miou))
             print(f"[{name}] knob {b}: {gmacs:.4f} GMACs, mIoU {miou:.2f}")
-    md = [f"Fashion-MNIST mosaics 56x56, {a.steps} steps of batch {a.batch}, seed {a.seed}, "
+    md = [f"Fashion-MNIST mosaics 56x56, {a.steps} steps of batch {a.batch}, lr {a.lr}, seed {a.seed}, "
           f"{a.eval_size} test canvases; GMACs include the linear decoder.", "",
           "| backbone | knob | GMACs | mIoU (%) |", "|---|---|---|---|"]
     md += [f"| {r['backbone']} | {r['knob'] if r['knob'] is not None else '—'} | {r['gmacs']:.4f} | "
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
     if a.out:
         os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
         with open(a.out + ".json", "w") as f:
-            json.dump(dict(rows=rows, steps=a.steps, batch=a.batch, seed=a.seed), f, indent=1)
+            json.dump(dict(rows=rows, steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed), f, indent=1)
         with open(a.out + ".md", "w") as f:
             f.write("\n".join(md) + "\n")
         curves = {name: sorted((r["gmacs"], r["miou"]) for r in rows if r["backbone"] == name) for name in BACKBONES}
