@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
-import time
 
 import timm
 import torch
@@ -23,10 +21,9 @@ import torch
 import adaptivision  # noqa: F401
 from adaptivision.data.datasets import fashion_mnist
 from adaptivision.data.mosaic import MOSAIC_CLASSES, FashionMosaics
-from adaptivision.dense import Segmenter, confusion, mean_iou
+from adaptivision.dense import Segmenter, evaluate_segmenter, train_segmenter
 from adaptivision.experiments import knobs
 from adaptivision.experiments.report import plot_curves
-from adaptivision.profile import profile
 
 BACKBONES = {"dense": dict(reduction="none"), "adaptivision": dict(cmtf=False), "tome": dict(reduction="tome")}
 BUDGETS = {"dense": [None], "adaptivision": [-2.0, 0.0, 2.0], "tome": [4, 8, 12]}
@@ -36,36 +33,12 @@ def train(name: str, train_ds, steps: int, batch: int, seed: int, log, lr: float
     torch.manual_seed(seed)
     backbone = timm.create_model("adaptivision_nano_patch4_28", img_size=56, **BACKBONES[name])
     model = Segmenter(backbone, num_classes=len(MOSAIC_CLASSES))
-    if name == "adaptivision":
-        backbone.init_clusters(torch.stack([train_ds[i][0] for i in range(64)]))
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    warm = max(1, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    t0 = time.time()
-    for step in range(steps):
-        idx = torch.randint(len(train_ds), (batch,), generator=g).tolist()
-        x, y = zip(*(train_ds[i] for i in idx), strict=True)
-        loss = torch.nn.functional.cross_entropy(model(torch.stack(x)), torch.stack(y))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 50 == 0 or step == steps - 1:
-            log(f"[{name}] step {step + 1}/{steps} loss {loss.item():.3f} ({time.time() - t0:.0f} s)")
-    return model.eval()
+    return train_segmenter(model, train_ds, steps, batch, lr, seed, lambda msg: log(f"[{name}] {msg}"))
 
 
-@torch.no_grad()
-def evaluate(model: Segmenter, ds, batch: int = 50) -> tuple[float, float]:
-    conf = torch.zeros(len(MOSAIC_CLASSES), len(MOSAIC_CLASSES), dtype=torch.long)
-    for i in range(0, len(ds), batch):
-        x, y = zip(*(ds[j] for j in range(i, min(i + batch, len(ds)))), strict=True)
-        conf += confusion(model(torch.stack(x)).argmax(1), torch.stack(y), len(MOSAIC_CLASSES))
-    x = torch.stack([ds[j][0] for j in range(min(64, len(ds)))])
-    return mean_iou(conf), profile(model, x)["gmacs"]
+def evaluate(model: Segmenter, ds) -> tuple[float, float]:
+    res = evaluate_segmenter(model, ds, len(MOSAIC_CLASSES))
+    return res["miou"], res["gmacs"]
 
 
 def main(argv=None) -> int:

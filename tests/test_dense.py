@@ -9,6 +9,7 @@ import timm
 import torch
 from PIL import Image
 
+from adaptivision.cli import main
 from adaptivision.data.datasets import fashion_mnist
 from adaptivision.data.mosaic import FOREGROUND, FashionMosaics
 from adaptivision.dense import Segmenter, confusion, iou, mean_iou
@@ -106,3 +107,21 @@ def test_mosaic_benchmark_smoke(tmp_path):
     assert [r["backbone"] for r in rows] == ["dense"] + ["adaptivision"] * 3 + ["tome"] * 3
     av = [r["gmacs"] for r in rows if r["backbone"] == "adaptivision"]
     assert av == sorted(av) and all(0 <= r["miou"] <= 100 for r in rows)
+
+
+def test_segment_command_trains_evaluates_and_protects_runs(tmp_path, capsys):
+    data = make_fmnist(str(tmp_path / "fm"), n_train=20, n_test=10)
+    common = ["--data-dir", data, "--output", str(tmp_path), "--steps", "2", "--batch-size", "2",
+              "--img-size", "32", "--eval-size", "4"]
+    assert main(["segment", *common, "--name", "av"]) == 0
+    spec = json.loads((tmp_path / "av" / "segment.json").read_text())
+    assert spec["classes"][0] == "background" and 0 <= spec["results"]["miou"] <= 100
+    assert main(["segment", *common, "--name", "tome", "--decoder", "mask", "reduction=tome", "tome_r=2"]) == 0
+    assert json.loads((tmp_path / "tome" / "segment.json").read_text())["kwargs"] == {"reduction": "tome", "tome_r": 2}
+    capsys.readouterr()
+    ckpt = str(tmp_path / "av" / "segmenter.safetensors")
+    assert main(["segment", "--checkpoint", ckpt, "--data-dir", data, "--eval-size", "4", "--budget", "bias=-3"]) == 0
+    low = json.loads(capsys.readouterr().out)
+    assert low["gmacs"] < spec["results"]["gmacs"]
+    assert main(["segment", *common, "--name", "av"]) == 2          # never overwritten
+    assert "already holds" in capsys.readouterr().err

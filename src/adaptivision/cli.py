@@ -130,6 +130,28 @@ def _visualize(args) -> int:
     return 0
 
 
+def _segment(args) -> int:
+    import yaml
+
+    from .dense import run as seg
+    if args.checkpoint:
+        budget = None
+        if args.budget:
+            key, _, value = args.budget.partition("=")
+            budget = {key: yaml.safe_load(value)}
+        print(json.dumps(seg.evaluate(args.checkpoint, args.data_dir, args.eval_size, budget), indent=1))
+        return 0
+    kwargs = {}
+    for item in args.options:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"model option {item!r} is not key=value")
+        kwargs[key] = yaml.safe_load(value)
+    seg.run(args.dataset, args.data_dir, args.model, args.img_size, args.decoder, args.steps, args.batch_size,
+            args.lr, args.eval_size, kwargs, args.output, args.name, args.seed)
+    return 0
+
+
 def _report(args) -> int:
     from .experiments import report
     print(report(args.run_dirs, args.out))
@@ -207,16 +229,36 @@ def main(argv=None) -> int:
     v.add_argument("--block", type=int, help="block whose AFA modulation is shown (default: the last)")
     v.add_argument("--out", required=True)
     v.set_defaults(fn=_visualize)
+    g = sub.add_parser("segment", help="train a Segmenter (mosaic, ade20k, cityscapes), or --checkpoint: evaluate")
+    g.add_argument("--dataset", default="mosaic", choices=("mosaic", "ade20k", "cityscapes"))
+    g.add_argument("--data-dir", dest="data_dir")
+    g.add_argument("--model", help="backbone (default: nano at 56 px for mosaics, small at 512 px otherwise)")
+    g.add_argument("--img-size", type=int, dest="img_size")
+    g.add_argument("--decoder", default="linear", choices=("linear", "mask"))
+    g.add_argument("--steps", type=int, default=300)
+    g.add_argument("--batch-size", type=int, default=16, dest="batch_size")
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--eval-size", type=int, dest="eval_size", help="evaluate on the first N images (mosaics: N canvases)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--output", default="runs")
+    g.add_argument("--name")
+    g.add_argument("--checkpoint", help="evaluate this segmenter.safetensors instead of training")
+    g.add_argument("--budget", help="with --checkpoint: gmacs=|mean_k=|bias=|k= (DTC), tome_r= or keep_ratio=")
+    g.add_argument("options", nargs="*", metavar="key=value", help="backbone options, e.g. reduction=tome")
+    g.set_defaults(fn=_segment)
     r = sub.add_parser("report", help="Markdown tables and PNG plots from experiment directories")
     r.add_argument("run_dirs", nargs="+", metavar="EXPERIMENT_DIR", help="e.g. experiments/table5")
     r.add_argument("--out", required=True)
     r.set_defaults(fn=_report)
     args, extra = p.parse_known_args(argv)
-    bad = [e for e in extra if args.cmd not in ("train", "experiment") or "=" not in e or e.startswith("-")]
+    bad = [e for e in extra if args.cmd not in ("train", "experiment", "segment") or "=" not in e or e.startswith("-")]
     if bad:
         p.error(f"unrecognized arguments: {' '.join(bad)}")
     if extra:
-        args.overrides = list(args.overrides) + extra
+        if args.cmd == "segment":
+            args.options = list(args.options) + extra
+        else:
+            args.overrides = list(args.overrides) + extra
     try:
         return args.fn(args)
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as err:

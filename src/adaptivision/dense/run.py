@@ -1,0 +1,93 @@
+"""``adaptivision segment``: train a Segmenter on mosaics / ADE20K / Cityscapes, or evaluate one.
+
+The run directory holds ``segment.json`` (everything that rebuilds the model, and the results)
+and ``segmenter.safetensors``. An existing run is never overwritten.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, Optional
+
+import timm
+import torch
+
+from ..train.checkpoint import load_weights, save_weights
+from .segmenter import Segmenter
+from .train import evaluate_segmenter, train_segmenter
+
+DEFAULTS = {"mosaic": ("adaptivision_nano_patch4_28", 56), "ade20k": ("adaptivision_small_patch16_224", 512),
+            "cityscapes": ("adaptivision_small_patch16_224", 512)}
+
+
+def datasets(name: str, data_dir: Optional[str], img_size: int, eval_size: Optional[int]):
+    """(train, eval, classes) for a segmentation data set."""
+    if name == "mosaic":
+        from ..data.datasets import fashion_mnist
+        from ..data.mosaic import MOSAIC_CLASSES, FashionMosaics
+        tr = FashionMosaics(fashion_mnist(data_dir, train=True), length=100_000, canvas=img_size, seed=1)
+        ev = FashionMosaics(fashion_mnist(data_dir, train=False), length=eval_size or 500, canvas=img_size, seed=2)
+        return tr, ev, MOSAIC_CLASSES
+    from torch.utils.data import Subset
+
+    from ..data.segmentation import build_segmentation
+    tr = build_segmentation(name, data_dir, True, img_size)
+    ev = build_segmentation(name, data_dir, False, img_size)
+    classes = ev.classes
+    if eval_size:
+        ev = Subset(ev, range(min(eval_size, len(ev))))
+    return tr, ev, classes
+
+
+def build(spec: dict) -> Segmenter:
+    backbone = timm.create_model(spec["model"], img_size=spec["img_size"], **spec["kwargs"])
+    if spec.get("in_chans") and backbone.patch_embed.proj.in_channels != spec["in_chans"]:
+        raise ValueError(f"{spec['model']} takes {backbone.patch_embed.proj.in_channels} channels but "
+                         f"{spec['dataset']} has {spec['in_chans']}: choose another --model or in_chans=")
+    return Segmenter(backbone, len(spec["classes"]), spec["decoder"])
+
+
+def run(dataset: str = "mosaic", data_dir: Optional[str] = None, model: Optional[str] = None,
+        img_size: Optional[int] = None, decoder: str = "linear", steps: int = 300, batch: int = 16,
+        lr: float = 1e-3, eval_size: Optional[int] = None, kwargs: Optional[dict] = None, output: str = "runs",
+        name: Optional[str] = None, seed: int = 0, log: Callable = print) -> dict:
+    if dataset not in DEFAULTS:
+        raise ValueError(f"Invalid value for 'dataset': {dataset!r}; allowed: {', '.join(DEFAULTS)}")
+    model = model or DEFAULTS[dataset][0]
+    img_size = img_size or DEFAULTS[dataset][1]
+    run_dir = os.path.join(output, name or f"segment-{dataset}-{model}")
+    if os.path.exists(os.path.join(run_dir, "segmenter.safetensors")):
+        raise FileExistsError(f"{run_dir} already holds a segmentation run: pass another --name (nothing overwritten)")
+    tr, ev, classes = datasets(dataset, data_dir, img_size, eval_size)
+    spec = dict(model=model, kwargs=dict(kwargs or {}), img_size=img_size, decoder=decoder, dataset=dataset,
+                classes=list(classes), in_chans=int(tr[0][0].shape[0]), steps=steps, batch=batch, lr=lr, seed=seed)
+    torch.manual_seed(seed)
+    seg = build(spec)
+    seg = train_segmenter(seg, tr, steps, batch, lr, seed, log)
+    os.makedirs(run_dir, exist_ok=True)
+    save_weights(seg, os.path.join(run_dir, "segmenter.safetensors"))
+    spec["results"] = evaluate_segmenter(seg, ev, len(classes))
+    with open(os.path.join(run_dir, "segment.json"), "w") as f:
+        json.dump(spec, f, indent=1)
+    log(f"{run_dir}: mIoU {spec['results']['miou']:.2f} at {spec['results']['gmacs']:.4f} GMACs")
+    return spec
+
+
+def evaluate(checkpoint: str, data_dir: Optional[str] = None, eval_size: Optional[int] = None,
+             budget: Optional[dict] = None) -> dict:
+    path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "segment.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: --checkpoint must be the segmenter.safetensors of a segment run")
+    with open(path) as f:
+        spec = json.load(f)
+    seg = build(spec)
+    load_weights(seg, checkpoint)
+    _, ev, classes = datasets(spec["dataset"], data_dir, spec["img_size"], eval_size)
+    if budget:
+        from ..benchmark import apply_budget
+        from ..experiments.knobs import set_knob
+        if "tome_r" in budget or "keep_ratio" in budget:
+            set_knob(seg.backbone, next(iter(budget.values())))
+        else:
+            apply_budget(seg.backbone.eval(), budget, torch.stack([ev[i][0] for i in range(min(64, len(ev)))]))
+    return evaluate_segmenter(seg, ev, len(classes))
