@@ -163,3 +163,36 @@ def test_baseline_options_are_checked():
     with pytest.raises(ValueError, match="reduce_at"):
         tiny_model(reduction="none", reduce_at=2)
     assert math.isclose(tiny_model(reduction="evit").opts.keep_ratio, 0.7)
+
+
+def _block_inputs(model, x):
+    """(args, kwargs) each block receives in one forward."""
+    seen = []
+    hooks = [b.register_forward_pre_hook(lambda m, a, k: seen.append((a, k)), with_kwargs=True) for b in model.blocks]
+    model(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_tome_blocks_attend_with_the_log_size_of_merged_tokens():
+    model = tiny_model(reduction="tome", tome_r=3).eval()
+    with torch.no_grad():
+        seen = _block_inputs(model, torch.randn(2, 3, 16, 16))
+    assert seen[0][0][1] is None                     # nothing merged yet: sizes all 1
+    for args, kwargs in seen[1:]:                    # proportional attention: + log(size) on the keys
+        x, bias = args
+        assert bias.shape == (2, 1, 1, x.shape[1])
+        assert torch.allclose(bias[:, 0, 0], kwargs["mass"].log())
+        assert kwargs["mass"].max() > 1              # merged tokens stand for several patches
+
+
+def test_dynamicvit_policy_reaches_every_later_attention_in_training():
+    torch.manual_seed(0)
+    model = tiny_model(reduction="importance", keep_ratio=0.5).train()
+    seen = _block_inputs(model, torch.randn(4, 3, 16, 16))
+    first = model.opts.reduce_blocks[0]
+    assert all("policy" not in k for _, k in seen[:first])
+    for (x, _), k in seen[first:]:
+        assert k["policy"].shape == x.shape[:2] and (k["policy"][:, 0] == 1).all()  # [CLS] always kept
+    assert (seen[-1][1]["policy"] == 0).any()        # something was pruned, yet all tokens are still there

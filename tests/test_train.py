@@ -142,14 +142,19 @@ def test_non_finite_loss_stops_after_saving_the_last_good_state(fmnist, tmp_path
         return out
 
     monkeypatch.setattr(engine.AdaptiVisionLoss, "forward", flaky)
-    cfg = TrainConfig.build(overrides=[f"data_dir={fmnist}", f"output={tmp_path}", "name=nan", "epochs=2",
-                                       "compare_dense=false", *QUICK])
-    with pytest.raises(engine.NonFiniteLoss, match="last-good.safetensors"):
-        engine.run(cfg)
-    run = tmp_path / "nan"
-    good = load_file(run / "last-good.safetensors")
-    assert all(torch.isfinite(v.float()).all() for v in good.values())
+    run = _stopped_run(fmnist, tmp_path, "nan", 2, "last-good.safetensors")
     assert (run / "epoch-0001.safetensors").exists()
+
+
+def _stopped_run(fmnist, tmp_path, name: str, epochs: int, match: str):
+    """Run a job that must stop with NonFiniteLoss, and check the finite weights it saved first."""
+    cfg = TrainConfig.build(overrides=[f"data_dir={fmnist}", f"output={tmp_path}", f"name={name}",
+                                       f"epochs={epochs}", "compare_dense=false", *QUICK])
+    with pytest.raises(engine.NonFiniteLoss, match=match):
+        engine.run(cfg)
+    good = load_file(tmp_path / name / "last-good.safetensors")
+    assert all(torch.isfinite(v.float()).all() for v in good.values())
+    return tmp_path / name
 
 
 def test_a_nan_gradient_stops_before_it_reaches_the_weights(fmnist, tmp_path, monkeypatch):
@@ -162,12 +167,7 @@ def test_a_nan_gradient_stops_before_it_reaches_the_weights(fmnist, tmp_path, mo
         return out
 
     monkeypatch.setattr(engine.AdaptiVisionLoss, "forward", poisoned)
-    cfg = TrainConfig.build(overrides=[f"data_dir={fmnist}", f"output={tmp_path}", "name=nangrad", "epochs=1",
-                                       "compare_dense=false", *QUICK])
-    with pytest.raises(engine.NonFiniteLoss, match="non-finite gradient"):
-        engine.run(cfg)
-    good = load_file(tmp_path / "nangrad" / "last-good.safetensors")
-    assert all(torch.isfinite(v.float()).all() for v in good.values())
+    _stopped_run(fmnist, tmp_path, "nangrad", 1, "non-finite gradient")
 
 
 def _free_port():

@@ -1,14 +1,14 @@
 """A plain segmentation training loop and mIoU evaluation (used by ``adaptivision segment`` and
-``benchmarks/mosaic_segmentation.py``): AdamW, linear warm-up + cosine, cross-entropy on the
+``benchmarks/mosaic_segmentation.py``): AdamW, timm's cosine schedule with warm-up, cross-entropy on the
 upsampled logits with ``ignore_index=255``."""
 from __future__ import annotations
 
-import math
 import time
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from timm.scheduler import CosineLRScheduler
 
 from ..profile import profile
 from .metrics import confusion, mean_iou
@@ -26,8 +26,8 @@ def train_segmenter(model, ds, steps: int, batch: int, lr: float = 1e-3, seed: i
         backbone.init_clusters(torch.stack([ds[i][0] for i in range(min(64, len(ds)))]))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     warm = max(1, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    sched = CosineLRScheduler(opt, t_initial=steps, warmup_t=warm, warmup_lr_init=lr / warm, lr_min=0.0,
+                              t_in_epochs=False)
     g = torch.Generator().manual_seed(seed)
     model.train()
     t0 = time.time()
@@ -40,7 +40,7 @@ def train_segmenter(model, ds, steps: int, batch: int, lr: float = 1e-3, seed: i
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        sched.step()
+        sched.step_update(step + 1)
         if step % log_every == 0 or step == steps - 1:
             log(f"step {step + 1}/{steps} loss {loss.item():.3f} ({time.time() - t0:.0f} s)")
     return model.eval()

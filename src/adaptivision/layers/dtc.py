@@ -155,7 +155,8 @@ class DynamicTokenClustering(nn.Module):
         return (w.unsqueeze(-1) * (zs - mean).pow(2)).sum(1).mean(-1)                 # (B,)
 
     def k_from_score(self, score: torch.Tensor, bias: float) -> torch.Tensor:
-        """``K = clamp(round_to(k_step, K_min + (K_max - K_min) * sigmoid(score + bias)))``."""
+        """``K = clamp(round_to(k_step, K_min + (K_max - K_min) * sigmoid(score + bias0 + bias)))``, (B,);
+        ``bias0 = log((k_mid - K_min) / (K_max - k_mid))`` puts an average image (score 0) at ``k_mid``."""
         score = torch.nan_to_num(score, nan=0.0)  # a broken score must not give a negative K
         k = self.k_min + (self.k_max - self.k_min) * torch.sigmoid(score + self.bias0 + bias)
         k = torch.round(k / self.k_step) * self.k_step
