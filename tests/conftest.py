@@ -17,6 +17,22 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _text_cache(tmp_path_factory):
+    """Tests never write to the user's cache; the default text model's embeddings of the
+    Fashion-MNIST class names are seeded with a fake encoder (runs with guidance=text read them)."""
+    from adaptivision.guidance import DEFAULT_TEMPLATE, DEFAULT_TEXT_MODEL, class_embeddings
+    from fixtures import FMNIST_CLASSES, FakeTextEncoder
+    old = os.environ.get("ADAPTIVISION_CACHE")
+    os.environ["ADAPTIVISION_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    class_embeddings(FMNIST_CLASSES, DEFAULT_TEXT_MODEL, DEFAULT_TEMPLATE, "fashion-mnist", encoder=FakeTextEncoder())
+    yield
+    if old is None:
+        os.environ.pop("ADAPTIVISION_CACHE")
+    else:
+        os.environ["ADAPTIVISION_CACHE"] = old
+
+
 def tiny_model(**kw) -> AdaptiVision:
     """A small AdaptiVision (16x16 input, patch 4 -> 16 patches) for fast unit tests."""
     args = dict(img_size=16, patch_size=4, in_chans=3, num_classes=5, embed_dim=32, depth=4, num_heads=2,

@@ -82,3 +82,26 @@ def make_imagenet_subset(root, wnids, per_class=2):
         for i in range(per_class):
             _save(os.path.join(root, w, f"{i}.jpg"), _pattern(c, i, 32, 3))
     return root
+
+
+class FakeTextEncoder:
+    """Stands in for a sentence-transformers model: a fixed pseudo-random unit vector per text
+    (from its hash), so tests need neither the text model nor its load time. Counts its calls."""
+
+    def __init__(self, dim: int = 16):
+        self.dim, self.calls = dim, 0
+
+    def encode(self, texts, convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=False):
+        import hashlib
+
+        import torch
+        self.calls += 1
+        rows = []
+        for t in texts:
+            seed = int(hashlib.sha1(t.encode()).hexdigest()[:8], 16)
+            rows.append(torch.randn(self.dim, generator=torch.Generator().manual_seed(seed)))
+        return torch.nn.functional.normalize(torch.stack(rows), dim=-1)
+
+
+FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                  "Ankle boot"]

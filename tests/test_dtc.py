@@ -39,10 +39,16 @@ def test_every_complexity_score_drives_k(complexity):
     assert k.unique().numel() > 1, f"{complexity}: every image got K={k.tolist()}"
 
 
-def test_saliency_without_weights_is_a_clear_error():
-    model = tiny_model(complexity="saliency")
-    with pytest.raises(ValueError, match="patch_weights"):
-        model(torch.randn(2, 3, 16, 16))
+def test_saliency_without_weights_falls_back_to_uniform_weights():
+    """Missing guidance at test time: complexity='saliency' without weights is the plain variance."""
+    x = torch.randn(4, 3, 16, 16)
+    sal = tiny_model(complexity="saliency", budget_jitter=0.0).eval()
+    var = tiny_model(complexity="variance", budget_jitter=0.0).eval()
+    var.load_state_dict(sal.state_dict())
+    with torch.no_grad():
+        out = sal(x)
+        assert torch.equal(out, sal(x, patch_weights=torch.ones(4, 16)))
+        assert torch.equal(out, var(x))
 
 
 def test_an_image_gives_the_same_output_alone_or_in_a_mixed_batch():
@@ -205,10 +211,12 @@ def test_cluster_loss_does_not_collapse_with_detached_tokens():
     assert finals[True] > 0.5, finals        # ... and prevented with it
 
 
-def test_dtc_module_validates_its_inputs():
-    dtc = DynamicTokenClustering(8, 2, 4, complexity="saliency")
-    with pytest.raises(ValueError, match="patch_weights"):
-        dtc.complexity_score(torch.randn(1, 5, 8))
+def test_saliency_complexity_is_the_weighted_variance():
+    dtc = DynamicTokenClustering(8, 2, 4, complexity="saliency", assign_norm=False)
+    z, w = torch.randn(2, 5, 8), torch.tensor([[0.0, 0, 1, 1, 0], [1, 1, 1, 1, 1]])
+    c = dtc.complexity_score(z, w)
+    assert torch.allclose(c[0], z[0, 2:4].var(0, unbiased=False).mean())  # only the salient patches count
+    assert torch.allclose(c[1], z[1].var(0, unbiased=False).mean())
 
 
 def test_without_guidance_cmtf_is_skipped_and_with_it_cmtf_acts():

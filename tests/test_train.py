@@ -212,6 +212,18 @@ def test_torchrun_two_cpu_processes_match_one_process(fmnist, tmp_path):
     assert len([s for s in steps if s["kind"] == "step"]) == 8
 
 
+def test_torchrun_with_guidance_dropout(fmnist, tmp_path):
+    """A dropped guidance source leaves its projection without gradient: DDP must allow that."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           "-m", "adaptivision", "train", "--data-dir", fmnist, "--output", str(tmp_path), "--name", "g",
+           "--epochs", "1", "compare_dense=false", "workers=0", "batch_size=8", "throughput_batch=8",
+           "guidance=text,saliency,learned", "guidance_dropout=0.5", "lambda_align=0.1",
+           "model_kwargs={embed_dim: 32, depth: 2, num_heads: 2}"]
+    r = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "g" / "summary.json").exists()
+
+
 def test_shipped_configs_are_valid_and_the_default_job_matches_its_file():
     root = os.path.join(os.path.dirname(__file__), "..", "configs")
     for name in sorted(os.listdir(root)):
@@ -259,3 +271,53 @@ def test_cli_errors_are_clear_and_exit_2(tmp_path, capsys):
     assert "Did you mean 'epochs'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["eval", "--checkpoint", "x.safetensors", "stray=1"])
+
+
+def test_guided_training_and_evaluation_end_to_end(fmnist, tmp_path, capsys):
+    """guidance=text,saliency,mask,learned with L_align: the run records its guidance, logs the
+    align term, and `eval` runs it with guidance as trained, missing, shuffled and noise."""
+    rc = main(["train", "--data-dir", fmnist, "--output", str(tmp_path), "--name", "g", "--epochs", "1", *QUICK,
+               "guidance=text,saliency,mask,learned", "lambda_align=0.1", "guidance_dropout=0.3"])
+    assert rc == 0
+    run = tmp_path / "g"
+    spec = json.loads((run / "model.json").read_text())
+    assert spec["kwargs"]["guidance_dim"] == {"saliency": 49, "text": 16, "mask": 49}  # 16: the test cache's
+    assert spec["kwargs"]["cmtf"] and spec["kwargs"]["align_dim"] == 16
+    assert spec["guidance"]["sources"] == ["text", "saliency", "mask", "learned"]
+    assert spec["guidance"]["classes"][0] == "T-shirt/top"
+    dense = json.loads((run / "dense" / "model.json").read_text())
+    assert "guidance" not in dense and not dense["kwargs"]["cmtf"]
+    steps = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all("align" in r for r in steps if r["kind"] == "step")
+    capsys.readouterr()
+    results = {}
+    for mode in ("normal", "missing", "shuffled", "random"):
+        assert main(["eval", "--checkpoint", str(run / "best.safetensors"), "--data-dir", fmnist,
+                     "--guidance-mode", mode]) == 0
+        results[mode] = json.loads(capsys.readouterr().out)
+        assert results[mode]["images"] == 32 and results[mode]["guidance_mode"] == mode
+    # the model's own record of the normal evaluation is what `eval` reproduces
+    summary = json.loads((run / "summary.json").read_text())["rows"][0]
+    assert abs(results["normal"]["top1"] - summary["top1"]) < 1e-6
+    # CMTF attends to fewer tokens without guidance: fewer MACs
+    assert results["missing"]["gmacs"] < results["normal"]["gmacs"] or \
+        results["missing"]["mean_k"] != results["normal"]["mean_k"]
+    # pictures of a guided run show the clustering it makes with its guidance
+    assert main(["visualize", "--checkpoint", str(run / "best.safetensors"), "--data-dir", fmnist,
+                 "--num", "2", "--out", str(tmp_path / "pics")]) == 0
+    assert len(list((tmp_path / "pics").glob("*.png"))) == 2
+
+
+def test_guidance_errors_are_clear(fmnist, tmp_path, capsys):
+    with pytest.raises(ValueError, match="reduction='dtc'"):
+        engine.run(TrainConfig.build(None, ["guidance=saliency", "model_kwargs={reduction: tome}", "epochs=1",
+                                            f"data_dir={fmnist}", f"output={tmp_path}", "workers=0"]))
+    assert main(["train", "guidance=depth"]) == 2
+    assert "'guidance': 'depth' is not a source" in capsys.readouterr().err
+    assert main(["train", "lambda_align=0.1"]) == 2
+    assert "'lambda_align'" in capsys.readouterr().err
+    main(["train", "--data-dir", fmnist, "--output", str(tmp_path), "--name", "plain", "--epochs", "1", *QUICK,
+          "compare_dense=false", "limit_train=16"])
+    assert main(["eval", "--checkpoint", str(tmp_path / "plain" / "best.safetensors"), "--data-dir", fmnist,
+                 "--guidance-mode", "missing"]) == 2
+    assert "trained without guidance" in capsys.readouterr().err

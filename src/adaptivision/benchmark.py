@@ -79,9 +79,10 @@ def build(spec: str, img_size: Optional[int], images: torch.Tensor, checkpoint: 
     return model.eval(), budget
 
 
-def apply_budget(model: torch.nn.Module, budget: dict, images: torch.Tensor) -> None:
+def apply_budget(model: torch.nn.Module, budget: dict, images: torch.Tensor, **forward_kwargs) -> None:
     """``{'k': 64}``: one fixed K for every image; ``{'gmacs'|'mean_k'|'bias': v}``: calibrate
-    the per-image budget on ``images`` (:meth:`AdaptiVision.set_token_budget`)."""
+    the per-image budget on ``images`` (:meth:`AdaptiVision.set_token_budget`; ``forward_kwargs``:
+    the guidance the model is evaluated with)."""
     if not budget:
         return
     if not getattr(model, "dtc", None):
@@ -92,7 +93,7 @@ def apply_budget(model: torch.nn.Module, budget: dict, images: torch.Tensor) -> 
             raise ValueError(f"k={budget['k']} is outside this model's range [{dtc.k_min}, {dtc.k_max}]")
         dtc.dynamic, dtc.fixed_k = False, int(budget["k"])
     else:
-        model.set_token_budget(images, **{k: float(v) for k, v in budget.items()})
+        model.set_token_budget(images, **{k: float(v) for k, v in budget.items()}, **forward_kwargs)
 
 
 def _autocast(amp, device: torch.device):

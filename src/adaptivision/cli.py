@@ -24,8 +24,19 @@ def _train(args) -> int:
 
 def _eval(args) -> int:
     from .profile import profile
-    from .train.engine import build_eval_dataset, eval_loader, evaluate, load_for_eval, setup_distributed
+    from .train.engine import (
+        build_eval_dataset,
+        eval_loader,
+        evaluate,
+        guidance_kwargs,
+        load_for_eval,
+        load_guidance,
+        setup_distributed,
+    )
     model, cfg = load_for_eval(args.checkpoint, args.model)
+    guide = load_guidance(args.checkpoint, cfg, model)
+    if args.guidance_mode != "normal" and guide is None:
+        raise ValueError(f"--guidance-mode {args.guidance_mode}: {args.checkpoint} was trained without guidance")
     budget = None
     if args.budget:
         from .benchmark import parse_spec
@@ -43,13 +54,17 @@ def _eval(args) -> int:
         from .benchmark import apply_budget
         from .data import collate_skip as _collate
         xb, _, _ = _collate([ds[i] for i in range(min(256, len(ds)))])
-        apply_budget(model.eval(), budget, xb.to(d.device))
-    res = evaluate(model, eval_loader(ds, cfg, d), d, "none", getattr(ds, "class_indices", None))
+        xb = xb.to(d.device)
+        apply_budget(model.eval(), budget, xb, **guidance_kwargs(guide, xb, args.guidance_mode))
+    res = evaluate(model, eval_loader(ds, cfg, d), d, "none", getattr(ds, "class_indices", None), guide,
+                   args.guidance_mode)
     from .data import collate_skip
     x, _, _ = collate_skip([ds[i] for i in range(min(64, len(ds)))])
     x = x.to(d.device)
-    prof = profile(model, x)
+    prof = profile(model, x, **guidance_kwargs(guide, x, args.guidance_mode))
     res.update(gmacs=prof["gmacs"], params_m=prof["params"] / 1e6, mean_k=prof.get("mean_k"))
+    if guide is not None:
+        res.update(guidance=",".join(guide.sources), guidance_mode=args.guidance_mode)
     print(json.dumps(res, indent=1))
     return 0
 
@@ -103,7 +118,13 @@ def _benchmark(args) -> int:
 def _visualize(args) -> int:
     from timm.data import resolve_data_config
 
-    from .train.engine import build_eval_dataset, build_transforms, load_for_eval
+    from .train.engine import (
+        build_eval_dataset,
+        build_transforms,
+        guidance_kwargs,
+        load_for_eval,
+        load_guidance,
+    )
     from .visualize import visualize
     model, cfg = load_for_eval(args.checkpoint, args.model)
     _, eval_tf, mode = build_transforms(cfg, model)
@@ -125,7 +146,10 @@ def _visualize(args) -> int:
         xs = [ds[i][0] for i in picks]
         names = [f"{args.dataset or cfg.dataset}-{i:04d}" for i in picks]
     data_cfg = resolve_data_config({}, model=model)
-    paths = visualize(model, torch.stack(xs), args.out, names, data_cfg["mean"], data_cfg["std"], args.block)
+    x = torch.stack(xs)
+    guide = load_guidance(args.checkpoint, cfg, model)
+    paths = visualize(model, x, args.out, names, data_cfg["mean"], data_cfg["std"], args.block,
+                      **guidance_kwargs(guide, x))
     print("\n".join(paths))
     return 0
 
@@ -182,6 +206,9 @@ def main(argv=None) -> int:
     e.add_argument("--dataset")
     e.add_argument("--data-dir", dest="data_dir")
     e.add_argument("--budget", help="inference budget of one checkpoint: gmacs=1.3 | mean_k=64 | bias=-1 | k=64")
+    e.add_argument("--guidance-mode", dest="guidance_mode", default="normal",
+                   choices=("normal", "missing", "shuffled", "random"),
+                   help="a guided run's guidance as trained, left out, another image's, or noise")
     e.set_defaults(fn=_eval)
     f = sub.add_parser("profile", help="params, GMACs and throughput of models (timm names work too)")
     f.add_argument("--model", required=True, help="one or more names, comma-separated")
@@ -191,7 +218,7 @@ def main(argv=None) -> int:
     f.set_defaults(fn=_profile)
     x = sub.add_parser("experiment", help="the paper's tables and figures: `experiment list`, `experiment run NAME`")
     x.add_argument("action", choices=("list", "run"))
-    x.add_argument("name", nargs="?", help="table1, table4, table5, table6, table7, figure1a, theorem1, variants")
+    x.add_argument("name", nargs="?", help="table1, table4, table5, table6, table7, figure1a, theorem1, variants, guidance")
     x.add_argument("--dataset", default="fashion-mnist")
     x.add_argument("--data-dir", dest="data_dir")
     x.add_argument("--epochs", type=int)

@@ -71,7 +71,9 @@ class ModelOptions:
     cmtf: Optional[bool] = None         # default: on with reduction='dtc'
     cmtf_at: IntOrSeq = None            # blocks preceded by CMTF; default: the first condensed block
     gate: str = "gated"                 # 'gated' (sound default) | 'paper' (eq. 10 literal)
-    guidance_dim: Optional[int] = None  # width of raw guidance tokens (default embed_dim)
+    guidance_dim: Union[int, dict, None] = None  # width of raw guidance tokens (default embed_dim), or
+    #                                     {source: width} for several sources, each with its own projection
+    guidance_tokens: int = 0            # M learned guidance tokens, always appended (the fallback source)
     align_dim: Optional[int] = None     # output width of the L_align projection (None = no head)
 
     stages: list = field(default_factory=list, init=False, repr=False)
@@ -127,9 +129,18 @@ class ModelOptions:
                "None or an integer >= 1")
         _check(self.norm in ("pre", "post"), "norm", self.norm, "'pre' or 'post'")
         _check(self.gate in ("gated", "paper"), "gate", self.gate, "'gated' or 'paper'")
-        for name in ("guidance_dim", "align_dim"):
-            v = getattr(self, name)
-            _check(v is None or int(v) >= 1, name, v, "None or an integer >= 1")
+        _check(self.align_dim is None or int(self.align_dim) >= 1, "align_dim", self.align_dim,
+               "None or an integer >= 1")
+        g = self.guidance_dim
+        if isinstance(g, dict):
+            _check(len(g) > 0 and all(isinstance(k, str) and k and isinstance(w, int) and not isinstance(w, bool)
+                                      and w >= 1 for k, w in g.items()),
+                   "guidance_dim", g, "None, an integer >= 1 or a non-empty mapping {source name: width >= 1}")
+        else:
+            _check(g is None or (not isinstance(g, bool) and int(g) >= 1), "guidance_dim", g,
+                   "None, an integer >= 1 or a mapping {source name: width >= 1}")
+        _check(isinstance(self.guidance_tokens, int) and self.guidance_tokens >= 0, "guidance_tokens",
+               self.guidance_tokens, "an integer >= 0")
 
         at = (_as_list(self.condense_at) or []) if ours else []
         _check(at == sorted(set(at)), "condense_at", self.condense_at, "strictly increasing block indices")

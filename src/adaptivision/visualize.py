@@ -16,9 +16,10 @@ from .layers import AFABlock, modulation_matrix
 
 
 @torch.no_grad()
-def clustering(model, x: torch.Tensor, block: Optional[int] = None) -> list:
+def clustering(model, x: torch.Tensor, block: Optional[int] = None, guidance=None, patch_weights=None) -> list:
     """Per image: ``labels`` (H', W') strongest cluster of each patch, ``k``, and ``m`` (K+1, K+1)
-    AFA modulation at the input of ``block`` (default: the last block), or None without AFA."""
+    AFA modulation at the input of ``block`` (default: the last block), or None without AFA.
+    ``guidance``/``patch_weights``: what a guided model is given (they change K and the clusters)."""
     model.eval()
     if not len(model.dtc):
         raise ValueError("this model has no DTC stage (condense_at=None): there is no clustering to show")
@@ -29,7 +30,7 @@ def clustering(model, x: torch.Tensor, block: Optional[int] = None) -> list:
                          f"{len(model.blocks)}, got {block}")
     H, W = model.patch_embed.dynamic_feat_size(x.shape[-2:])
     out: list = [None] * x.shape[0]
-    for i, groups in model._trunk(x, last=block - 1):
+    for i, groups in model._trunk(x, guidance, patch_weights, last=block - 1):
         if i != block - 1:
             continue
         blk = model.blocks[block]
@@ -80,11 +81,13 @@ def save_figure(path: str, img: np.ndarray, info: dict, title: str = "", block: 
     return path
 
 
-def visualize(model, images: torch.Tensor, out: str, names: list, mean, std, block: Optional[int] = None) -> list:
-    """Write one PNG per image into ``out``; returns their paths."""
+def visualize(model, images: torch.Tensor, out: str, names: list, mean, std, block: Optional[int] = None,
+              **guidance) -> list:
+    """Write one PNG per image into ``out``; returns their paths. ``guidance``: ``guidance=`` and
+    ``patch_weights=`` of a guided model (see :class:`adaptivision.guidance.Guidance`)."""
     os.makedirs(out, exist_ok=True)
     block = len(model.blocks) - 1 if block is None else block
-    infos = clustering(model, images, block)
+    infos = clustering(model, images, block, **guidance)
     paths = []
     for img, info, name in zip(images, infos, names, strict=True):
         stem = os.path.splitext(os.path.basename(str(name)))[0]

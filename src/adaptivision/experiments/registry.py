@@ -16,9 +16,9 @@ SCALES = ("smoke", "small", "paper")
 class Cell:
     label: str                       # the row label, as in the paper
     kwargs: dict = field(default_factory=dict)  # model options (ModelOptions / timm)
+    train: dict = field(default_factory=dict)   # TrainConfig fields of this cell (guidance, lambda_align, ...)
     model: Optional[str] = None      # a different model name (e.g. a timm dense model); default: the scale's
     match_gmacs: bool = False        # set the baseline's knob so its GMACs equal the dtc cell's
-    needs: Optional[str] = None      # why it cannot run yet (the report says so in its row)
     scales: tuple = SCALES           # where the cell exists (timm's Swin-T only at paper scale)
 
 
@@ -26,7 +26,7 @@ class Cell:
 class Experiment:
     name: str
     title: str
-    kind: str                        # 'train' | 'budget' | 'scaling' | 'robustness'
+    kind: str                        # 'train' | 'budget' | 'scaling' | 'robustness' | 'guidance'
     cells: tuple = ()
     key: Optional[str] = None        # column named after the swept option (Table 4: tau)
     paper_datasets: tuple = ("imagenet",)
@@ -43,7 +43,25 @@ BASELINES = (
     Cell("ToMe", {"reduction": "tome"}, match_gmacs=True),
     DTC,
 )
-NO_GUIDANCE = "needs guidance providers (issue 6): CMTF has nothing to fuse without them"
+TEXT_SAL = "text,saliency"
+
+
+def _guided(label: str, guidance: str, **train) -> Cell:
+    return Cell(label, {"reduction": "dtc"}, train=dict(guidance=guidance, **train))
+
+
+GUIDANCE_CELLS = (
+    Cell("no guidance (DTC+AFA)", {"reduction": "dtc"}),
+    _guided("learned tokens (M=8)", "learned"),
+    _guided("saliency", "saliency"),
+    _guided("foreground mask", "mask"),
+    _guided("text (class names)", "text"),
+    _guided("text + saliency", TEXT_SAL),
+    _guided("text, lambda2 = 0.1", "text", lambda_align=0.1),
+    _guided("text + saliency, lambda2 = 0.1", TEXT_SAL, lambda_align=0.1),
+    _guided("text + saliency, lambda1 = 1e-3, lambda2 = 0.1", TEXT_SAL, lambda_align=0.1, lambda_cluster=1e-3),
+    _guided("text + saliency, source dropout 0.5", TEXT_SAL, guidance_dropout=0.5),
+)
 
 EXPERIMENTS = {e.name: e for e in (
     Experiment("table1", "Table 1/2: model comparison", "train", (
@@ -60,15 +78,20 @@ EXPERIMENTS = {e.name: e for e in (
         DENSE,
         Cell("+DTC", {"reduction": "dtc", "afa": False}),
         Cell("+DTC+AFA", {"reduction": "dtc"}),
-        Cell("+DTC+AFA+CMTF", {"reduction": "dtc", "cmtf": True}, needs=NO_GUIDANCE))),
+        _guided("+DTC+AFA+CMTF (text + saliency)", TEXT_SAL))),
     Experiment("figure1a", "Figure 1(a): accuracy vs GMACs, one trained model per method", "budget",
                BASELINES[1:], note="re-evaluates the table5 checkpoints at several budgets"),
+    Experiment("guidance", "Semantic guidance: sources, lambda1/lambda2, missing and noisy guidance", "guidance",
+               GUIDANCE_CELLS, note="each guided run is also evaluated with its guidance missing, shuffled "
+                                    "between images, and replaced by noise"),
     Experiment("theorem1", "Theorem 1: cost as the image grows (fixed K range)", "scaling", (DENSE, DTC)),
     Experiment("variants", "Paper-literal vs sound variants (DESIGN.md)", "train", (
         Cell("sound defaults", {"reduction": "dtc"}),
         Cell("normalize=False (eq. 3 literal sum)", {"reduction": "dtc", "normalize": False}),
         Cell("norm='post' (eq. 7 literal)", {"reduction": "dtc", "norm": "post"}),
-        Cell("gate='paper' (eq. 10 literal)", {"reduction": "dtc", "cmtf": True, "gate": "paper"}, needs=NO_GUIDANCE))),
+        Cell("gate='paper' (eq. 10 literal; text + saliency)", {"reduction": "dtc", "gate": "paper"},
+             train=dict(guidance=TEXT_SAL)),
+        Cell("gate='gated' (default; text + saliency)", {"reduction": "dtc"}, train=dict(guidance=TEXT_SAL)))),
 )}
 
 # Budgets of Figure 1(a): DTC's bias knob, ToMe's r as a fraction of (patches / depth), the

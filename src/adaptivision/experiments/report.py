@@ -51,6 +51,38 @@ def _train_table(rec: dict, exp_dir: str, notes: list) -> list:
     return lines
 
 
+def _guidance_table(rec: dict, exp_dir: str, notes: list) -> list:
+    """Accuracy with the guidance the run was trained with, and with it missing / shuffled
+    between images / replaced by noise (in brackets: the change from the first column)."""
+    modes = ("missing", "shuffled", "random")
+    head = ["run", "guidance", "lambda1", "lambda2", "GMACs", "mean K", "top-1 (%)"] + \
+        [f"{m} (%)" for m in modes] + ["seeds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for cell in rec["cells"]:
+        runs = cell.get("runs", [])
+        rows = [(run, r) for run, r in ((run, _summary(exp_dir, run)) for run in runs) if r is not None]
+        if cell.get("status"):
+            notes.append(f"{cell['label']}: {cell['status']}")
+        elif len(rows) < len(runs) or not rows:
+            notes.append(f"{cell['label']}: {len(runs) - len(rows)} run(s) missing or unfinished")
+        train = cell.get("train") or {}
+        top1 = [r["top1"] for _, r in rows]
+        vals = [cell["label"], train.get("guidance", "none"), str(train.get("lambda_cluster", 0)),
+                str(train.get("lambda_align", 0)), _stat([r["gmacs"] for _, r in rows], 4),
+                _stat([statistics.fmean(r["mean_k"]) if r.get("mean_k") else None for _, r in rows], 1),
+                _stat(top1)]
+        for m in modes:
+            pairs = [(run["modes"][m]["top1"], r["top1"]) for run, r in rows if m in (run.get("modes") or {})]
+            if not pairs:
+                vals.append(MISSING)
+                continue
+            delta = statistics.fmean(a - b for a, b in pairs)
+            vals.append(f"{_stat([a for a, _ in pairs])} ({delta:+.2f})")
+        vals.append(str(len(rows)))
+        lines.append("| " + " | ".join(vals) + " |")
+    return lines
+
+
 def _budget(rec: dict, out: str, name: str, plots: list) -> list:
     lines = ["| method | knob | GMACs | top-1 (%) | seeds |", "|---|---|---|---|---|"]
     curves = {}
@@ -112,14 +144,15 @@ def _pictures(rec: dict, exp_dir: str, out: str, name: str, notes: list, num: in
                 import torch
                 from timm.data import resolve_data_config
 
-                from ..train.engine import build_eval_dataset, load_for_eval
+                from ..train.engine import build_eval_dataset, guidance_kwargs, load_for_eval, load_guidance
                 from ..visualize import visualize
                 model, cfg = load_for_eval(ckpt)
                 ds = build_eval_dataset(cfg, model)
                 xs = torch.stack([ds[i][0] for i in range(min(num, len(ds)))])
                 names = [f"{name}-{cell['label']}-{i}".replace(" ", "_").replace("/", "_") for i in range(len(xs))]
                 data_cfg = resolve_data_config({}, model=model)
-                paths = visualize(model, xs, out, names, data_cfg["mean"], data_cfg["std"])
+                paths = visualize(model, xs, out, names, data_cfg["mean"], data_cfg["std"],
+                                  **guidance_kwargs(load_guidance(ckpt, cfg, model), xs))
                 return [os.path.basename(p) for p in paths]
             except (OSError, ValueError) as e:  # e.g. the data set is not on this machine
                 notes.append(f"pictures of {cell['label']} not made: {e}")
@@ -168,8 +201,8 @@ def report(exp_dirs: list, out: str, pictures: bool = True) -> str:
                f"Scale `{rec['scale']}`, data set `{rec['dataset']}`, model `{rec['model']}`, {rec['epochs']} epoch(s), "
                f"{rec['seeds']} seed(s); recorded {rec.get('finished', '?')} ({rec.get('threads', '?')} threads). "
                f"Mean ± std over seeds.", ""]
-        if rec["kind"] == "train":
-            md += _train_table(rec, exp_dir, notes)
+        if rec["kind"] in ("train", "guidance"):
+            md += (_train_table if rec["kind"] == "train" else _guidance_table)(rec, exp_dir, notes)
             if pictures:
                 plots += _pictures(rec, exp_dir, out, name, notes)
         elif rec["kind"] == "budget":

@@ -22,6 +22,7 @@ import torch
 
 from ..config import ModelOptions
 from ..data import collate_skip
+from ..guidance import MODES
 from ..profile import profile
 from ..train import TrainConfig, engine
 from . import knobs
@@ -59,6 +60,21 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40]
 
 
+# TrainConfig fields added after runs were first recorded: left out of a run's identity while
+# they hold their default, so those runs keep their names (and are not trained again).
+LATER_FIELDS = ("init_from", "guidance", "text_model", "text_template", "guidance_tokens", "guidance_dropout")
+
+
+def _identity(cfg: TrainConfig) -> dict:
+    """What makes two runs the same run (every config field but seed, name and output)."""
+    defaults = dataclasses.asdict(TrainConfig())
+    ident = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("seed", "name", "output")}
+    for k in LATER_FIELDS:
+        if ident[k] == defaults[k]:
+            ident.pop(k)
+    return ident
+
+
 def _non_default(kwargs: dict) -> dict:
     """Drop options given at their default value, so equal configurations share their runs."""
     defaults = ModelOptions().to_dict()
@@ -81,11 +97,12 @@ class Runner:
         extra = {}
         if cell.match_gmacs:
             kwargs, extra = self._matched(model, kwargs)
-        cfg = dataclasses.replace(self.base, model=model, model_kwargs=kwargs, seed=seed)
-        ident = json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("seed", "name", "output")},
-                           sort_keys=True, default=str)
+        cfg = dataclasses.replace(self.base, model=model, model_kwargs=kwargs, seed=seed, **cell.train).validate()
+        ident = json.dumps(_identity(cfg), sort_keys=True, default=str)
         # named by what is run, not by the row label, so equal configurations share one run
         what = _slug(model if cell.model else kwargs.get("reduction", "dtc"))
+        if cfg.guidance != "none":
+            what = f"{what}-{_slug(cfg.guidance)}"
         name = f"{what}-{hashlib.sha1(ident.encode()).hexdigest()[:8]}"
         return dataclasses.replace(cfg, output=os.path.join(self.out, "runs"), name=f"{name}/seed{seed}"), extra
 
@@ -106,14 +123,11 @@ class Runner:
 
     # --- running ----------------------------------------------------------------------------------
     def train_cell(self, cell: Cell) -> dict:
-        entry = dict(label=cell.label, kwargs=cell.kwargs, model=cell.model, runs=[])
+        entry = dict(label=cell.label, kwargs=cell.kwargs, train=cell.train, model=cell.model, runs=[])
         if self.exp.key:
             entry["key"] = cell.kwargs.get(self.exp.key)
         if self.scale not in cell.scales:
             entry["status"] = f"paper scale only (not at scale {self.scale!r})"
-            return entry
-        if cell.needs:
-            entry["status"] = f"not run: {cell.needs}"
             return entry
         for seed in range(self.seeds):
             cfg, extra = self.cell_config(cell, seed)
@@ -137,9 +151,11 @@ class Runner:
             self.record["cells"] = self.robustness(checkpoints, eval_data or {})
         else:
             self.record["cells"] = [self.train_cell(c) for c in self.exp.cells]
-            if kind == "budget":
-                for entry in self.record["cells"]:
+            for entry in self.record["cells"]:
+                if kind == "budget":
                     self.budget_sweep(entry)
+                elif kind == "guidance":
+                    self.guidance_sweep(entry)
         self.record["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
         self.record["threads"] = torch.get_num_threads()
         path = os.path.join(self.out, self.exp.name, "experiment.json")
@@ -153,27 +169,42 @@ class Runner:
     def _load(self, run_dir: str):
         ckpt = os.path.join(self.out, run_dir, "best.safetensors")
         model, cfg = engine.load_for_eval(ckpt)
-        return model.eval(), cfg
+        return model.eval(), cfg, engine.load_guidance(ckpt, cfg, model)
 
-    def _eval(self, model, cfg: TrainConfig, dataset=None, data_dir=None) -> dict:
+    def _eval(self, model, cfg: TrainConfig, dataset=None, data_dir=None, guide=None, mode: str = "normal") -> dict:
         d = engine.setup_distributed("cpu" if not torch.cuda.is_available() else cfg.device)
         model.to(d.device)
         ds = engine.build_eval_dataset(cfg, model, dataset, data_dir)
-        res = engine.evaluate(model, engine.eval_loader(ds, cfg, d), d, "none", getattr(ds, "class_indices", None))
+        res = engine.evaluate(model, engine.eval_loader(ds, cfg, d), d, "none", getattr(ds, "class_indices", None),
+                              guide, mode)
         x, _, _ = collate_skip([ds[i] for i in range(min(256, len(ds)))])
-        res["gmacs"] = profile(model, x.to(d.device))["gmacs"]
+        x = x.to(d.device)
+        prof = profile(model, x, **engine.guidance_kwargs(guide, x, mode))
+        res["gmacs"], res["mean_k"] = prof["gmacs"], prof.get("mean_k")
         return res
 
+    def guidance_sweep(self, entry: dict) -> None:
+        """Each guided run evaluated with its guidance missing, shuffled between images, and noise."""
+        for run in entry.get("runs", []):
+            model, cfg, guide = self._load(run["run_dir"])
+            if guide is None:
+                continue
+            run["modes"] = {}
+            for mode in MODES[1:]:
+                torch.manual_seed(0)  # the noise of 'random' / the row order of 'shuffled'
+                res = self._eval(model, cfg, guide=guide, mode=mode)
+                run["modes"][mode] = dict(top1=res["top1"], top5=res["top5"], gmacs=res["gmacs"], mean_k=res["mean_k"])
+                self.log(f"[guidance] {entry['label']} seed {run['seed']} {mode}: top-1 {res['top1']:.2f}")
     def budget_sweep(self, entry: dict) -> None:
         """Figure 1(a): every trained model of the cell at each budget of its method."""
         red = (entry["kwargs"] or {}).get("reduction", "dtc")
         for run in entry["runs"]:
-            model, cfg = self._load(run["run_dir"])
+            model, cfg, guide = self._load(run["run_dir"])
             run["points"] = []
             for b in BUDGETS.get(red, []):
                 value = knobs.tome_r(model, b) if red == "tome" else b
                 knobs.set_knob(model, value)
-                res = self._eval(model, cfg)
+                res = self._eval(model, cfg, guide=guide)
                 run["points"].append(dict(knob=value, gmacs=res["gmacs"], top1=res["top1"], top5=res["top5"]))
                 self.log(f"[figure1a] {entry['label']} seed {run['seed']} knob {value}: "
                          f"{res['gmacs']:.4f} GMACs, top-1 {res['top1']:.2f}")

@@ -146,10 +146,9 @@ class DynamicTokenClustering(nn.Module):
             a, _ = soft_assign(zs, self.centroids, self.tau)                         # (B, N, K_max)
             p = a.mean(1)                                                            # (B, K_max) cluster usage
             return -(p * p.clamp_min(1e-12).log()).sum(-1)
-        if weights is None:
-            raise ValueError("complexity='saliency' needs per-patch weights: pass patch_weights=(B, N) "
-                             "to the model's forward (e.g. from a saliency guidance provider).")
-        w = weights.float().clamp_min(0)
+        # 'saliency': the saliency-weighted variance. Missing guidance (no weights) degrades to
+        # uniform weights, i.e. the plain variance score, so a model trained with saliency still runs.
+        w = weights.float().clamp_min(0) if weights is not None else zs.new_ones(zs.shape[:2])
         w = w / w.sum(1, keepdim=True).clamp_min(1e-12)                              # (B, N)
         mean = (w.unsqueeze(-1) * zs).sum(1, keepdim=True)                            # (B, 1, D)
         return (w.unsqueeze(-1) * (zs - mean).pow(2)).sum(1).mean(-1)                 # (B,)

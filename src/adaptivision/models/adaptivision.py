@@ -17,6 +17,7 @@ from typing import List, Optional, Union
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
@@ -99,8 +100,19 @@ class AdaptiVision(VisionTransformer):
         self.reducer = self._build_baseline(self.opts, D, P)
         # proportional attention where tokens stand for several patches by construction
         self.prop_attn = self.opts.prop_attn and self.opts.reduction in ("dtc", "tome")
+        # raw guidance tokens -> width D: one projection per named source, or one for a single source
         gdim = opts.guidance_dim or D
-        self.guidance_embed = nn.Linear(gdim, D) if (len(self.cmtf) and gdim != D) else nn.Identity()
+        if not len(self.cmtf):
+            self.guidance_embed = nn.Identity()
+        elif isinstance(gdim, dict):
+            self.guidance_embed = nn.ModuleDict({name: nn.Linear(w, D) for name, w in gdim.items()})
+        else:
+            self.guidance_embed = nn.Linear(gdim, D) if gdim != D else nn.Identity()
+        # learned guidance tokens (the fallback source): CMTF still has keys when no guidance is given
+        self.guidance_tokens = None
+        if opts.guidance_tokens and len(self.cmtf):
+            self.guidance_tokens = nn.Parameter(torch.zeros(opts.guidance_tokens, D))
+            trunc_normal_(self.guidance_tokens, std=0.02)
         self.align_head = nn.Linear(D, opts.align_dim) if opts.align_dim else None
         self.last_num_clusters: Optional[torch.Tensor] = None  # (B, stages) K of each image, last forward
         self._feat_mass: Optional[torch.Tensor] = None
@@ -131,29 +143,60 @@ class AdaptiVision(VisionTransformer):
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
         # Decay would pull the centroids towards the origin, away from the tokens they summarise.
-        return super().no_weight_decay() | {f"dtc.{k}.centroids" for k in self.dtc}
+        # (the learned guidance tokens are embeddings, like the class token)
+        return super().no_weight_decay() | {f"dtc.{k}.centroids" for k in self.dtc} | {"guidance_tokens"}
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         return dict(
-            stem=r"^cls_token|reg_token|pos_embed|patch_embed|norm_pre|guidance_embed",
+            stem=r"^cls_token|reg_token|pos_embed|patch_embed|norm_pre|guidance_embed|guidance_tokens",
             blocks=[(r"^blocks\.(\d+)", None), (r"^(?:dtc|cmtf|reducer)\.(\d+)", None),
                     (r"^norm|^align_head", (99999,))],
         )
 
     # --- the trunk ------------------------------------------------------------------------------
-    def embed_guidance(self, guidance: Optional[torch.Tensor], batch: int) -> Optional[torch.Tensor]:
-        """Guidance tokens (M, Dg) shared by the batch or (B, M, Dg) per image -> (B, M, D)."""
-        if guidance is None or not len(self.cmtf):
+    def embed_guidance(self, guidance, batch: int) -> Optional[torch.Tensor]:
+        """Guidance tokens -> (B, M, D), or None when CMTF has nothing to attend to.
+
+        ``guidance``: (M, Dg) shared by the batch or (B, M, Dg) per image; with named sources
+        (``guidance_dim={name: width}``) a dict {name: tensor}, where any source may be missing
+        (missing guidance: only the sources given, plus the learned tokens, are fused).
+        """
+        if not len(self.cmtf):
             return None
-        if guidance.dim() == 2:
-            guidance = guidance.unsqueeze(0).expand(batch, -1, -1)
-        if guidance.dim() != 3 or guidance.shape[0] != batch:
-            raise ValueError(f"guidance must be (M, Dg) or (B={batch}, M, Dg), got {tuple(guidance.shape)}")
-        expected = self.guidance_embed.in_features if isinstance(self.guidance_embed, nn.Linear) else self.embed_dim
-        if guidance.shape[-1] != expected:
-            raise ValueError(f"guidance width {guidance.shape[-1]} != guidance_dim {expected} of this model")
-        return self.guidance_embed(guidance.to(self.pos_embed.dtype))
+        if isinstance(guidance, torch.Tensor):
+            if isinstance(self.guidance_embed, nn.ModuleDict):
+                if len(self.guidance_embed) != 1:
+                    raise ValueError(f"this model takes named guidance sources {sorted(self.guidance_embed)}: "
+                                     "pass guidance as a dict {source: tensor}")
+                guidance = {next(iter(self.guidance_embed)): guidance}
+            else:
+                guidance = {None: guidance}
+        tokens = [self._embed_source(name, g, batch) for name, g in (guidance or {}).items() if g is not None]
+        if self.guidance_tokens is not None:
+            tokens.append(self.guidance_tokens.unsqueeze(0).expand(batch, -1, -1))    # (B, M_learned, D)
+        return torch.cat(tokens, dim=1) if tokens else None                          # (B, M, D)
+
+    def _embed_source(self, name: Optional[str], g: torch.Tensor, batch: int) -> torch.Tensor:
+        what = "guidance" if name is None else f"guidance[{name!r}]"
+        if isinstance(self.guidance_embed, nn.ModuleDict):
+            if name not in self.guidance_embed:
+                raise ValueError(f"unknown guidance source {name!r}; this model was built for "
+                                 f"{sorted(self.guidance_embed)}")
+            proj = self.guidance_embed[name]
+        elif name is not None:
+            raise ValueError(f"this model takes one guidance tensor, not named sources (got {name!r}); "
+                             "build it with guidance_dim={name: width} for several sources")
+        else:
+            proj = self.guidance_embed
+        if g.dim() == 2:
+            g = g.unsqueeze(0).expand(batch, -1, -1)
+        if g.dim() != 3 or g.shape[0] != batch:
+            raise ValueError(f"{what} must be (M, Dg) or (B={batch}, M, Dg), got {tuple(g.shape)}")
+        expected = proj.in_features if isinstance(proj, nn.Linear) else self.embed_dim
+        if g.shape[-1] != expected:
+            raise ValueError(f"{what} width {g.shape[-1]} != guidance_dim {expected} of this model")
+        return proj(g.to(self.pos_embed.dtype))                                     # (B, M, D)
 
     def _trunk(self, x: torch.Tensor, guidance=None, patch_weights=None, last: Optional[int] = None):
         """Run embedding and blocks; yields ``(block index, groups)`` after each block."""

@@ -20,7 +20,7 @@ from timm.models.vision_transformer import VisionTransformer
 from .adaptivision import AdaptiVision
 
 # module prefixes / names that AdaptiVision adds to a ViT (absent from any timm checkpoint)
-ADDED = ("dtc.", "cmtf.", "guidance_embed.", "align_head.", "reducer.", ".modulator.")
+ADDED = ("dtc.", "cmtf.", "guidance_embed.", "guidance_tokens", "align_head.", "reducer.", ".modulator.")
 
 
 def vit_kwargs(vit: VisionTransformer) -> dict:

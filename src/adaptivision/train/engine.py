@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from ..data.datasets import build_dataset, collate_skip
+from ..guidance import Guidance, class_embeddings, parse_sources
 from ..models import AdaptiVision
 from ..objective import AdaptiVisionLoss
 from ..profile import profile
@@ -83,7 +84,7 @@ def _all_sum(values: list, d: Dist) -> list:
 
 
 # --- models and data ----------------------------------------------------------------------------------
-def model_spec(cfg: TrainConfig, num_classes: int, dense: bool) -> dict:
+def model_spec(cfg: TrainConfig, num_classes: int, dense: bool, guide: Optional[Guidance] = None) -> dict:
     """Name and keyword arguments that rebuild the model (saved as ``model.json``)."""
     kwargs = dict(cfg.model_kwargs)
     if cfg.drop_path:
@@ -91,10 +92,36 @@ def model_spec(cfg: TrainConfig, num_classes: int, dense: bool) -> dict:
     if cfg.img_size:
         kwargs["img_size"] = cfg.img_size
     if cfg.model.startswith("adaptivision_"):
-        kwargs.setdefault("cmtf", False)  # no guidance in this recipe: CMTF would be dead weight
+        if guide is not None and not dense:  # the options the sources need; the user's explicit ones win
+            for k, v in guide.model_options(align=cfg.lambda_align > 0).items():
+                if k in ("guidance_dim", "align_dim"):
+                    kwargs[k] = v
+                else:
+                    kwargs.setdefault(k, v)
+        kwargs.setdefault("cmtf", False)  # no guidance: CMTF would have nothing to fuse
         if dense:
             kwargs.update(DENSE_KWARGS)
     return dict(name=cfg.model, num_classes=num_classes, kwargs=kwargs)
+
+
+def build_guidance(cfg: TrainConfig, classes, model: nn.Module) -> Optional[Guidance]:
+    """The configured guidance sources for ``model``'s patch grid and the data set's class names
+    (None for guidance=none). Class-name embeddings are computed once and cached."""
+    sources = parse_sources(cfg.guidance)
+    if not sources:
+        return None
+    if not isinstance(model, AdaptiVision) or model.opts.reduction != "dtc":
+        raise ValueError(f"guidance={cfg.guidance!r} steers DTC and feeds CMTF: it needs an AdaptiVision model "
+                         f"with reduction='dtc' (got {cfg.model} {cfg.model_kwargs or ''}); use guidance=none")
+    emb = None
+    if "text" in sources:
+        emb = class_embeddings(list(classes), cfg.text_model, cfg.text_template, dataset=cfg.dataset)
+    return Guidance(sources, model.patch_embed.patch_size[0], model.patch_embed.num_patches, emb,
+                    learned_tokens=cfg.guidance_tokens, dropout=cfg.guidance_dropout)
+
+
+def guidance_kwargs(guide: Optional[Guidance], x: torch.Tensor, mode: str = "normal") -> dict:
+    return guide(x, mode=mode).model_kwargs() if guide is not None else {}
 
 
 def create_model(spec: dict) -> nn.Module:
@@ -146,9 +173,11 @@ def _autocast(amp: str, device: torch.device):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, d: Dist, amp: str = "none",
-             class_indices: Optional[list] = None) -> dict:
+             class_indices: Optional[list] = None, guidance: Optional[Guidance] = None,
+             guidance_mode: str = "normal") -> dict:
     """Top-1/top-5 (%) and loss over the whole data set (reduced across processes).
-    ``class_indices`` scores a 1000-way head on a class subset (ImageNet-A/R)."""
+    ``class_indices`` scores a 1000-way head on a class subset (ImageNet-A/R); ``guidance`` and
+    ``guidance_mode`` (normal | missing | shuffled | random) give a guided model its inputs."""
     model.eval()
     correct1 = correct5 = loss_sum = n = skipped = 0.0
     idx = torch.tensor(class_indices, device=d.device) if class_indices is not None else None
@@ -158,7 +187,7 @@ def evaluate(model: nn.Module, loader: DataLoader, d: Dist, amp: str = "none",
             continue
         x, y = x.to(d.device), y.to(d.device)
         with _autocast(amp, d.device):
-            logits = model(x).float()
+            logits = model(x, **guidance_kwargs(guidance, x, guidance_mode)).float()
         if idx is not None:
             logits = logits[:, idx]
         loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
@@ -186,10 +215,13 @@ def throughput(model: nn.Module, input_size: tuple, batch: int, device: torch.de
                 spread=(batch / max(times), batch / min(times)))
 
 
-def measure(model: nn.Module, images: torch.Tensor, batch: int, device: torch.device, repeats: int = 10) -> dict:
-    """Params (M), mean GMACs over ``images`` (each with its own K), mean K and images/s."""
+def measure(model: nn.Module, images: torch.Tensor, batch: int, device: torch.device, repeats: int = 10,
+            guide: Optional[Guidance] = None) -> dict:
+    """Params (M), mean GMACs over ``images`` (each with its own K, CMTF counted with the
+    guidance the model is given), mean K and images/s (the model alone, guidance precomputed)."""
     model = model.to(device).eval()
-    prof = profile(model, images.to(device))
+    images = images.to(device)
+    prof = profile(model, images, **guidance_kwargs(guide, images))
     tp = throughput(model, tuple(images.shape[1:]), batch, device, repeats=repeats)
     return dict(params_m=prof["params"] / 1e6, gmacs=prof["gmacs"], mean_k=prof.get("mean_k"),
                 img_per_s=tp["img_per_s"])
@@ -214,13 +246,17 @@ def train_phase(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bo
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     # the data decide the head: a throw-away model gives the transforms (input size, mean, std)
-    train_tf, eval_tf, mode = build_transforms(cfg, create_model(model_spec(cfg, 1, dense)))
+    probe = create_model(model_spec(cfg, 1, dense))
+    train_tf, eval_tf, mode = build_transforms(cfg, probe)
     train_ds = _limit(build_dataset(cfg.dataset, cfg.data_dir, True, train_tf, mode, cfg.strict_images,
                                     cfg.download), cfg.limit_train)
     eval_ds = _limit(build_dataset(cfg.dataset, cfg.data_dir, False, eval_tf, mode, cfg.strict_images,
                                    cfg.download), cfg.limit_eval)
     num_classes = len(train_ds.classes)
-    spec = model_spec(cfg, num_classes, dense)
+    guide = None if dense else build_guidance(cfg, train_ds.classes, probe)
+    spec = model_spec(cfg, num_classes, dense, guide)
+    if guide is not None:  # what evaluation needs to rebuild the guidance without the training set
+        spec["guidance"] = dict(sources=guide.sources, classes=[str(c) for c in train_ds.classes])
     torch.manual_seed(cfg.seed)  # again: the throw-away model above drew from the generator
     model = create_model(spec).to(d.device)
     if cfg.init_from and not resume:  # before the centroids are seeded: they summarise these weights' tokens
@@ -238,7 +274,8 @@ def train_phase(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bo
         # seed the centroids from the first training images (same on every rank, whatever the shuffle)
         init_ds = build_dataset(cfg.dataset, cfg.data_dir, True, eval_tf, mode, cfg.strict_images)
         x, _, _ = collate_skip([init_ds[i] for i in range(min(cfg.init_samples, len(init_ds)))])
-        model.init_clusters(x.to(d.device))
+        x = x.to(d.device)
+        model.init_clusters(x, **guidance_kwargs(guide, x))
 
     sampler = DistributedSampler(train_ds, num_replicas=d.world, rank=d.rank, shuffle=True, seed=cfg.seed)
     loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
@@ -262,7 +299,9 @@ def train_phase(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bo
                    num_classes=num_classes) if (cfg.mixup or cfg.cutmix) else None)
     base = SoftTargetCrossEntropy() if mixup else nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     is_av = isinstance(model, AdaptiVision) and bool(model.dtc)
-    criterion = AdaptiVisionLoss(cfg.lambda_cluster if is_av else 0.0, cfg.lambda_align, cfg.align_temperature,
+    # the dense comparison has no clustering and no guidance: its objective is the task loss
+    criterion = AdaptiVisionLoss(cfg.lambda_cluster if is_av else 0.0, cfg.lambda_align if guide else 0.0,
+                                 cfg.align_temperature,
                                  cfg.detach_tokens, base)
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema else None
 
@@ -273,7 +312,9 @@ def train_phase(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bo
     elif resume and d.main:
         log(f"nothing to resume in {run_dir}: starting from scratch")
 
-    net = DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None) \
+    # a dropped guidance source leaves its projection without gradient in that step
+    net = DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
+                                  find_unused_parameters=bool(guide is not None and cfg.guidance_dropout > 0)) \
         if d.world > 1 else model
     writer = _tensorboard(run_dir) if d.main else None
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
@@ -300,10 +341,12 @@ def train_phase(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bo
             target = y
             if mixup is not None:
                 x, target = mixup(x, y)
+            gin = guide(x, y) if guide is not None else None  # (of the mixed images, under mixup)
             with _autocast(amp, d.device):
-                out = net(x, return_aux=True) if is_av else net(x)
+                out = net(x, return_aux=True, **gin.model_kwargs()) if gin else \
+                    (net(x, return_aux=True) if is_av else net(x))
                 logits, aux = out if is_av else (out, None)
-                terms = criterion(logits.float(), target, aux)
+                terms = criterion(logits.float(), target, aux, gin.align_targets if gin else None, y)
             loss = terms["loss"]
             if not torch.isfinite(loss):
                 _stop_non_finite(f"non-finite loss ({loss.item()})", epoch, step, model, ckpt, d)
@@ -343,7 +386,7 @@ def train_phase(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bo
         epochs_run += 1
         # the unwrapped model: DDP's forward broadcasts buffers, and ranks may hold unequal eval shards
         ev = evaluate(ema.module if ema is not None else model, eval_loader(eval_ds, cfg, d), d, amp,
-                      getattr(eval_ds, "class_indices", None))
+                      getattr(eval_ds, "class_indices", None), guide)
         seen, correct, skipped = _all_sum([seen, correct, skipped], d)
         rec = dict(kind="epoch", epoch=epoch, train_top1=100 * correct / max(seen, 1), train_skipped=int(skipped),
                    epoch_seconds=t_epoch, **{f"eval_{k}": v for k, v in ev.items()})
@@ -367,7 +410,7 @@ def train_phase(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bo
     if result is None:  # everything was already done: report the saved state
         st = ckpt.load_state(ckpt.path("last"))
         result = dict(spec=spec, eval=st["eval"], best_top1=st["best_top1"], train_seconds=None, epochs=cfg.epochs)
-    result["model"] = model
+    result["model"], result["guide"] = model, guide
     return result
 
 
@@ -451,7 +494,8 @@ def summarize(cfg: TrainConfig, results: dict, run_dir: str, d: Dist) -> dict:
     eval_ds = build_eval_dataset(cfg, first["model"])
     x, _, _ = collate_skip([eval_ds[i] for i in range(min(256, len(eval_ds)))])
     for label, r in results.items():
-        rows.append(dict(model=label, name=r["spec"]["name"], **measure(r["model"], x, cfg.throughput_batch, d.device),
+        rows.append(dict(model=label, name=r["spec"]["name"],
+                         **measure(r["model"], x, cfg.throughput_batch, d.device, guide=r["guide"]),
                          top1=r["eval"]["top1"], top5=r["eval"]["top5"], best_top1=r["best_top1"],
                          train_seconds=r["train_seconds"]))
     md = ["| model | params (M) | GMACs | mean K | top-1 (%) | top-5 (%) | images/s | train time (s) |",
@@ -495,4 +539,18 @@ def load_for_eval(checkpoint: str, model_name: Optional[str] = None) -> tuple:
     cfg_path = os.path.join(ckpt_dir, "config.yaml")
     cfg = TrainConfig.build(cfg_path) if os.path.isfile(cfg_path) else TrainConfig()
     return model, cfg
+
+
+def load_guidance(checkpoint: str, cfg: TrainConfig, model: nn.Module) -> Optional[Guidance]:
+    """The guidance a run was trained with (None if none), rebuilt from ``model.json`` beside
+    ``checkpoint``: the class names are stored there, their embeddings come from the cache."""
+    spec_path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "model.json")
+    spec = {}
+    if os.path.isfile(spec_path):
+        with open(spec_path) as f:
+            spec = json.load(f)
+    info = spec.get("guidance")
+    if not info:
+        return None
+    return build_guidance(cfg, info["classes"], model)
 
