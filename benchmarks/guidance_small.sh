@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The semantic-guidance table of docs/results.md: Fashion-MNIST, adaptivision_nano_patch4_28, 1 epoch,
-# 10k training and 5k test images, 3 seeds (about 45 minutes on 2 CPU cores), then the guided rows
+# 10k training and 5k test images, 3 seeds (about an hour on 2 CPU cores), then the guided rows
 # of Table 7 and of the variants experiment (2 seeds, as the rest of those tables), and the report.
 # Needs the text extra (pip install -e '.[text]'; scripts/setup.sh installs it). Finished runs are skipped.
 set -euo pipefail

@@ -18,7 +18,7 @@ def done(tmp_path_factory):
     make_fmnist(data)
     out = str(root / "out")
     common = ["--scale", "smoke", "--data-dir", data, "--out", out]
-    for name in ("table5", "figure1a", "table7", "table4", "variants", "table1", "theorem1"):
+    for name in ("table5", "figure1a", "table7", "table4", "variants", "table1", "theorem1", "guidance"):
         assert main(["experiment", "run", name, *common]) == 0, name
     # Table 6: the table1 checkpoints on their own test set and on an extra evaluation set
     assert main(["experiment", "run", "table6", *common, "--eval-data", f"fashion-mnist={data}"]) == 0
@@ -66,6 +66,27 @@ def test_theorem1_adaptivision_cost_grows_slower_than_dense(done):
     dense, av = _record(done, "theorem1")["cells"]
     ratio = [d["gmacs"] / a["gmacs"] for d, a in zip(dense["points"], av["points"], strict=True)]
     assert ratio[-1] > 2 * ratio[0]  # quadratic attention vs a fixed K range
+
+
+def test_guidance_runs_are_evaluated_without_and_with_noisy_guidance(done, tmp_path):
+    rec = _record(done, "guidance")
+    cells = {c["label"]: c for c in rec["cells"]}
+    assert "modes" not in cells["no guidance (DTC+AFA)"]["runs"][0]
+    for label, cell in cells.items():
+        if label.startswith("no guidance"):
+            continue
+        modes = cell["runs"][0]["modes"]
+        assert set(modes) == {"missing", "shuffled", "random"}, label
+        assert all(0 <= m["top1"] <= 100 and m["gmacs"] > 0 for m in modes.values())
+    # every guided configuration is its own run, shared with Table 7's CMTF row
+    dirs = [c["runs"][0]["run_dir"] for c in rec["cells"]]
+    assert len(set(dirs)) == len(dirs)
+    t7 = {c["label"]: c for c in _record(done, "table7")["cells"]}
+    assert t7["+DTC+AFA+CMTF (text + saliency)"]["runs"][0]["run_dir"] == cells["text + saliency"]["runs"][0]["run_dir"]
+    text = open(report([os.path.join(done, "guidance")], str(tmp_path))).read()
+    row = next(ln for ln in text.splitlines() if ln.startswith("| text + saliency, lambda2 = 0.1 |"))
+    assert "| text,saliency | 0 | 0.1 |" in row and row.count("(") == 3  # three modes, each with its change
+    assert row.rstrip().endswith("| 1 |")
 
 
 def test_report_tables_plots_and_missing_cells(done, tmp_path):

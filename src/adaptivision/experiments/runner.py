@@ -186,6 +186,11 @@ class Runner:
     def guidance_sweep(self, entry: dict) -> None:
         """Each guided run evaluated with its guidance missing, shuffled between images, and noise."""
         for run in entry.get("runs", []):
+            saved = os.path.join(self.out, run["run_dir"], "guidance_modes.json")  # done before: reuse
+            if os.path.isfile(saved):
+                with open(saved) as f:
+                    run["modes"] = json.load(f)
+                continue
             model, cfg, guide = self._load(run["run_dir"])
             if guide is None:
                 continue
@@ -195,6 +200,8 @@ class Runner:
                 res = self._eval(model, cfg, guide=guide, mode=mode)
                 run["modes"][mode] = dict(top1=res["top1"], top5=res["top5"], gmacs=res["gmacs"], mean_k=res["mean_k"])
                 self.log(f"[guidance] {entry['label']} seed {run['seed']} {mode}: top-1 {res['top1']:.2f}")
+            with open(saved, "w") as f:
+                json.dump(run["modes"], f, indent=1)
     def budget_sweep(self, entry: dict) -> None:
         """Figure 1(a): every trained model of the cell at each budget of its method."""
         red = (entry["kwargs"] or {}).get("reduction", "dtc")
