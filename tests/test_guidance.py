@@ -168,11 +168,12 @@ def test_robustness_modes_remove_move_or_replace_the_guidance():
         g(x, mode="absent")
 
 
-def test_source_dropout_leaves_sources_out_during_training():
+def test_source_dropout_leaves_sources_out_during_training_only():
     g, _ = _provider("text,saliency", dropout=0.5)
     x = torch.randn(2, 3, 16, 16)
-    seen = [tuple(sorted(g(x).tokens)) for _ in range(40)]
+    seen = [tuple(sorted(g(x, train=True).tokens)) for _ in range(40)]
     assert {(), ("text",), ("saliency",), ("saliency", "text")} == set(seen)
+    assert all(set(g(x).tokens) == {"text", "saliency"} for _ in range(20))  # evaluation: every source
 
 
 # --- the model with several sources -------------------------------------------------------------

@@ -62,6 +62,7 @@ GUIDANCE_CELLS = (
     _guided("text, lambda2 = 0.1", "text", lambda_align=0.1),
     _guided("text + saliency, lambda2 = 0.1", TEXT_SAL, lambda_align=0.1),
     _guided("text + saliency, lambda1 = 1e-3, lambda2 = 0.1", TEXT_SAL, lambda_align=0.1, lambda_cluster=1e-3),
+    _guided("text + saliency, source dropout 0.2", TEXT_SAL, guidance_dropout=0.2),
     _guided("text + saliency, source dropout 0.5", TEXT_SAL, guidance_dropout=0.5),
 )
 

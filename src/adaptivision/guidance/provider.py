@@ -111,9 +111,11 @@ class Guidance:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None, mode: str = "normal",
-                 masks: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None) -> GuidanceInputs:
+                 masks: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
+                 train: bool = False) -> GuidanceInputs:
         """images (B, C, H, W); labels (B,) for the L_align targets; masks (B, H, W) label maps
-        (default: :func:`foreground_masks` of the images)."""
+        (default: :func:`foreground_masks` of the images); ``train``: apply source dropout
+        (training batches only; evaluation always gets every source)."""
         if mode not in MODES:
             raise ValueError(f"Invalid guidance mode {mode!r}; allowed: {', '.join(MODES)}")
         B = images.shape[0]
@@ -123,7 +125,7 @@ class Guidance:
         if mode == "missing":
             return out
         weights = []
-        drop = self._dropped(generator) if self.dropout else set()
+        drop = self._dropped(generator) if (train and self.dropout) else set()
         if "saliency" in self.sources and "saliency" not in drop:
             sal = patch_saliency(images, self.patch_size)                           # (B, N)
             out.tokens["saliency"] = sal.unsqueeze(1)                               # (B, 1, N)

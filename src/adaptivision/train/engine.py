@@ -341,7 +341,7 @@ def train_phase(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bo
             target = y
             if mixup is not None:
                 x, target = mixup(x, y)
-            gin = guide(x, y) if guide is not None else None  # (of the mixed images, under mixup)
+            gin = guide(x, y, train=True) if guide is not None else None  # (of the mixed images, under mixup)
             with _autocast(amp, d.device):
                 out = net(x, return_aux=True, **gin.model_kwargs()) if gin else \
                     (net(x, return_aux=True) if is_av else net(x))
