@@ -289,6 +289,14 @@ def test_guided_training_and_evaluation_end_to_end(fmnist, tmp_path, capsys):
     assert "guidance" not in dense and not dense["kwargs"]["cmtf"]
     steps = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert all("align" in r for r in steps if r["kind"] == "step")
+    # every source reached the model in training: its projection moved from the initial weights
+    # (the engine seeds before building the model; AdamW skips parameters that never get a gradient)
+    torch.manual_seed(0)
+    init = engine.create_model(spec).state_dict()
+    trained = load_file(run / "last.safetensors")
+    for name in ("guidance_embed.saliency.weight", "guidance_embed.text.weight", "guidance_embed.mask.weight",
+                 "guidance_tokens", "align_head.weight"):
+        assert not torch.equal(trained[name], init[name]), name
     capsys.readouterr()
     results = {}
     for mode in ("normal", "missing", "shuffled", "random"):
@@ -296,9 +304,12 @@ def test_guided_training_and_evaluation_end_to_end(fmnist, tmp_path, capsys):
                      "--guidance-mode", mode]) == 0
         results[mode] = json.loads(capsys.readouterr().out)
         assert results[mode]["images"] == 32 and results[mode]["guidance_mode"] == mode
-    # the model's own record of the normal evaluation is what `eval` reproduces
-    summary = json.loads((run / "summary.json").read_text())["rows"][0]
-    assert abs(results["normal"]["top1"] - summary["top1"]) < 1e-6
+    # the run's own evaluation (with guidance) is what `eval` reproduces; the loss, not just top-1,
+    # so that leaving the guidance out of either would show
+    epoch = next(r for r in steps if r["kind"] == "epoch")
+    assert abs(results["normal"]["loss"] - epoch["eval_loss"]) < 1e-5
+    assert abs(results["normal"]["top1"] - epoch["eval_top1"]) < 1e-6
+    assert abs(results["missing"]["loss"] - epoch["eval_loss"]) > 1e-4
     # CMTF attends to fewer tokens without guidance: fewer MACs
     assert results["missing"]["gmacs"] < results["normal"]["gmacs"] or \
         results["missing"]["mean_k"] != results["normal"]["mean_k"]
@@ -311,6 +322,9 @@ def test_guided_training_and_evaluation_end_to_end(fmnist, tmp_path, capsys):
 def test_guidance_errors_are_clear(fmnist, tmp_path, capsys):
     with pytest.raises(ValueError, match="reduction='dtc'"):
         engine.run(TrainConfig.build(None, ["guidance=saliency", "model_kwargs={reduction: tome}", "epochs=1",
+                                            f"data_dir={fmnist}", f"output={tmp_path}", "workers=0"]))
+    with pytest.raises(ValueError, match="condense_at set"):
+        engine.run(TrainConfig.build(None, ["guidance=saliency", "model_kwargs={condense_at: false}", "epochs=1",
                                             f"data_dir={fmnist}", f"output={tmp_path}", "workers=0"]))
     assert main(["train", "guidance=depth"]) == 2
     assert "'guidance': 'depth' is not a source" in capsys.readouterr().err

@@ -202,6 +202,7 @@ class Runner:
                 self.log(f"[guidance] {entry['label']} seed {run['seed']} {mode}: top-1 {res['top1']:.2f}")
             with open(saved, "w") as f:
                 json.dump(run["modes"], f, indent=1)
+
     def budget_sweep(self, entry: dict) -> None:
         """Figure 1(a): every trained model of the cell at each budget of its method."""
         red = (entry["kwargs"] or {}).get("reduction", "dtc")

@@ -138,10 +138,7 @@ class Guidance:
             out.tokens["mask"] = frac.transpose(1, 2)                                # (B, C, N)
             weights.append(1 - frac[..., 0])
         if weights:
-            w = weights[0]
-            for extra in weights[1:]:
-                w = w * extra
-            out.patch_weights = w                                                    # (B, N)
+            out.patch_weights = torch.stack(weights).prod(0)                         # (B, N)
         if mode == "shuffled":
             out = self._shuffled(out, B, generator)
         elif mode == "random":

@@ -110,9 +110,10 @@ def build_guidance(cfg: TrainConfig, classes, model: nn.Module) -> Optional[Guid
     sources = parse_sources(cfg.guidance)
     if not sources:
         return None
-    if not isinstance(model, AdaptiVision) or model.opts.reduction != "dtc":
+    if not isinstance(model, AdaptiVision) or model.opts.reduction != "dtc" or not model.dtc:
         raise ValueError(f"guidance={cfg.guidance!r} steers DTC and feeds CMTF: it needs an AdaptiVision model "
-                         f"with reduction='dtc' (got {cfg.model} {cfg.model_kwargs or ''}); use guidance=none")
+                         f"with reduction='dtc' and condense_at set (got {cfg.model} {cfg.model_kwargs or ''}); "
+                         "use guidance=none")
     emb = None
     if "text" in sources:
         emb = class_embeddings(list(classes), cfg.text_model, cfg.text_template, dataset=cfg.dataset)
@@ -121,6 +122,7 @@ def build_guidance(cfg: TrainConfig, classes, model: nn.Module) -> Optional[Guid
 
 
 def guidance_kwargs(guide: Optional[Guidance], x: torch.Tensor, mode: str = "normal") -> dict:
+    """``guidance=`` / ``patch_weights=`` for ``model(x, ...)`` (nothing without guidance)."""
     return guide(x, mode=mode).model_kwargs() if guide is not None else {}
 
 
@@ -173,10 +175,10 @@ def _autocast(amp: str, device: torch.device):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, d: Dist, amp: str = "none",
-             class_indices: Optional[list] = None, guidance: Optional[Guidance] = None,
+             class_indices: Optional[list] = None, guide: Optional[Guidance] = None,
              guidance_mode: str = "normal") -> dict:
     """Top-1/top-5 (%) and loss over the whole data set (reduced across processes).
-    ``class_indices`` scores a 1000-way head on a class subset (ImageNet-A/R); ``guidance`` and
+    ``class_indices`` scores a 1000-way head on a class subset (ImageNet-A/R); ``guide`` and
     ``guidance_mode`` (normal | missing | shuffled | random) give a guided model its inputs."""
     model.eval()
     correct1 = correct5 = loss_sum = n = skipped = 0.0
@@ -187,7 +189,7 @@ def evaluate(model: nn.Module, loader: DataLoader, d: Dist, amp: str = "none",
             continue
         x, y = x.to(d.device), y.to(d.device)
         with _autocast(amp, d.device):
-            logits = model(x, **guidance_kwargs(guidance, x, guidance_mode)).float()
+            logits = model(x, **guidance_kwargs(guide, x, guidance_mode)).float()
         if idx is not None:
             logits = logits[:, idx]
         loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
@@ -343,8 +345,7 @@ def train_phase(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bo
                 x, target = mixup(x, y)
             gin = guide(x, y, train=True) if guide is not None else None  # (of the mixed images, under mixup)
             with _autocast(amp, d.device):
-                out = net(x, return_aux=True, **gin.model_kwargs()) if gin else \
-                    (net(x, return_aux=True) if is_av else net(x))
+                out = net(x, return_aux=True, **(gin.model_kwargs() if gin else {})) if is_av else net(x)
                 logits, aux = out if is_av else (out, None)
                 terms = criterion(logits.float(), target, aux, gin.align_targets if gin else None, y)
             loss = terms["loss"]
@@ -522,14 +523,13 @@ def summarize(cfg: TrainConfig, results: dict, run_dir: str, d: Dist) -> dict:
 def load_for_eval(checkpoint: str, model_name: Optional[str] = None) -> tuple:
     """Rebuild the model of a run from ``model.json`` beside the checkpoint and load its weights."""
     ckpt_dir = os.path.dirname(os.path.abspath(checkpoint))
-    spec_path = os.path.join(ckpt_dir, "model.json")
     if model_name:
         spec = dict(name=model_name, num_classes=None, kwargs={})
-    elif os.path.isfile(spec_path):
-        with open(spec_path) as f:
-            spec = json.load(f)
     else:
-        raise FileNotFoundError(f"{spec_path} not found: pass --model NAME to say which model {checkpoint} holds")
+        spec = _spec_beside(checkpoint)
+        if spec is None:
+            raise FileNotFoundError(f"{os.path.join(ckpt_dir, 'model.json')} not found: pass --model NAME to say "
+                                    f"which model {checkpoint} holds")
     if spec["num_classes"] is None:
         from safetensors import safe_open
         with safe_open(checkpoint, "pt") as f:
@@ -544,13 +544,15 @@ def load_for_eval(checkpoint: str, model_name: Optional[str] = None) -> tuple:
 def load_guidance(checkpoint: str, cfg: TrainConfig, model: nn.Module) -> Optional[Guidance]:
     """The guidance a run was trained with (None if none), rebuilt from ``model.json`` beside
     ``checkpoint``: the class names are stored there, their embeddings come from the cache."""
-    spec_path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "model.json")
-    spec = {}
-    if os.path.isfile(spec_path):
-        with open(spec_path) as f:
-            spec = json.load(f)
-    info = spec.get("guidance")
-    if not info:
+    info = (_spec_beside(checkpoint) or {}).get("guidance")
+    return build_guidance(cfg, info["classes"], model) if info else None
+
+
+def _spec_beside(checkpoint: str) -> Optional[dict]:
+    """The run's ``model.json`` (name, classes, options, guidance) next to ``checkpoint``, if any."""
+    path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "model.json")
+    if not os.path.isfile(path):
         return None
-    return build_guidance(cfg, info["classes"], model)
+    with open(path) as f:
+        return json.load(f)
 
