@@ -3,6 +3,7 @@
 
     .venv/bin/python benchmarks/mosaic_segmentation.py [--steps 300] [--out benchmarks/results/mosaic]
     .venv/bin/python benchmarks/mosaic_segmentation.py --smoke      # a few steps, for CI
+    .venv/bin/python benchmarks/mosaic_segmentation.py --backbones adaptivision-image --steps 900 --lr 3e-3
 
 Backbones: adaptivision_nano_patch4_28 at 56x56 (196 patches), Segmenter linear decoder,
 AdamW, cosine schedule, batch 32; training canvases from the Fashion-MNIST training images,
@@ -25,8 +26,10 @@ from adaptivision.dense import Segmenter, evaluate_segmenter, train_segmenter
 from adaptivision.experiments import knobs
 from adaptivision.experiments.report import plot_curves
 
-BACKBONES = {"dense": dict(reduction="none"), "adaptivision": dict(cmtf=False), "tome": dict(reduction="tome")}
-BUDGETS = {"dense": [None], "adaptivision": [-2.0, 0.0, 2.0], "tome": [4, 8, 12]}
+BACKBONES = {"dense": dict(reduction="none"), "adaptivision": dict(cmtf=False, clustering="paper"),
+             "adaptivision-image": dict(cmtf=False, clustering="image"), "tome": dict(reduction="tome")}
+BUDGETS = {"dense": [None], "adaptivision": [-2.0, 0.0, 2.0], "adaptivision-image": [-2.0, 0.0, 2.0],
+           "tome": [4, 8, 12]}
 
 
 def train(name: str, train_ds, steps: int, batch: int, seed: int, log, lr: float = 1e-3) -> Segmenter:
@@ -51,13 +54,18 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results/mosaic")
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--backbones", default=",".join(BACKBONES), help=f"comma-separated, of {', '.join(BACKBONES)}")
     a = p.parse_args(argv)
+    names = a.backbones.split(",")
+    unknown = sorted(set(names) - set(BACKBONES))
+    if unknown:
+        p.error(f"unknown backbone(s) {unknown}; choose from {', '.join(BACKBONES)}")
     if a.smoke:
         a.steps, a.batch, a.eval_size = 2, 4, 8
     train_ds = FashionMosaics(fashion_mnist(a.data_dir, train=True), length=100_000, seed=1)
     test_ds = FashionMosaics(fashion_mnist(a.data_dir, train=False), length=a.eval_size, seed=2)
     rows = []
-    for name in BACKBONES:
+    for name in names:
         model = train(name, train_ds, a.steps, a.batch, a.seed, print, a.lr)
         for b in BUDGETS[name]:
             if b is not None:
@@ -77,7 +85,7 @@ def main(argv=None) -> int:
             json.dump(dict(rows=rows, steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed), f, indent=1)
         with open(a.out + ".md", "w") as f:
             f.write("\n".join(md) + "\n")
-        curves = {name: sorted((r["gmacs"], r["miou"]) for r in rows if r["backbone"] == name) for name in BACKBONES}
+        curves = {name: sorted((r["gmacs"], r["miou"]) for r in rows if r["backbone"] == name) for name in names}
         print("plot:", plot_curves(os.path.dirname(a.out) or ".", os.path.basename(a.out), "GMACs per image", "mIoU (%)",
                              curves, "Fashion-MNIST mosaics: mIoU vs GMACs"))
     return 0

@@ -18,7 +18,7 @@ def done(tmp_path_factory):
     make_fmnist(data)
     out = str(root / "out")
     common = ["--scale", "smoke", "--data-dir", data, "--out", out]
-    for name in ("table5", "figure1a", "table7", "table4", "variants", "table1", "theorem1", "guidance"):
+    for name in ("table5", "figure1a", "table7", "table4", "variants", "table1", "theorem1", "guidance", "dtc-levers"):
         assert main(["experiment", "run", name, *common]) == 0, name
     # Table 6: the table1 checkpoints on their own test set and on an extra evaluation set
     assert main(["experiment", "run", "table6", *common, "--eval-data", f"fashion-mnist={data}"]) == 0

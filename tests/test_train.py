@@ -335,3 +335,18 @@ def test_guidance_errors_are_clear(fmnist, tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(tmp_path / "plain" / "best.safetensors"), "--data-dir", fmnist,
                  "--guidance-mode", "missing"]) == 2
     assert "trained without guidance" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("reduction,term,weight", [("importance", "reduction", 2.0), ("dtc", "cluster", 0.5)])
+def test_every_reductions_auxiliary_loss_reaches_training(fmnist, tmp_path, reduction, term, weight):
+    """DynamicViT's ratio loss (reduction='importance') and DTC's cluster term are part of the loss
+    that is back-propagated: logged per step, and the loss is the task loss plus the weighted term."""
+    kw = f"model_kwargs={{embed_dim: 32, depth: 4, num_heads: 2, reduction: {reduction}}}"
+    rc = main(["train", "--data-dir", fmnist, "--output", str(tmp_path), "--name", "r", "--epochs", "1",
+               *QUICK[:-1], kw, "compare_dense=false", f"lambda_cluster={weight if term == 'cluster' else 0}"])
+    assert rc == 0
+    steps = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    steps = [s for s in steps if s["kind"] == "step"]
+    assert steps and all(s[term] > 0 for s in steps), steps[0]
+    for s in steps:
+        assert s["loss"] == pytest.approx(s["ce"] + weight * s[term], rel=1e-5)

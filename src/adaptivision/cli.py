@@ -7,6 +7,8 @@ import sys
 
 import torch
 
+from .experiments.registry import EXPERIMENTS, SCALES
+
 
 def _train(args) -> int:
     from .train import TrainConfig, run
@@ -218,13 +220,14 @@ def main(argv=None) -> int:
     f.set_defaults(fn=_profile)
     x = sub.add_parser("experiment", help="the paper's tables and figures: `experiment list`, `experiment run NAME`")
     x.add_argument("action", choices=("list", "run"))
-    x.add_argument("name", nargs="?", help="table1, table4, table5, table6, table7, figure1a, theorem1, variants, guidance")
+    x.add_argument("name", nargs="?", help=", ".join(EXPERIMENTS))
     x.add_argument("--dataset", default="fashion-mnist")
     x.add_argument("--data-dir", dest="data_dir")
     x.add_argument("--epochs", type=int)
     x.add_argument("--seeds", type=int, default=1)
-    x.add_argument("--scale", default="small", choices=("smoke", "small", "paper"),
-                   help="smoke: a few steps (CI); small: minutes per run on a CPU; paper: configs/<dataset>.yaml")
+    x.add_argument("--scale", default="small", choices=SCALES,
+                   help="smoke: a few steps (CI); small: 1 epoch on 10k images; default: the default job "
+                        "(2 epochs, all images); paper: configs/<dataset>.yaml")
     x.add_argument("--out", default="experiments", help="runs and records go here (shared by experiments)")
     x.add_argument("--checkpoint", action="append", help="table6: a checkpoint to evaluate (repeatable)")
     x.add_argument("--eval-data", action="append", dest="eval_data", metavar="NAME=DIR",

@@ -34,6 +34,14 @@ def _as_list(v: IntOrSeq) -> Optional[list]:
     return [int(x) for x in v] if isinstance(v, (list, tuple)) else [int(v)]
 
 
+# How DTC clusters (docs/model.md, "Clustering"): 'paper' is the paper's literal form (soft
+# assignment to learned centroids shared by every image); 'image' clusters each image's own tokens
+# (farthest-point centres, nearest-centre assignment, two k-means steps). Explicit ``centers=``,
+# ``assign=``, ``iters=`` override the preset.
+CLUSTERING = {"paper": dict(centers="learned", assign="soft", iters=0),
+              "image": dict(centers="fps", assign="hard", iters=2)}
+
+
 @dataclass
 class ModelOptions:
     """AdaptiVision-specific model options (the ViT ones go to timm's ``VisionTransformer``).
@@ -53,8 +61,11 @@ class ModelOptions:
     k_max: IntOrSeq = None              # default: all tokens entering the stage
     k_mid: Optional[int] = None         # first stage: K of an average image at budget bias 0 (default: mid-range)
     k_step: int = 8                     # K is rounded to a multiple of this (bounds the number of groups)
+    clustering: str = "paper"           # preset of the three below: 'paper' | 'image' (CLUSTERING, docs/model.md)
+    centers: Optional[str] = None       # 'learned' (nested learned centroids) | 'fps' (each image's own tokens)
+    assign: Optional[str] = None        # 'soft' (eq. 2) | 'hard' (nearest centre; straight-through gradient)
+    iters: Optional[int] = None         # k-means refinement steps, per image
     tau: float = 150.0                  # eq. 2 temperature (Table 4)
-    iters: int = 0                      # soft k-means refinement steps
     normalize: bool = True              # weighted mean (True) or eq. 3's literal sum (False)
     prop_attn: bool = True              # add log(mass) to attention logits (ToMe's proportional attention)
     complexity: str = "variance"        # 'variance' | 'entropy' | 'saliency'
@@ -119,7 +130,15 @@ class ModelOptions:
             self.condense_at = None
         _check(self.k_step >= 1, "k_step", self.k_step, "an integer >= 1")
         _check(self.tau > 0, "tau", self.tau, "a float > 0")
+        _check(self.clustering in CLUSTERING, "clustering", self.clustering, ", ".join(map(repr, CLUSTERING)))
+        for name, value in CLUSTERING[self.clustering].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         _check(self.iters >= 0, "iters", self.iters, "an integer >= 0")
+        _check(self.centers in ("learned", "fps"), "centers", self.centers, "'learned' or 'fps'")
+        _check(self.assign in ("soft", "hard"), "assign", self.assign, "'soft' or 'hard'")
+        _check(self.complexity != "entropy" or self.centers == "learned", "complexity", self.complexity,
+               "'variance' or 'saliency' with centers='fps' ('entropy' measures use of the learned centroids)")
         _check(self.complexity in ("variance", "entropy", "saliency"), "complexity", self.complexity,
                "'variance', 'entropy' or 'saliency'")
         _check(self.budget_jitter >= 0, "budget_jitter", self.budget_jitter, "a float >= 0")

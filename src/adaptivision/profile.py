@@ -49,6 +49,8 @@ def module_macs(m: nn.Module, args: tuple, kwargs: dict, out) -> int:
         B, N, D = z.shape
         # distances + condensation, and each soft k-means step (centroid update + distances)
         macs = (2 + 2 * m.iters) * B * N * k * D
+        if m.centers == "fps":  # the image's token-to-token distances that farthest-point sampling reads
+            macs += B * N * N * D
         if m.dynamic and m.complexity == "entropy":  # assignment to all K_max centroids for the score
             macs += B * N * m.k_max * D
         return macs

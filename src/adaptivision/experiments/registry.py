@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-SCALES = ("smoke", "small", "paper")
+SCALES = ("smoke", "small", "default", "paper")
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,25 @@ GUIDANCE_CELLS = (
     _guided("text + saliency, source dropout 0.5", TEXT_SAL, guidance_dropout=0.5),
 )
 
+# Issue 15's levers: how DTC clusters, each change alone and in combination, beside the baselines
+PAPER_DTC = {"reduction": "dtc", "clustering": "paper"}
+IMAGE_DTC = {"reduction": "dtc", "clustering": "image"}
+LEVER_CELLS = (
+    DENSE,
+    Cell("EViT", {"reduction": "evit"}, match_gmacs=True),
+    Cell("ToMe", {"reduction": "tome"}, match_gmacs=True),
+    Cell("paper: learned centroids, soft, tau 150", PAPER_DTC),
+    Cell("paper, tau 20", dict(PAPER_DTC, tau=20.0)),
+    Cell("paper, hard assignment", dict(PAPER_DTC, assign="hard")),
+    Cell("per-image centres (fps), soft, tau 150", dict(PAPER_DTC, centers="fps")),
+    Cell("fps, hard", dict(PAPER_DTC, centers="fps", assign="hard")),
+    Cell("fps, hard, 2 k-means steps (clustering='image')", IMAGE_DTC),
+    Cell("image, AFA off", dict(IMAGE_DTC, afa=False)),
+    Cell("image, eq. 3 literal sum", dict(IMAGE_DTC, normalize=False)),
+    Cell("image, condense after block 1", dict(IMAGE_DTC, condense_at=1)),
+    Cell("image, soft, tau 20", dict(IMAGE_DTC, assign="soft", tau=20.0)),
+)
+
 EXPERIMENTS = {e.name: e for e in (
     Experiment("table1", "Table 1/2: model comparison", "train", (
         Cell("DeiT-S (timm)", {}, model="deit_small_patch16_224", scales=("paper",)),
@@ -87,6 +106,11 @@ EXPERIMENTS = {e.name: e for e in (
     Experiment("guidance", "Semantic guidance: sources, lambda1/lambda2, missing and noisy guidance", "guidance",
                GUIDANCE_CELLS, note="each guided run is also evaluated with its guidance missing, shuffled "
                                     "between images, and replaced by noise"),
+    Experiment("dtc-levers", "DTC levers: how to cluster (issue 15), beside dense, EViT and ToMe", "train",
+               LEVER_CELLS, note="iterate at --scale small, confirm at --scale default"),
+    Experiment("dtc-confirm", "DTC's clustering against the baselines at the default job's length", "train",
+               tuple(LEVER_CELLS[i] for i in (0, 1, 2, 3, 4, 8, 12)),
+               note="the dtc-levers choice confirmed: run it with --scale default"),
     Experiment("theorem1", "Theorem 1: cost as the image grows (fixed K range)", "scaling", (DENSE, DTC)),
     Experiment("variants", "Paper-literal vs sound variants (DESIGN.md)", "train", (
         Cell("sound defaults", {"reduction": "dtc"}),

@@ -26,7 +26,7 @@ from ..guidance import MODES
 from ..profile import profile
 from ..train import TrainConfig, engine
 from . import knobs
-from .registry import BUDGETS, Cell, Experiment, get
+from .registry import BUDGETS, SCALES, Cell, Experiment, get
 
 SMALL_MODELS = {"fashion-mnist": "adaptivision_nano_patch4_28", "cifar10": "adaptivision_nano_patch4_32",
                 "cifar100": "adaptivision_nano_patch4_32"}
@@ -36,12 +36,16 @@ CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
 def base_config(scale: str, dataset: str, data_dir: Optional[str], epochs: Optional[int],
                 overrides: Optional[list] = None) -> TrainConfig:
     """The recipe of a scale: ``smoke`` (CI: a few steps), ``small`` (this CPU: minutes per run,
-    1 epoch on 10k images), ``paper`` (configs/<dataset>.yaml: the paper's recipe, GPUs)."""
+    1 epoch on 10k images), ``default`` (the README's default job: 2 epochs on every training
+    image, the whole test set), ``paper`` (configs/<dataset>.yaml: the paper's recipe, GPUs)."""
     if scale == "paper":
         path = CONFIG_DIR / f"{dataset}.yaml"
         if not path.is_file():
             raise FileNotFoundError(f"no paper-scale config {path} for dataset {dataset!r}")
         cfg = TrainConfig.build(str(path), overrides)
+    elif scale == "default":
+        cfg = TrainConfig.build(None, overrides, model=SMALL_MODELS.get(dataset, "adaptivision_small_patch16_224"),
+                                dataset=dataset)
     elif scale in ("small", "smoke"):
         cfg = TrainConfig.build(None, overrides, model=SMALL_MODELS.get(dataset, "adaptivision_small_patch16_224"),
                                 dataset=dataset, epochs=1, limit_train=10000, limit_eval=5000)
@@ -49,7 +53,7 @@ def base_config(scale: str, dataset: str, data_dir: Optional[str], epochs: Optio
             cfg = dataclasses.replace(cfg, limit_train=48, limit_eval=32, batch_size=16, throughput_batch=8,
                                       workers=0, init_samples=32, log_every=1000)
     else:
-        raise ValueError(f"Invalid value for 'scale': {scale!r}; allowed: 'smoke', 'small', 'paper'.")
+        raise ValueError(f"Invalid value for 'scale': {scale!r}; allowed: {', '.join(map(repr, SCALES))}.")
     changes = dict(compare_dense=False, data_dir=data_dir if data_dir is not None else cfg.data_dir)
     if epochs is not None:
         changes["epochs"] = epochs

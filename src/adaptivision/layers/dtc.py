@@ -1,9 +1,22 @@
 """Dynamic Token Clustering, DTC (paper 3.2, eqs. 2-3; DESIGN.md §1).
 
-Tokens ``z`` (B, N, D) are softly assigned to the first ``K`` of ``K_max`` learned centroids
-(nested prefix, so cluster ``k`` means the same thing in every image) and condensed into ``K``
+Tokens ``z`` (B, N, D) are assigned to ``K`` cluster centres and condensed into ``K``
 super-tokens. ``K`` is chosen per image from a complexity score; the model groups images by
 ``K`` so that each group runs as one dense batch.
+
+Where the centres come from (``centers``):
+
+- ``'learned'`` (the paper): the first ``K`` of ``K_max`` learned centroids, shared by every
+  image (nested prefix, so cluster ``k`` means the same thing in every image);
+- ``'fps'``: each image's own tokens, picked by farthest-point sampling in the assignment space
+  (TCFormer and Token Pooling cluster each image's own tokens; FPS is their cheapest spread-out
+  seeding), then ``iters`` k-means steps. Every centre is a token of the image, so no slot
+  starts empty, and FPS prefixes are nested too: the first ``K'`` picks are the FPS seeding
+  for ``K'``.
+
+``assign='soft'`` is eq. 2's softmax at temperature ``tau``; ``'hard'`` assigns each token to
+its nearest centre (one-hot in the forward pass, eq. 2's soft gradient in the backward pass:
+straight-through), so a super-token is the mean of a disjoint set of patches.
 """
 from __future__ import annotations
 
@@ -54,6 +67,32 @@ def condense(z: torch.Tensor, a: torch.Tensor, mass: torch.Tensor, normalize: bo
     return s.to(z.dtype), m_new
 
 
+def assign(zs: torch.Tensor, mu: torch.Tensor, tau: float, hard: bool) -> torch.Tensor:
+    """Eq. 2 (``hard=False``) or its straight-through hard form: one-hot nearest centre forward,
+    the softmax's gradient backward. zs: (B, N, D), mu: (K, D) or (B, K, D). Returns (B, N, K)."""
+    a, d2 = soft_assign(zs, mu, tau)                                                 # (B, N, K)
+    if not hard:
+        return a
+    one_hot = F.one_hot(d2.argmin(-1), d2.shape[-1]).to(a.dtype)                     # (B, N, K)
+    return one_hot + a - a.detach() if a.requires_grad else one_hot
+
+
+@torch.no_grad()
+def farthest_points(zs: torch.Tensor, k: int) -> torch.Tensor:
+    """Farthest-point sampling per image: indices (B, k) of ``k`` tokens of zs (B, N, D), each
+    the token farthest from those already picked. The first pick is the token farthest from the
+    image's mean token (its most distinctive one), so the result is deterministic."""
+    B, N, _ = zs.shape
+    idx = zs.new_empty(B, k, dtype=torch.long)
+    d2 = torch.cdist(zs, zs).pow(2)                                                  # (B, N, N)
+    dmin = (zs - zs.mean(1, keepdim=True)).pow(2).sum(-1)                            # (B, N)
+    rows = torch.arange(B, device=zs.device)
+    for j in range(k):
+        idx[:, j] = dmin.argmax(-1)                                                  # (B,)
+        dmin = torch.minimum(dmin if j else torch.full_like(dmin, float("inf")), d2[rows, idx[:, j]])
+    return idx
+
+
 def kmeans_pp(points: torch.Tensor, k: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """k-means++ seeding: ``k`` rows of ``points`` (P, D), each next one drawn with probability
     proportional to its squared distance to the nearest chosen row. The order is meaningful:
@@ -77,13 +116,23 @@ class DynamicTokenClustering(nn.Module):
     def __init__(self, dim: int, k_min: int, k_max: int, k_step: int = 8, tau: float = 150.0,
                  iters: int = 0, normalize: bool = True, complexity: str = "variance",
                  dynamic: bool = True, budget_jitter: float = 1.0, stat_momentum: float = 0.1,
-                 assign_norm: bool = True, k_mid: Optional[int] = None):
+                 assign_norm: bool = True, k_mid: Optional[int] = None, centers: str = "learned",
+                 hard: bool = False):
         super().__init__()
+        if centers not in ("learned", "fps"):
+            raise ValueError(f"Invalid value for 'centers': {centers!r}; allowed: 'learned' or 'fps'.")
+        if complexity not in ("variance", "entropy", "saliency"):
+            raise ValueError(f"Invalid value for 'complexity': {complexity!r}; allowed: 'variance', "
+                             "'entropy' or 'saliency'.")
+        if complexity == "entropy" and centers != "learned":
+            raise ValueError("complexity='entropy' measures usage of the learned centroids: it needs centers='learned'")
         self.dim, self.k_min, self.k_max, self.k_step = dim, k_min, k_max, k_step
         self.tau, self.iters, self.normalize = tau, iters, normalize
         self.complexity, self.dynamic, self.budget_jitter = complexity, dynamic, budget_jitter
         self.stat_momentum, self.assign_norm = stat_momentum, assign_norm
-        self.centroids = nn.Parameter(torch.zeros(k_max, dim))                       # (K_max, D)
+        self.centers, self.hard = centers, hard
+        # per-image centres own no parameter: a model without one has none that gets no gradient
+        self.centroids = nn.Parameter(torch.zeros(k_max, dim)) if centers == "learned" else None  # (K_max, D)
         # the sigmoid's offset that puts an average image (score 0) at k_mid instead of mid-range
         self.k_mid = k_mid
         self.bias0 = 0.0 if k_mid is None else math.log((k_mid - k_min) / (k_max - k_mid))
@@ -102,7 +151,7 @@ class DynamicTokenClustering(nn.Module):
         """``initialized`` as a Python bool, read from the buffer only until it is True, so that
         compiled and exported graphs do not branch on a tensor."""
         if not self._ready:
-            self._ready = bool(self.initialized)
+            self._ready = self.centroids is None or bool(self.initialized)
         return self._ready
 
     def _load_from_state_dict(self, *args, **kwargs):
@@ -111,7 +160,8 @@ class DynamicTokenClustering(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, k=[{self.k_min}, {self.k_max}] step {self.k_step}, tau={self.tau}, "
-                f"iters={self.iters}, complexity={self.complexity}, dynamic={self.dynamic}")
+                f"iters={self.iters}, centers={self.centers}, hard={self.hard}, complexity={self.complexity}, "
+                f"dynamic={self.dynamic}")
 
     def space(self, z: torch.Tensor) -> torch.Tensor:
         """The space in which distances are measured (float32).
@@ -127,7 +177,10 @@ class DynamicTokenClustering(nn.Module):
     @torch.no_grad()
     def init_centroids(self, tokens: torch.Tensor, max_points: int = 8192, seed: int = 0) -> None:
         """Seed the centroids by k-means++ on real tokens (any shape (..., D)), so that no
-        cluster starts empty. Seeded generator: every process picks the same rows of the same data."""
+        cluster starts empty. Seeded generator: every process picks the same rows of the same data.
+        Per-image centres (``centers='fps'``) have nothing to seed."""
+        if self.centroids is None:
+            return
         pts = self.space(tokens.reshape(-1, self.dim))
         g = torch.Generator(device=pts.device).manual_seed(seed)
         if pts.shape[0] > max_points:
@@ -191,6 +244,14 @@ class DynamicTokenClustering(nn.Module):
             return self.k_from_score(score, bias).clamp_max(N)
 
     # --- condensation -------------------------------------------------------------------------
+    def initial_centers(self, zs: torch.Tensor, k: int) -> torch.Tensor:
+        """The nested prefix of the learned centroids (K, D), or each image's own farthest-point
+        tokens (B, K, D); zs: (B, N, D) in the assignment space."""
+        if self.centroids is not None:
+            return self.centroids[:k]                                                # (K, D)
+        idx = farthest_points(zs, k)                                                 # (B, K)
+        return torch.gather(zs, 1, idx.unsqueeze(-1).expand(-1, -1, zs.shape[-1]))   # (B, K, D)
+
     def forward(self, z: torch.Tensor, mass: torch.Tensor, k: int, weights: Optional[torch.Tensor] = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Condense the tokens of images that all use ``k`` clusters.
@@ -201,11 +262,11 @@ class DynamicTokenClustering(nn.Module):
         and ``zs`` (B, N, D), ``mu`` ((K, D) or (B, K, D)), the points and centroids of eq. 14.
         """
         zs = self.space(z)                                                           # (B, N, D)
-        mu = self.centroids[:k]                                                      # (K, D) nested prefix
-        a, _ = soft_assign(zs, mu, self.tau)                                         # (B, N, K)
-        for _ in range(self.iters):  # differentiable soft k-means steps, per image
+        mu = self.initial_centers(zs, k)                                             # (K, D) or (B, K, D)
+        a = assign(zs, mu, self.tau, self.hard)                                      # (B, N, K)
+        for _ in range(self.iters):  # differentiable k-means steps, per image
             mu = torch.einsum("bnk,bnd->bkd", a, zs) / a.sum(1).clamp_min(1e-6).unsqueeze(-1)  # (B, K, D)
-            a, _ = soft_assign(zs, mu, self.tau)
+            a = assign(zs, mu, self.tau, self.hard)
         s, m = condense(z, a, mass, self.normalize, weights)                        # (B, K, D), (B, K)
         return s, m, a, zs, mu
 

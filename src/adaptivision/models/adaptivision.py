@@ -87,7 +87,7 @@ class AdaptiVision(VisionTransformer):
             str(st["block"]): DynamicTokenClustering(
                 D, st["k_min"], st["k_max"], opts.k_step, opts.tau, opts.iters, opts.normalize,
                 opts.complexity, opts.dynamic, opts.budget_jitter, opts.stat_momentum, opts.assign_norm,
-                st["k_mid"])
+                st["k_mid"], opts.centers, opts.assign == "hard")
             for st in stages})
         if opts.afa and stages:  # blocks after the first condensation attend over K+P tokens
             for i in range(stages[0]["block"], len(self.blocks)):
@@ -144,7 +144,7 @@ class AdaptiVision(VisionTransformer):
     def no_weight_decay(self) -> set:
         # Decay would pull the centroids towards the origin, away from the tokens they summarise.
         # (the learned guidance tokens are embeddings, like the class token)
-        return super().no_weight_decay() | {f"dtc.{k}.centroids" for k in self.dtc} | {"guidance_tokens"}
+        return super().no_weight_decay() | {f"dtc.{k}.centroids" for k, d in self.dtc.items() if d.centroids is not None} | {"guidance_tokens"}
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:

@@ -300,9 +300,12 @@ def train_phase(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bo
     mixup = (Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
                    num_classes=num_classes) if (cfg.mixup or cfg.cutmix) else None)
     base = SoftTargetCrossEntropy() if mixup else nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    is_av = isinstance(model, AdaptiVision) and bool(model.dtc)
+    # every AdaptiVision model returns its auxiliary terms: DTC's cluster terms, and the training loss
+    # of a baseline (DynamicViT's ratio loss with reduction='importance'), whatever the reduction
+    returns_aux = isinstance(model, AdaptiVision)
     # the dense comparison has no clustering and no guidance: its objective is the task loss
-    criterion = AdaptiVisionLoss(cfg.lambda_cluster if is_av else 0.0, cfg.lambda_align if guide else 0.0,
+    criterion = AdaptiVisionLoss(cfg.lambda_cluster if returns_aux and model.dtc else 0.0,
+                                 cfg.lambda_align if guide else 0.0,
                                  cfg.align_temperature,
                                  cfg.detach_tokens, base)
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema else None
@@ -345,8 +348,8 @@ def train_phase(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bo
                 x, target = mixup(x, y)
             gin = guide(x, y, train=True) if guide is not None else None  # (of the mixed images, under mixup)
             with _autocast(amp, d.device):
-                out = net(x, return_aux=True, **(gin.model_kwargs() if gin else {})) if is_av else net(x)
-                logits, aux = out if is_av else (out, None)
+                out = net(x, return_aux=True, **(gin.model_kwargs() if gin else {})) if returns_aux else net(x)
+                logits, aux = out if returns_aux else (out, None)
                 terms = criterion(logits.float(), target, aux, gin.align_targets if gin else None, y)
             loss = terms["loss"]
             if not torch.isfinite(loss):

@@ -1,0 +1,133 @@
+"""Off-the-shelf token reduction on a trained dense ViT (issue 15, goal 2): no retraining.
+
+A dense nano ViT trained by the default job (`adaptivision train 'model_kwargs={condense_at: false,
+afa: false, cmtf: false}' compare_dense=false name=dense-s0`) is turned into AdaptiVision with
+``adaptivision.from_timm`` (its weights unchanged, AFA and CMTF off) under several clustering
+settings and budgets, and into ToMe at several r; each is evaluated on the Fashion-MNIST test set.
+GMACs are counted by ``adaptivision.profile`` (clustering included) on the evaluated images.
+
+    python benchmarks/off_the_shelf.py --run RUN_DIR [--run RUN_DIR2 ...] [--limit 10000] [--out DIR]
+
+Writes ``off-the-shelf.json`` (every row, per run) and ``off-the-shelf.md`` (mean ± std over runs).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+import adaptivision
+from adaptivision.data import build_dataset, collate_skip
+from adaptivision.models.from_timm import vit_kwargs
+from adaptivision.train import engine
+
+PLAIN = dict(afa=False, cmtf=False)
+# label -> (AdaptiVision options, budget): budget is a fixed K (dynamic=False) or ('mean_k', K)
+PAPER = dict(PLAIN, centers="learned", assign="soft", tau=150.0)
+OURS = dict(PLAIN, centers="fps", assign="hard", iters=2)
+
+
+def variants(n: int) -> list:
+    rows = [("dense", None, None)]
+    rows += [(f"ToMe r={r}", dict(reduction="tome", tome_r=r), None) for r in (3, 5, 7, 8)]
+    rows += [(f"paper DTC (learned, soft, tau 150), K={k}", PAPER, k) for k in (32, 48)]
+    rows += [(f"learned, soft, tau 20, K={k}", dict(PAPER, tau=20.0), k) for k in (32,)]
+    rows += [(f"learned, hard, K={k}", dict(PAPER, assign="hard"), k) for k in (32,)]
+    rows += [(f"fps, soft tau 20, 2 iters, K={k}", dict(OURS, assign="soft", tau=20.0), k) for k in (24,)]
+    rows += [(f"fps, hard, 0 iters, K={k}", dict(OURS, iters=0), k) for k in (16, 24)]
+    rows += [(f"fps, hard, 2 iters, K={k}", OURS, k) for k in (12, 16, 20, 24, 32, n)]
+    rows += [(f"fps, hard, 2 iters, per-image K, mean {k}", dict(OURS, dynamic=True, k_min=8, k_max=n, k_step=4),
+              ("mean_k", k)) for k in (16, 24)]
+    rows += [(f"fps, hard, 2 iters, after block 2, K={k}", dict(OURS, condense_at=2), k) for k in (16, 24)]
+    return rows
+
+
+def dense_vit(run_dir: str) -> tuple:
+    model, cfg = engine.load_for_eval(os.path.join(run_dir, "best.safetensors"))
+    vit = VisionTransformer(**vit_kwargs(model))
+    vit.load_state_dict(model.state_dict())
+    return vit.eval(), cfg, model
+
+
+def build(vit, opts, budget, calib):
+    if opts is None:
+        return vit
+    opts = dict(opts)
+    if isinstance(budget, int):
+        opts.update(dynamic=False, k_max=budget, k_min=min(budget, opts.get("k_min", budget)))
+    model = adaptivision.from_timm(vit, calib, **opts).eval()
+    if isinstance(budget, tuple):
+        model.set_token_budget(calib, mean_k=budget[1])
+    return model
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", action="append", required=True, help="dense run directory (best.safetensors)")
+    p.add_argument("--limit", type=int, default=10000, help="test images")
+    p.add_argument("--calib", type=int, default=256, help="training images for calibration")
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    per_run = {}
+    for run in args.run:
+        vit, cfg, probe = dense_vit(run)
+        cfg = dataclasses.replace(cfg, limit_eval=args.limit, workers=0, batch_size=256)
+        ds = engine.build_eval_dataset(cfg, probe)
+        _, eval_tf, mode = engine.build_transforms(cfg, probe)
+        train = build_dataset(cfg.dataset, cfg.data_dir, train=True, transform=eval_tf, mode=mode)
+        calib, _, _ = collate_skip([train[i] for i in range(args.calib)])
+        images, _, _ = collate_skip([ds[i] for i in range(min(512, len(ds)))])
+        loader = engine.eval_loader(ds, cfg, engine.setup_distributed("cpu"))
+        n = probe.patch_embed.num_patches
+        rows = []
+        for label, opts, budget in variants(n):
+            t0 = time.time()
+            model = build(vit, opts, budget, calib)
+            prof = adaptivision.profile(model, images)
+            ev = engine.evaluate(model, loader, engine.setup_distributed("cpu"))
+            rows.append(dict(label=label, gmacs=prof["gmacs"], mean_k=(prof.get("mean_k") or [None])[0],
+                             top1=ev["top1"], images=ev["images"]))
+            print(f"{os.path.basename(run)} | {label:50s} | {prof['gmacs']:.4f} GMACs | K {rows[-1]['mean_k']} | "
+                  f"top-1 {ev['top1']:.2f} | {time.time() - t0:.0f} s", flush=True)
+        per_run[run] = rows
+    os.makedirs(args.out, exist_ok=True)
+    record = dict(runs=per_run, command=" ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])),
+                  machine=f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
+                  version=adaptivision.__version__, date=time.strftime("%Y-%m-%d"))
+    with open(os.path.join(args.out, "off-the-shelf.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    with open(os.path.join(args.out, "off-the-shelf.md"), "w") as f:
+        f.write(to_markdown(per_run))
+    print(to_markdown(per_run))
+    return 0
+
+
+def _stat(v: list, digits: int) -> str:
+    if len(v) == 1:
+        return f"{v[0]:.{digits}f}"
+    return f"{statistics.mean(v):.{digits}f} ± {statistics.stdev(v):.{digits}f}"
+
+
+def to_markdown(per_run: dict) -> str:
+    runs = list(per_run.values())
+    lines = [f"| method (off the shelf, {len(runs)} dense model(s)) | mean K | GMACs | top-1 (%) |",
+             "|---|---|---|---|"]
+    for i, row in enumerate(runs[0]):
+        cells = [r[i] for r in runs]
+        k = row["mean_k"]
+        lines.append(f"| {row['label']} | {'—' if k is None else f'{k:.1f}'} | {_stat([c['gmacs'] for c in cells], 4)} "
+                     f"| {_stat([c['top1'] for c in cells], 2)} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

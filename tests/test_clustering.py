@@ -1,0 +1,156 @@
+"""Per-image clustering (``clustering='image'``): farthest-point centres, hard assignment with a
+straight-through gradient, k-means steps; and the K = N case, where it must be the dense ViT."""
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+import adaptivision
+from adaptivision.config import CLUSTERING
+from adaptivision.layers import DynamicTokenClustering
+from adaptivision.layers.dtc import assign, condense, farthest_points
+from adaptivision.models.from_timm import vit_kwargs
+from conftest import tiny_model
+
+
+def test_farthest_points_by_hand():
+    # mean (2.75, 1.25): (10, 0) is farthest from it; then (0, 5) is farthest from (10, 0)
+    # (125 vs 100, 81); then (1, 0): min distance 26 to {(10,0), (0,5)} beats (0,0)'s 25
+    z = torch.tensor([[[0.0, 0.0], [1.0, 0.0], [10.0, 0.0], [0.0, 5.0]]])
+    assert farthest_points(z, 4).tolist() == [[2, 3, 1, 0]]
+    assert farthest_points(z, 2).tolist() == [[2, 3]]  # nested: a prefix is the seeding for fewer
+
+
+def test_farthest_points_are_per_image():
+    z = torch.randn(3, 10, 4)
+    idx = farthest_points(z, 5)
+    for b in range(3):
+        assert torch.equal(idx[b], farthest_points(z[b:b + 1], 5)[0])
+    assert all(len(set(row)) == 5 for row in idx.tolist())  # distinct tokens: no centre twice
+
+
+def test_hard_assignment_is_one_hot_forward_and_soft_backward():
+    z = torch.tensor([[[0.0, 0.0], [0.2, 0.0], [4.0, 4.0]]], requires_grad=True)
+    mu = torch.tensor([[0.0, 0.0], [4.0, 4.0]])
+    a = assign(z, mu, tau=1.0, hard=True)
+    assert torch.equal(a.detach(), torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]]))
+    s, m = condense(z, a, torch.ones(1, 3))
+    # super-token 0 is the plain mean of tokens 0 and 1; masses are patch counts
+    assert torch.allclose(s[0, 0], torch.tensor([0.1, 0.0])) and torch.equal(m, torch.tensor([[2.0, 1.0]]))
+    # straight-through: the gradient is eq. 2's softmax gradient
+    (a[..., 1] * torch.arange(3.0)).sum().backward()
+    z_soft = z.detach().clone().requires_grad_(True)
+    (assign(z_soft, mu, tau=1.0, hard=False)[..., 1] * torch.arange(3.0)).sum().backward()
+    assert z.grad.abs().sum() > 0 and torch.allclose(z.grad, z_soft.grad)
+
+
+def test_per_image_centres_are_tokens_of_the_image_and_no_slot_starts_empty():
+    dtc = DynamicTokenClustering(8, 2, 6, k_step=1, centers="fps", hard=True, iters=0, assign_norm=False)
+    z = torch.randn(4, 12, 8)
+    s, m, a, zs, mu = dtc(z, torch.ones(4, 12), 6)
+    assert mu.shape == (4, 6, 8)
+    for b in range(4):  # each centre is one of the image's own tokens
+        assert all((zs[b] - c).abs().sum(-1).min() == 0 for c in mu[b])
+    assert (m >= 1).all(), m  # every slot holds at least its own centre's patch
+    assert torch.allclose(m.sum(1), torch.full((4,), 12.0))
+    assert dtc.centroids is None and not list(dtc.parameters())
+
+
+def test_kmeans_steps_reduce_the_within_cluster_distance():
+    z = torch.randn(2, 40, 8)
+    costs = []
+    for iters in (0, 1, 3):
+        dtc = DynamicTokenClustering(8, 2, 8, centers="fps", hard=True, iters=iters, assign_norm=False)
+        _, _, a, zs, mu = dtc(z, torch.ones(2, 40), 8)
+        centre = torch.einsum("bnk,bnd->bkd", a, zs) / a.sum(1).unsqueeze(-1)  # the super-token in z space
+        costs.append((a * torch.cdist(zs, centre).pow(2)).sum().item())
+    assert costs[0] > costs[1] >= costs[2] - 1e-4, costs
+
+
+def test_clustering_presets_and_overrides():
+    m = tiny_model(clustering="image")
+    d = m.dtc["0"]
+    assert (d.centers, d.hard, d.iters) == ("fps", True, 2) == tuple(
+        CLUSTERING["image"][k] if k != "assign" else True for k in ("centers", "assign", "iters"))
+    assert "dtc.0.centroids" not in dict(m.named_parameters())
+    d = tiny_model(clustering="image", assign="soft", iters=0).dtc["0"]
+    assert (d.centers, d.hard, d.iters) == ("fps", False, 0)
+    d = tiny_model(clustering="paper").dtc["0"]
+    assert (d.centers, d.hard, d.iters) == ("learned", False, 0) and d.centroids is not None
+    with pytest.raises(ValueError, match="clustering"):
+        tiny_model(clustering="images")
+    with pytest.raises(ValueError, match="entropy"):
+        tiny_model(clustering="image", complexity="entropy")
+
+
+def test_every_parameter_gets_gradient_with_image_clustering():
+    model = tiny_model(clustering="image", cmtf=False)
+    with torch.no_grad():  # AFA's v starts at 0: give it a value so that u gets gradient too
+        for n, p in model.named_parameters():
+            if "fc_v" in n:
+                p.normal_(0, 0.02)
+    model(torch.randn(4, 3, 16, 16)).sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, missing
+
+
+def test_an_image_gives_the_same_output_alone_or_in_a_batch_with_image_clustering():
+    x = torch.randn(5, 3, 16, 16) * torch.linspace(0.1, 3, 5).view(5, 1, 1, 1)
+    model = tiny_model(clustering="image", cmtf=False, budget_jitter=0.0)
+    model.train()
+    with torch.no_grad():
+        model(x)  # complexity statistics
+    model.eval()
+    with torch.no_grad():
+        batch = model(x)
+        assert model.last_num_clusters.unique().numel() > 1
+        for i in range(5):
+            assert torch.allclose(model(x[i:i + 1]), batch[i:i + 1], atol=1e-5)
+
+
+def test_k_equal_to_n_reproduces_the_dense_vit():
+    """K = N with per-image hard clustering: every patch is its own cluster (mass 1, log-mass bias 0),
+    so a ViT's weights give the ViT's own logits (attention does not depend on token order)."""
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=16, patch_size=4, in_chans=3, num_classes=5, embed_dim=32, depth=3,
+                            num_heads=2).eval()
+    x = torch.randn(3, 3, 16, 16)
+    model = adaptivision.from_timm(vit, x, clustering="image", dynamic=False, k_max=16, afa=False, cmtf=False)
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(x), vit(x), atol=1e-5)
+        assert torch.equal(model.last_num_clusters, torch.full((3, 1), 16))
+    assert vit_kwargs(model)["depth"] == 3
+
+
+def test_profile_counts_the_farthest_point_distances():
+    x = torch.randn(2, 3, 16, 16)
+    paper = tiny_model(clustering="paper", dynamic=False, k_max=8, k_min=8, afa=False, cmtf=False).eval()
+    image = tiny_model(clustering="image", iters=0, dynamic=False, k_max=8, k_min=8, afa=False, cmtf=False).eval()
+    image.load_state_dict(paper.state_dict(), strict=False)
+    diff = adaptivision.profile(image, x)["gmacs"] - adaptivision.profile(paper, x)["gmacs"]
+    assert diff * 1e9 == pytest.approx(16 * 16 * 32)  # N x N x D per image, nothing else differs
+
+
+def test_off_the_shelf_benchmark_smoke(tmp_path):
+    """CI's short version of benchmarks/off_the_shelf.py: a tiny dense run, then every variant."""
+    import importlib.util
+    import json
+    import pathlib
+
+    from adaptivision.cli import main
+    from fixtures import make_fmnist
+    data = make_fmnist(str(tmp_path / "fm"), n_train=64, n_test=32)
+    assert main(["train", "--data-dir", data, "--output", str(tmp_path), "--name", "dense", "--epochs", "1",
+                 "workers=0", "batch_size=16", "throughput_batch=8", "compare_dense=false",
+                 "model_kwargs={embed_dim: 32, depth: 3, num_heads: 2, condense_at: false, afa: false, cmtf: false}"]) == 0
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "off_the_shelf.py"
+    spec = importlib.util.spec_from_file_location("off_the_shelf", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "res"
+    assert mod.main(["--run", str(tmp_path / "dense"), "--limit", "32", "--calib", "16", "--out", str(out)]) == 0
+    rows = {r["label"]: r for r in json.loads((out / "off-the-shelf.json").read_text())["runs"][str(tmp_path / "dense")]}
+    dense = rows["dense"]
+    full = rows["fps, hard, 2 iters, K=49"]  # K = N: the dense model's own predictions
+    assert full["top1"] == dense["top1"] and full["gmacs"] > dense["gmacs"]
+    assert rows["fps, hard, 2 iters, K=16"]["gmacs"] < rows["fps, hard, 2 iters, K=32"]["gmacs"] < dense["gmacs"]
+    assert "| dense |" in (out / "off-the-shelf.md").read_text()
