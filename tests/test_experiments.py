@@ -52,6 +52,23 @@ def test_table5_matches_gmacs_and_shares_runs(done):
     assert t4[1.0]["runs"][0]["run_dir"] != dtc_run
 
 
+def test_dtc_levers_record_every_lever_and_record_only_trains_nothing(done, tmp_path):
+    rec = _record(done, "dtc-levers")
+    cells = {c["label"]: c for c in rec["cells"]}
+    assert len(cells) == len(EXPERIMENTS["dtc-levers"].cells) and all(len(c["runs"]) == 1 for c in cells.values())
+    image = cells["fps, hard, 2 k-means steps (clustering='image')"]["runs"][0]["run_dir"]
+    assert image != cells["paper: learned centroids, soft, tau 150"]["runs"][0]["run_dir"]
+    assert cells["ToMe"]["knob"] == "tome_r"
+    runs = set(os.listdir(os.path.join(done, "runs")))
+    seeds = {r: sorted(os.listdir(os.path.join(done, "runs", r))) for r in runs}
+    # --record-only with a second seed: nothing is trained, only the finished seed is recorded
+    common = ["--scale", "smoke", "--data-dir", os.path.join(os.path.dirname(done), "fm"), "--out", done]
+    assert main(["experiment", "run", "dtc-levers", "--seeds", "2", "--record-only", *common]) == 0
+    assert {r: sorted(os.listdir(os.path.join(done, "runs", r))) for r in runs} == seeds
+    recorded = [c["runs"] for c in _record(done, "dtc-levers")["cells"]]
+    assert all(len(r) == 1 and r[0]["seed"] == 0 for r in recorded), recorded
+
+
 def test_figure1a_points_follow_the_budget(done):
     rec = _record(done, "figure1a")
     for cell in rec["cells"]:

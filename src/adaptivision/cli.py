@@ -103,7 +103,7 @@ def _experiment(args) -> int:
             raise ValueError(f"--eval-data takes NAME=DIR (e.g. imagenet-a=/data/imagenet-a), got {item!r}")
         eval_data[name] = path
     run_experiment(args.name, args.out, args.scale, args.dataset, args.data_dir, args.epochs, args.seeds,
-                   list(args.overrides), args.checkpoint, eval_data)
+                   list(args.overrides), args.checkpoint, eval_data, record_only=args.record_only)
     return 0
 
 
@@ -229,6 +229,8 @@ def main(argv=None) -> int:
                    help="smoke: a few steps (CI); small: 1 epoch on 10k images; default: the default job "
                         "(2 epochs, all images); paper: configs/<dataset>.yaml")
     x.add_argument("--out", default="experiments", help="runs and records go here (shared by experiments)")
+    x.add_argument("--record-only", action="store_true", dest="record_only",
+                   help="train nothing: record the runs finished so far (a report of a partial experiment)")
     x.add_argument("--checkpoint", action="append", help="table6: a checkpoint to evaluate (repeatable)")
     x.add_argument("--eval-data", action="append", dest="eval_data", metavar="NAME=DIR",
                    help="table6: extra evaluation set, e.g. imagenet-a=/data/imagenet-a (repeatable)")

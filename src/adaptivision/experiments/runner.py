@@ -87,8 +87,9 @@ def _non_default(kwargs: dict) -> dict:
 
 class Runner:
     def __init__(self, exp: Experiment, out: str, scale: str, base: TrainConfig, seeds: int = 1,
-                 log: Callable = print):
+                 log: Callable = print, record_only: bool = False):
         self.exp, self.out, self.scale, self.base, self.seeds, self.log = exp, out, scale, base, seeds, log
+        self.record_only = record_only  # record the finished runs, train nothing
         self.record = dict(experiment=exp.name, title=exp.title, kind=exp.kind, scale=scale, dataset=base.dataset,
                            model=base.model, epochs=base.epochs, seeds=seeds, key=exp.key, cells=[],
                            started=time.strftime("%Y-%m-%d %H:%M:%S"))
@@ -140,6 +141,9 @@ class Runner:
             rel = os.path.relpath(run_dir, self.out)
             if os.path.isfile(os.path.join(run_dir, "summary.json")):
                 self.log(f"[{self.exp.name}] {cell.label} seed {seed}: done before ({rel})")
+            elif self.record_only:
+                self.log(f"[{self.exp.name}] {cell.label} seed {seed}: not finished, left out ({rel})")
+                continue
             else:
                 resume = run_dir if os.path.isfile(os.path.join(run_dir, "last.safetensors")) else None
                 self.log(f"[{self.exp.name}] {cell.label} seed {seed}: {'resuming' if resume else 'training'} {rel}")
@@ -286,9 +290,10 @@ def _time(model, x, repeats: int) -> list:
 def run_experiment(name: str, out: str = "experiments", scale: str = "small", dataset: str = "fashion-mnist",
                    data_dir: Optional[str] = None, epochs: Optional[int] = None, seeds: int = 1,
                    overrides: Optional[list] = None, checkpoints: Optional[list] = None,
-                   eval_data: Optional[dict] = None, log: Callable = print) -> dict:
+                   eval_data: Optional[dict] = None, log: Callable = print, record_only: bool = False) -> dict:
+    """Run (or with ``record_only``, only record the finished runs of) experiment ``name``."""
     exp = get(name)
     if seeds < 1:
         raise ValueError(f"Invalid value for 'seeds': {seeds!r}; allowed: an integer >= 1.")
     base = base_config(scale, dataset, data_dir, epochs, overrides)
-    return Runner(exp, out, scale, base, seeds, log).run(checkpoints, eval_data)
+    return Runner(exp, out, scale, base, seeds, log, record_only).run(checkpoints, eval_data)

@@ -244,25 +244,33 @@ class DynamicTokenClustering(nn.Module):
             return self.k_from_score(score, bias).clamp_max(N)
 
     # --- condensation -------------------------------------------------------------------------
-    def initial_centers(self, zs: torch.Tensor, k: int) -> torch.Tensor:
+    def seed_points(self, z: torch.Tensor, k: int) -> Optional[torch.Tensor]:
+        """Farthest-point indices (B, k) of each image's tokens z (B, N, D), or None with learned
+        centroids. FPS prefixes are nested, so one call at the largest K of a batch serves every
+        group of it (``forward(seeds=idx[rows, :K])``): one sequential loop per batch, not per K."""
+        return None if self.centroids is not None else farthest_points(self.space(z), k)
+
+    def initial_centers(self, zs: torch.Tensor, k: int, seeds: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The nested prefix of the learned centroids (K, D), or each image's own farthest-point
-        tokens (B, K, D); zs: (B, N, D) in the assignment space."""
+        tokens (B, K, D); zs: (B, N, D) in the assignment space; seeds: (B, >= K) FPS indices."""
         if self.centroids is not None:
             return self.centroids[:k]                                                # (K, D)
-        idx = farthest_points(zs, k)                                                 # (B, K)
+        idx = farthest_points(zs, k) if seeds is None else seeds[:, :k]              # (B, K)
         return torch.gather(zs, 1, idx.unsqueeze(-1).expand(-1, -1, zs.shape[-1]))   # (B, K, D)
 
-    def forward(self, z: torch.Tensor, mass: torch.Tensor, k: int, weights: Optional[torch.Tensor] = None
+    def forward(self, z: torch.Tensor, mass: torch.Tensor, k: int, weights: Optional[torch.Tensor] = None,
+                seeds: Optional[torch.Tensor] = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Condense the tokens of images that all use ``k`` clusters.
 
         z: (B, N, D) tokens, mass: (B, N) their mass, weights: optional (B, N) saliency that
-        scales each token's mass in the weighted mean. Returns ``s`` (B, K, D) super-tokens,
+        scales each token's mass in the weighted mean, seeds: optional (B, >= K) farthest-point
+        indices from :meth:`seed_points` (computed here otherwise). Returns ``s`` (B, K, D) super-tokens,
         ``m`` (B, K) their mass, ``a`` (B, N, K) assignment (for unpooling ``Z_rec = a @ s``),
         and ``zs`` (B, N, D), ``mu`` ((K, D) or (B, K, D)), the points and centroids of eq. 14.
         """
         zs = self.space(z)                                                           # (B, N, D)
-        mu = self.initial_centers(zs, k)                                             # (K, D) or (B, K, D)
+        mu = self.initial_centers(zs, k, seeds)                                      # (K, D) or (B, K, D)
         a = assign(zs, mu, self.tau, self.hard)                                      # (B, N, K)
         for _ in range(self.iters):  # differentiable k-means steps, per image
             mu = torch.einsum("bnk,bnd->bkd", a, zs) / a.sum(1).clamp_min(1e-6).unsqueeze(-1)  # (B, K, D)

@@ -233,10 +233,12 @@ class AdaptiVision(VisionTransformer):
             w = weights[grp.index] if weights is not None else None                  # (b, N) or None
             ks = dtc.num_clusters(z, w)                                              # (b,)
             self.last_num_clusters[grp.index, stage] = ks
-            for k, sel in self._plan(dtc, ks, z.shape[1]):  # one dense batch per K
+            plan = self._plan(dtc, ks, z.shape[1])
+            seeds = dtc.seed_points(z, max(k for k, _ in plan))                     # (b, K_max) or None
+            for k, sel in plan:  # one dense batch per K
                 def pick(t, sel=sel):
                     return t if sel is None or t is None else t[sel]
-                s, m, a, zs, mu = dtc(pick(z), pick(mass), k, pick(w))
+                s, m, a, zs, mu = dtc(pick(z), pick(mass), k, pick(w), pick(seeds))
                 x = torch.cat([pick(prefix), s], dim=1)                              # (b_k, P+K, D)
                 m = torch.cat([m.new_ones(m.shape[0], P), m], dim=1)                 # (b_k, P+K)
                 out.append(_Group(pick(grp.index), x, m, grp.assign + [a], self.prop_attn))
