@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -27,6 +26,7 @@ from timm.models.vision_transformer import VisionTransformer
 import adaptivision
 from adaptivision.data import build_dataset, collate_skip
 from adaptivision.models.from_timm import vit_kwargs
+from adaptivision.provenance import provenance
 from adaptivision.train import engine
 
 PLAIN = dict(afa=False, cmtf=False)
@@ -101,8 +101,7 @@ def main(argv=None) -> int:
         per_run[run] = rows
     os.makedirs(args.out, exist_ok=True)
     record = dict(runs=per_run, command=" ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])),
-                  machine=f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
-                  version=adaptivision.__version__, date=time.strftime("%Y-%m-%d"))
+                  provenance=provenance())
     with open(os.path.join(args.out, "off-the-shelf.json"), "w") as f:
         json.dump(record, f, indent=1)
     with open(os.path.join(args.out, "off-the-shelf.md"), "w") as f:

@@ -257,3 +257,21 @@ def test_one_224_checkpoint_serves_the_default_and_an_aggressive_budget():
         model.set_token_budget(x, gmacs=0.2)
     with pytest.raises(ValueError, match="k_mid"):
         timm.create_model("adaptivision_tiny_patch16_224", k_min=64, k_mid=40)
+
+
+@pytest.mark.parametrize("clustering", ["paper", "image"])
+def test_a_nan_image_leaves_the_complexity_statistics_finite(clustering):
+    """One non-finite image in a training batch is left out of the running statistics, so later
+    images still get K from their own complexity (not the same K for all, for good)."""
+    x = textured_and_flat()
+    model = tiny_model(budget_jitter=0.0, clustering=clustering, cmtf=False).train()
+    with torch.no_grad():
+        model(x)
+        bad = x.clone()
+        bad[0] = float("nan")
+        model(bad)
+    dtc = model.dtc["0"]
+    assert torch.isfinite(dtc.c_mean) and torch.isfinite(dtc.c_var)
+    with torch.no_grad():
+        model.eval()(x)
+    assert model.last_num_clusters[:, 0].unique().numel() > 1

@@ -60,6 +60,12 @@ def test_cli_train_end_to_end_with_dense_comparison(fmnist, tmp_path, capsys):
     summary = json.loads((run / "summary.json").read_text())
     rows = {r["model"]: r for r in summary["rows"]}
     assert set(rows) == {"adaptivision", "dense"}
+    # provenance: the package version and the commit of the code that produced the numbers
+    head = subprocess.run(["git", "-C", os.path.dirname(__file__), "rev-parse", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    prov = summary["provenance"]
+    assert prov["version"] == __import__("adaptivision").__version__ and prov["torch"] == torch.__version__
+    assert head and prov["commit"].removesuffix("-dirty") == head
     assert rows["adaptivision"]["gmacs"] < rows["dense"]["gmacs"]
     assert all(r["img_per_s"] > 0 and 0 <= r["top1"] <= 100 for r in rows.values())
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -350,3 +356,42 @@ def test_every_reductions_auxiliary_loss_reaches_training(fmnist, tmp_path, redu
     assert steps and all(s[term] > 0 for s in steps), steps[0]
     for s in steps:
         assert s["loss"] == pytest.approx(s["ce"] + weight * s[term], rel=1e-5)
+
+
+def test_non_finite_numbers_are_rejected_everywhere():
+    for bad in ("lr=.inf", "base_lr=.nan", "weight_decay=.inf", "mixup=.inf", "clip_grad=.inf"):
+        with pytest.raises(ValueError, match="finite"):
+            TrainConfig.build(overrides=[bad])
+    with pytest.raises(ValueError, match="'tau'.*finite"):
+        engine.create_model(dict(name="adaptivision_nano_patch4_28", num_classes=10, kwargs={"tau": float("inf")}))
+
+
+def test_non_finite_weights_are_never_saved_as_last_good(fmnist, tmp_path, monkeypatch):
+    """A loss that turns NaN after the weights already did: nothing is saved as 'last good'."""
+    calls = {"n": 0}
+    real = engine.AdaptiVisionLoss.forward
+
+    def poison(self, *a, **k):
+        out = real(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            model = _active_model["m"]
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    _active_model = {}
+    real_create = engine.create_model
+
+    def create(spec):
+        _active_model["m"] = real_create(spec)
+        return _active_model["m"]
+
+    monkeypatch.setattr(engine.AdaptiVisionLoss, "forward", poison)
+    monkeypatch.setattr(engine, "create_model", create)
+    cfg = TrainConfig.build(overrides=[f"data_dir={fmnist}", f"output={tmp_path}", "name=bad", "epochs=1",
+                                       "compare_dense=false", *QUICK])
+    with pytest.raises(engine.NonFiniteLoss, match="none were saved"):
+        engine.run(cfg)
+    assert not (tmp_path / "bad" / "last-good.safetensors").exists()

@@ -8,6 +8,7 @@ closest valid one (``tua`` -> ``tau``).
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterable, Optional, Sequence, Union
 
@@ -116,6 +117,9 @@ class ModelOptions:
 
     def resolve(self, num_patches: int, depth: int, embed_dim: int) -> "ModelOptions":
         """Validate against the backbone and fill the per-stage K ranges (``self.stages``)."""
+        for f in fields(self):  # inf / nan pass the range checks below that they should fail
+            v = getattr(self, f.name)
+            _check(not isinstance(v, float) or math.isfinite(v), f.name, v, "a finite number")
         _check(self.reduction in REDUCTIONS, "reduction", self.reduction, ", ".join(map(repr, REDUCTIONS)))
         _check(0 < self.keep_ratio <= 1, "keep_ratio", self.keep_ratio, "a float in (0, 1]")
         _check(self.tome_r >= 0, "tome_r", self.tome_r, "an integer >= 0")

@@ -222,11 +222,12 @@ class DynamicTokenClustering(nn.Module):
             return torch.full((B,), min(k, N), dtype=torch.long, device=z.device)
         with torch.no_grad():
             c = self.complexity_score(z, weights)                                    # (B,)
-            if self.training:
-                m, v = c.mean(), c.var(unbiased=False)
+            cf = c[torch.isfinite(c)] if self.training else c  # a NaN image must not poison the statistics
+            if self.training and cf.numel():
+                m, v = cf.mean(), cf.var(unbiased=False)
                 if not bool(self.stats_seen):
                     self.c_mean.copy_(m)
-                    self.c_var.copy_(v if B > 1 else torch.ones_like(v))
+                    self.c_var.copy_(v if cf.numel() > 1 else torch.ones_like(v))
                     self.stats_seen.fill_(True)
                 else:
                     mom = self.stat_momentum

@@ -8,6 +8,7 @@ resolved config is saved as ``config.yaml`` in every run directory.
 from __future__ import annotations
 
 import json
+import math
 import os
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -85,6 +86,9 @@ class TrainConfig:
         def check(cond, name, allowed):
             if not cond:
                 raise ValueError(f"Invalid value for '{name}': {getattr(self, name)!r}; allowed: {allowed}.")
+        for f in fields(self):  # inf / nan pass range checks below (nan fails them all, with a misleading message)
+            v = getattr(self, f.name)
+            check(not isinstance(v, float) or math.isfinite(v), f.name, "a finite number")
         check(self.dataset in DATASETS, "dataset", ", ".join(DATASETS))
         check(self.epochs >= 1, "epochs", "an integer >= 1")
         check(self.batch_size >= 1, "batch_size", "an integer >= 1")

@@ -32,6 +32,7 @@ from ..guidance import Guidance, class_embeddings, parse_sources
 from ..models import AdaptiVision
 from ..objective import AdaptiVisionLoss
 from ..profile import profile
+from ..provenance import provenance
 from .checkpoint import (
     CheckpointManager,
     load_pretrained,
@@ -420,6 +421,11 @@ def train_phase(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bo
 
 def _stop_non_finite(what: str, epoch: int, step: int, model, ckpt: CheckpointManager, d: Dist):
     base_path = ckpt.path("last-good")
+    finite = all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point())
+    if not finite:  # the weights themselves are broken: saving them as "good" would mislead
+        raise NonFiniteLoss(f"{what} at epoch {epoch + 1}, step {step}: stopped; the weights are already "
+                            f"non-finite, so none were saved: resume from the last epoch checkpoint "
+                            f"{ckpt.path('last')}.* with a lower lr or clip_grad")
     if d.main:
         save_weights(model, base_path + ".safetensors")
     raise NonFiniteLoss(f"{what} at epoch {epoch + 1}, step {step}: stopped; the weights before this step are "
@@ -515,7 +521,7 @@ def summarize(cfg: TrainConfig, results: dict, run_dir: str, d: Dist) -> dict:
                   f"AdaptiVision / dense images/s: {rows[0]['img_per_s'] / rows[1]['img_per_s']:.2f}x "
                   f"(batch {cfg.throughput_batch}, {d.device.type}, {torch.get_num_threads()} threads, same process).")
     summary = dict(dataset=cfg.dataset, rows=rows, device=str(d.device), threads=torch.get_num_threads(),
-                   markdown="\n".join(md))
+                   markdown="\n".join(md), provenance=provenance())
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     with open(os.path.join(run_dir, "summary.md"), "w") as f:

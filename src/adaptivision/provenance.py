@@ -1,0 +1,39 @@
+"""Where a number came from: package version, git commit of the source, machine and libraries.
+
+Recorded in every run's ``summary.json`` and every benchmark record, so a figure in the docs can
+be traced to the code and machine that produced it.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+from functools import lru_cache
+from typing import Optional
+
+import timm
+import torch
+
+from . import __version__
+
+
+@lru_cache(maxsize=1)
+def git_commit() -> Optional[str]:
+    """The commit of the checkout this package is imported from (``-dirty`` with local changes),
+    or None when it is not a git checkout (an installed wheel)."""
+    src = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "-C", src, "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", src, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("-dirty" if dirty else "") if head else None
+
+
+def provenance() -> dict:
+    return dict(version=__version__, commit=git_commit(), torch=torch.__version__, timm=timm.__version__,
+                machine=f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.system()}",
+                threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d %H:%M:%S"))
