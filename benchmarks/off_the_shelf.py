@@ -31,8 +31,8 @@ from adaptivision.train import engine
 
 PLAIN = dict(afa=False, cmtf=False)
 # label -> (AdaptiVision options, budget): budget is a fixed K (dynamic=False) or ('mean_k', K)
-PAPER = dict(PLAIN, centers="learned", assign="soft", tau=150.0)
-OURS = dict(PLAIN, centers="fps", assign="hard", iters=2)
+PAPER = dict(PLAIN, clustering="paper", tau=150.0)  # learned shared centroids, soft, no k-means step
+OURS = dict(PLAIN, clustering="image")               # farthest-point centres, hard, 2 k-means steps
 
 
 def variants(n: int) -> list:

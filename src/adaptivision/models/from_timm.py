@@ -3,8 +3,9 @@
 Every ViT weight keeps its name (AdaptiVision is a ``VisionTransformer`` subclass), so the
 source's state dict loads as it is; only the modules AdaptiVision adds start fresh, and they
 start neutral: AFA's ``v`` and CMTF's ``W_o`` are zero, so AFA is plain attention and CMTF adds
-nothing until trained. The centroids are seeded by k-means++ on a calibration batch, which also
-gives DTC the complexity statistics that choose each image's K. Off the shelf, the model is
+nothing until trained. DTC clusters each image's own tokens (``clustering='image'``, the default
+here); a calibration batch gives it the complexity statistics that choose each image's K (and,
+with ``clustering='paper'``, seeds the shared centroids by k-means++). Off the shelf, the model is
 therefore the source ViT run on condensed tokens; fine-tune it with ``adaptivision train
 --init-from``.
 """
@@ -52,6 +53,9 @@ def from_timm(vit: nn.Module, images: Optional[torch.Tensor] = None, **options) 
     if not isinstance(vit, VisionTransformer) or isinstance(vit, AdaptiVision):
         raise TypeError(f"from_timm takes a timm VisionTransformer (ViT, DeiT, ...), got {type(vit).__name__}")
     ref = next(vit.parameters())
+    # off the shelf, each image's own clusters keep the ViT's accuracy where the paper's shared soft
+    # centroids lose 27 points at 2/3 of its GMACs (docs/results.md, "How DTC should cluster")
+    options.setdefault("clustering", "image")
     model = AdaptiVision(**vit_kwargs(vit), **options).to(ref.device, ref.dtype)
     own, src = model.state_dict(), vit.state_dict()
     unexpected = sorted(set(src) - set(own))
