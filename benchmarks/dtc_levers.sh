@@ -18,6 +18,8 @@ fi
 "$AV" experiment run dtc-levers --seeds 1 --out "$OUT/small"
 # breadth first: one seed of every cell, then the second seed
 "$AV" experiment run dtc-confirm --seeds 1 --scale default --out "$OUT/default"
+"$PY" benchmarks/mosaic_segmentation.py --backbones adaptivision-image --steps 900 --lr 3e-3 \
+  --out benchmarks/results/mosaic-900-image
 "$AV" experiment run dtc-confirm --seeds 2 --scale default --out "$OUT/default"
 "$AV" experiment run dtc-levers --seeds 2 --out "$OUT/small"
 "$AV" report "$OUT/small/dtc-levers" "$OUT/default/dtc-confirm" --out "$OUT/report-dtc"

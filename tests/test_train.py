@@ -395,3 +395,23 @@ def test_non_finite_weights_are_never_saved_as_last_good(fmnist, tmp_path, monke
     with pytest.raises(engine.NonFiniteLoss, match="none were saved"):
         engine.run(cfg)
     assert not (tmp_path / "bad" / "last-good.safetensors").exists()
+
+
+def test_budget_warmup_anneals_k_from_the_maximum_to_the_trained_budget(fmnist, tmp_path, monkeypatch):
+    """budget_warmup: DTC starts near K_max and ends at its trained budget (bias 0)."""
+    seen = []
+    real = engine.set_budget_warmup
+
+    def spy(model, cfg, epoch):
+        seen.append((epoch, real(model, cfg, epoch)))
+        return seen[-1][1]
+
+    monkeypatch.setattr(engine, "set_budget_warmup", spy)
+    rc = main(["train", "--data-dir", fmnist, "--output", str(tmp_path), "--name", "w", "--epochs", "2", *QUICK,
+               "compare_dense=false", "budget_warmup=2", "budget_warmup_bias=4"])
+    assert rc == 0
+    biases = [b for _, b in seen]
+    assert biases[0] == 4.0 and biases[-1] == 0.0 and biases == sorted(biases, reverse=True)
+    assert seen[-1][0] == 2  # the end of the last epoch: evaluated and saved at the trained budget
+    with pytest.raises(ValueError, match="budget_warmup"):
+        TrainConfig.build(overrides=["epochs=2", "budget_warmup=3"])

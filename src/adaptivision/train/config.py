@@ -66,6 +66,10 @@ class TrainConfig:
     guidance_tokens: int = 8                # M learned tokens of source 'learned'
     guidance_dropout: float = 0.0           # training: leave each source out of a batch with this probability
     # objective (eq. 12)
+    # token budget curriculum: DTC starts near K_max (budget bias +budget_warmup_bias) and reaches
+    # its trained budget (bias 0) linearly over budget_warmup epochs; 0 = the budget from the start
+    budget_warmup: float = 0.0
+    budget_warmup_bias: float = 6.0
     lambda_cluster: float = 0.0
     lambda_align: float = 0.0
     align_temperature: float = 0.07
@@ -108,6 +112,9 @@ class TrainConfig:
         check(self.accum_steps >= 1, "accum_steps", "an integer >= 1")
         check(self.amp in ("auto", "bf16", "fp16", "none"), "amp", "'auto', 'bf16', 'fp16' or 'none'")
         check(self.lambda_cluster >= 0, "lambda_cluster", ">= 0")
+        check(0 <= self.budget_warmup <= self.epochs, "budget_warmup",
+              "epochs in [0, epochs]: the run must end at its trained budget")
+        check(self.budget_warmup_bias >= 0, "budget_warmup_bias", ">= 0")
         check(self.lambda_align >= 0, "lambda_align", ">= 0")
         sources = parse_sources(self.guidance)
         check(self.lambda_align == 0 or "text" in sources, "lambda_align",

@@ -344,6 +344,8 @@ def train_phase(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bo
             if x is None:
                 continue
             x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+            if cfg.budget_warmup > 0 and returns_aux:
+                set_budget_warmup(model, cfg, num_updates / updates_per_epoch)
             target = y
             if mixup is not None:
                 x, target = mixup(x, y)
@@ -386,6 +388,8 @@ def train_phase(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bo
                            lr=optimizer.param_groups[0]["lr"], img_per_s=rate,
                            **{k: v.item() for k, v in terms.items() if k != "loss"})
                 _log_metrics(metrics_path, writer, rec, num_updates)
+        if cfg.budget_warmup > 0 and returns_aux:  # evaluate at the budget reached at this epoch's end
+            set_budget_warmup(model, cfg, epoch + 1)
         t_epoch = time.perf_counter() - t0
         t_train += t_epoch
         epochs_run += 1
@@ -417,6 +421,15 @@ def train_phase(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bo
         result = dict(spec=spec, eval=st["eval"], best_top1=st["best_top1"], train_seconds=None, epochs=cfg.epochs)
     result["model"], result["guide"] = model, guide
     return result
+
+
+def set_budget_warmup(model: AdaptiVision, cfg: TrainConfig, epoch: float) -> float:
+    """The budget curriculum: the first DTC stage's bias falls linearly from ``budget_warmup_bias``
+    (K near K_max) to 0 (the trained budget) over ``budget_warmup`` epochs. Returns the bias."""
+    bias = cfg.budget_warmup_bias * max(0.0, 1.0 - epoch / cfg.budget_warmup)
+    for dtc in list(model.dtc.values())[:1]:
+        dtc.budget_bias = bias
+    return bias
 
 
 def _stop_non_finite(what: str, epoch: int, step: int, model, ckpt: CheckpointManager, d: Dist):
