@@ -84,6 +84,7 @@ LEVER_CELLS = (
     Cell("image, condense after block 1", dict(IMAGE_DTC, condense_at=1)),
     Cell("image, soft, tau 20", dict(IMAGE_DTC, assign="soft", tau=20.0)),
     Cell("image, K warm-up (from K_max over 1 epoch)", IMAGE_DTC, train=dict(budget_warmup=1.0)),
+    Cell("image, soft, tau 20, K warm-up", dict(IMAGE_DTC, assign="soft", tau=20.0), train=dict(budget_warmup=1.0)),
 )
 
 EXPERIMENTS = {e.name: e for e in (
@@ -110,7 +111,7 @@ EXPERIMENTS = {e.name: e for e in (
     Experiment("dtc-levers", "DTC levers: how to cluster (issue 15), beside dense, EViT and ToMe", "train",
                LEVER_CELLS, note="iterate at --scale small, confirm at --scale default"),
     Experiment("dtc-confirm", "DTC's clustering against the baselines at the default job's length", "train",
-               tuple(LEVER_CELLS[i] for i in (0, 12, 2, 3, 8, 1, 13, 4)),
+               tuple(LEVER_CELLS[i] for i in (0, 14, 12, 2, 3, 8, 1, 13, 4)),
                note="the dtc-levers choice confirmed: run it with --scale default"),
     Experiment("theorem1", "Theorem 1: cost as the image grows (fixed K range)", "scaling", (DENSE, DTC)),
     Experiment("variants", "Paper-literal vs sound variants (DESIGN.md)", "train", (
