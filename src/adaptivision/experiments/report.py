@@ -39,8 +39,10 @@ def _train_table(rec: dict, exp_dir: str, notes: list) -> list:
         rows = [r for r in (_summary(exp_dir, run) for run in cell.get("runs", [])) if r is not None]
         if cell.get("status"):
             notes.append(f"{cell['label']}: {cell['status']}")
-        elif len(rows) < len(cell.get("runs", [])) or not rows:
-            notes.append(f"{cell['label']}: {len(cell.get('runs', [])) - len(rows)} run(s) missing or unfinished")
+        elif not cell.get("runs"):
+            notes.append(f"{cell['label']}: not run (no finished run recorded)")
+        elif len(rows) < len(cell["runs"]) or not rows:
+            notes.append(f"{cell['label']}: {len(cell['runs']) - len(rows)} run(s) missing or unfinished")
         knob = f"{cell['knob']}={cell['knob_value']}" if cell.get("knob") else MISSING
         mean_k = [statistics.fmean(r["mean_k"]) if r.get("mean_k") else None for r in rows]
         vals = [cell["label"]] + ([str(cell.get("key", MISSING))] if key else []) + ([knob] if knobs else []) + [
