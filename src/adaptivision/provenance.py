@@ -9,7 +9,6 @@ import os
 import platform
 import subprocess
 import time
-from functools import lru_cache
 from typing import Optional
 
 import timm
@@ -18,7 +17,6 @@ import torch
 from . import __version__
 
 
-@lru_cache(maxsize=1)
 def git_commit() -> Optional[str]:
     """The commit of the checkout this package is imported from (``-dirty`` with local changes),
     or None when it is not a git checkout (an installed wheel)."""
