@@ -83,14 +83,16 @@ def farthest_points(zs: torch.Tensor, k: int) -> torch.Tensor:
     the token farthest from those already picked. The first pick is the token farthest from the
     image's mean token (its most distinctive one), so the result is deterministic."""
     B, N, _ = zs.shape
-    idx = zs.new_empty(B, k, dtype=torch.long)
-    d2 = torch.cdist(zs, zs).pow(2)                                                  # (B, N, N)
-    dmin = (zs - zs.mean(1, keepdim=True)).pow(2).sum(-1)                            # (B, N)
-    rows = torch.arange(B, device=zs.device)
-    for j in range(k):
-        idx[:, j] = dmin.argmax(-1)                                                  # (B,)
-        dmin = torch.minimum(dmin if j else torch.full_like(dmin, float("inf")), d2[rows, idx[:, j]])
-    return idx
+    dist = torch.cdist(zs, zs)                                                       # (B, N, N)
+    cur = (zs - zs.mean(1, keepdim=True)).pow(2).sum(-1).argmax(-1)                  # (B,)
+    dmin = zs.new_full((B, N), float("inf"))                                         # (B, N)
+    picks = []
+    for _ in range(k):
+        picks.append(cur)
+        row = torch.gather(dist, 1, cur.view(B, 1, 1).expand(B, 1, N)).squeeze(1)    # (B, N)
+        dmin = torch.minimum(dmin, row)
+        cur = dmin.argmax(-1)
+    return torch.stack(picks, 1)                                                     # (B, k)
 
 
 def kmeans_pp(points: torch.Tensor, k: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
