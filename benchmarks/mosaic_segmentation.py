@@ -27,8 +27,11 @@ from adaptivision.experiments import knobs
 from adaptivision.experiments.report import plot_curves
 
 BACKBONES = {"dense": dict(reduction="none"), "adaptivision": dict(cmtf=False, clustering="paper"),
-             "adaptivision-image": dict(cmtf=False, clustering="image"), "tome": dict(reduction="tome")}
+             "adaptivision-image": dict(cmtf=False, clustering="image"),
+             "adaptivision-image-skip": dict(cmtf=False, clustering="image", unpool="skip"),
+             "tome": dict(reduction="tome")}
 BUDGETS = {"dense": [None], "adaptivision": [-2.0, 0.0, 2.0], "adaptivision-image": [-2.0, 0.0, 2.0],
+           "adaptivision-image-skip": [-2.0, 0.0, 2.0],
            "tome": [4, 8, 12]}
 
 

@@ -37,7 +37,7 @@ OURS = dict(PLAIN, clustering="image")               # farthest-point centres, h
 
 def variants(n: int) -> list:
     rows = [("dense", None, None)]
-    rows += [(f"ToMe r={r}", dict(reduction="tome", tome_r=r), None) for r in (3, 5, 7, 8)]
+    rows += [(f"ToMe r={r}", dict(reduction="tome", tome_r=r), None) for r in (3, 4, 5, 6, 7, 8)]
     rows += [(f"paper DTC (learned, soft, tau 150), K={k}", PAPER, k) for k in (32, 48)]
     rows += [(f"learned, soft, tau 20, K={k}", dict(PAPER, tau=20.0), k) for k in (32,)]
     rows += [(f"learned, hard, K={k}", dict(PAPER, assign="hard"), k) for k in (32,)]
@@ -46,7 +46,8 @@ def variants(n: int) -> list:
     rows += [(f"fps, hard, 2 iters, K={k}", OURS, k) for k in (12, 16, 20, 24, 32, n)]
     rows += [(f"fps, hard, 2 iters, per-image K, mean {k}", dict(OURS, dynamic=True, k_min=8, k_max=n, k_step=4),
               ("mean_k", k)) for k in (16, 24)]
-    rows += [(f"fps, hard, 2 iters, after block 2, K={k}", dict(OURS, condense_at=2), k) for k in (16, 24)]
+    rows += [(f"fps, hard, 2 iters, after block 1, K={k}", dict(OURS, condense_at=1), k) for k in (16, 20, 24)]
+    rows += [(f"fps, hard, 2 iters, after block 2, K={k}", dict(OURS, condense_at=2), k) for k in (16, 20, 24)]
     return rows
 
 

@@ -171,6 +171,52 @@ def test_multi_stage_condensation_and_unpooling():
     assert [t.shape for t in maps] == [(6, 32, 4, 4)] * 3
 
 
+def test_skip_unpooling_by_hand():
+    """unpool='skip': Z_rec = Z_pre + A (S - S_0), stage by stage, the last stage first."""
+    from adaptivision.models.adaptivision import _Group
+    model = tiny_model(unpool="skip", afa=False, cmtf=False).eval()
+    g = torch.Generator().manual_seed(0)
+    z0, z1 = torch.randn(1, 4, 3, generator=g), torch.randn(1, 2, 3, generator=g)   # tokens before each stage
+    s0, s1 = torch.randn(1, 2, 3, generator=g), torch.randn(1, 1, 3, generator=g)   # super-tokens right after
+    a0 = torch.tensor([[[1., 0.], [1., 0.], [0., 1.], [0., 1.]]])                    # 4 patches -> 2 clusters
+    a1 = torch.tensor([[[1.], [1.]]])                                                # 2 -> 1
+    x = torch.cat([torch.full((1, 1, 3), 7.0), torch.randn(1, 1, 3, generator=g)], 1)  # [CLS] + 1 token
+    grp = _Group(torch.arange(1), x, None, [a0, a1], skips=[(z0, s0), (z1, s1)])
+    out = model._unpool_skip(grp, norm=False)                                       # (1, 1+4, 3)
+    level1 = z1 + (x[:, 1:] - s1)                                                    # both stage-1 tokens
+    want = z0 + a0 @ (level1 - s0)
+    assert torch.allclose(out[:, 1:], want) and torch.equal(out[:, :1], x[:, :1])
+    # the two patches of cluster 0 share the update but keep their own features
+    assert torch.allclose(out[0, 1] - out[0, 2], z0[0, 0] - z0[0, 1])
+
+
+@pytest.mark.parametrize("unpool", ["assign", "skip"])
+def test_skip_unpooling_keeps_each_patch_distinct(unpool):
+    """Hard clusters unpooled by A alone give every patch of a cluster the same features;
+    the skip from the pre-condensation tokens keeps them apart (sharper dense outputs)."""
+    model = tiny_model(clustering="image", unpool=unpool, dynamic=False, k_max=4, afa=False, cmtf=False).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        grid = model.forward_intermediates(x, indices=[1], intermediates_only=True, output_fmt="NLC")[0]
+    distinct = torch.unique(grid[0].round(decimals=4), dim=0).shape[0]                # (16 patches)
+    assert distinct == (4 if unpool == "assign" else 16), distinct
+
+
+def test_skip_unpooling_per_image_with_two_stages_and_dynamic_k():
+    """The second stage splits one group into several K: each image's map equals the one it
+    gets alone (the first stage's records must follow the rows of each K group)."""
+    model = tiny_model(condense_at=[0, 2], k_min=[8, 2], k_max=[8, 8], k_step=2, budget_jitter=0.0,
+                       unpool="skip", clustering="image")
+    x = textured_and_flat()
+    _warm_stats(model, x)
+    with torch.no_grad():
+        maps = model.forward_intermediates(x, indices=[3], intermediates_only=True)[0]   # (6, 32, 4, 4)
+        assert len(torch.unique(model.last_num_clusters[:, 1])) > 1    # really several groups
+        for i in (0, 5):
+            alone = model.forward_intermediates(x[i:i + 1], indices=[3], intermediates_only=True)[0]
+            assert torch.allclose(maps[i:i + 1], alone, atol=1e-5)
+
+
 def test_unpooling_is_exact_with_one_cluster_per_patch():
     """With K = N and a tiny tau each patch is its own cluster, so Z_rec = A S = Z."""
     model = tiny_model(dynamic=False, k_min=16, k_max=16, tau=1e-4, afa=False, cmtf=False).eval()

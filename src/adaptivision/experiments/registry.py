@@ -85,6 +85,9 @@ LEVER_CELLS = (
     Cell("image, soft, tau 20", dict(IMAGE_DTC, assign="soft", tau=20.0)),
     Cell("image, K warm-up (from K_max over 1 epoch)", IMAGE_DTC, train=dict(budget_warmup=1.0)),
     Cell("image, soft, tau 20, K warm-up", dict(IMAGE_DTC, assign="soft", tau=20.0), train=dict(budget_warmup=1.0)),
+    # later condensation at the same cost: fewer clusters, taken from better-mixed tokens
+    Cell("image, soft, tau 20, after block 2, K 24", dict(IMAGE_DTC, assign="soft", tau=20.0, condense_at=2, k_mid=24)),
+    Cell("image, soft, tau 20, after block 1, K 24", dict(IMAGE_DTC, assign="soft", tau=20.0, condense_at=1, k_mid=24)),
 )
 
 EXPERIMENTS = {e.name: e for e in (
@@ -113,6 +116,9 @@ EXPERIMENTS = {e.name: e for e in (
     Experiment("dtc-confirm", "DTC's clustering against the baselines at the default job's length", "train",
                tuple(LEVER_CELLS[i] for i in (0, 14, 12, 2, 3, 8, 1, 13, 4)),
                note="the dtc-levers choice confirmed: run it with --scale default"),
+    Experiment("dtc-where", "Where to condense: the candidate defaults against the baselines, 2 seeds", "train",
+               tuple(LEVER_CELLS[i] for i in (15, 16, 12, 2, 1, 3, 0)),
+               note="run it with --scale default --seeds 2; shares its runs with dtc-confirm"),
     Experiment("theorem1", "Theorem 1: cost as the image grows (fixed K range)", "scaling", (DENSE, DTC)),
     Experiment("variants", "Paper-literal vs sound variants (DESIGN.md)", "train", (
         Cell("sound defaults", {"reduction": "dtc"}),

@@ -45,13 +45,16 @@ _VIT_ARGS = set(inspect.signature(VisionTransformer.__init__).parameters) - {"se
 class _Group:
     """Images of one batch that currently have the same number of tokens."""
 
-    __slots__ = ("index", "x", "mass", "assign", "bias", "policy")
+    __slots__ = ("index", "x", "mass", "assign", "skips", "bias", "policy")
 
-    def __init__(self, index, x, mass, assign, prop_attn: bool = False, policy=None):
+    def __init__(self, index, x, mass, assign, prop_attn: bool = False, policy=None, skips=None):
         self.index = index    # (b,) positions in the input batch
         self.x = x            # (b, P+T, D) tokens, prefix ([CLS]) first
         self.mass = mass      # (b, P+T) patches per token; None = 1 everywhere (before condensation)
         self.assign = assign  # one assignment (b, N_in, K) per reduction passed, for unpooling
+        # per entry of assign: (tokens before, super-tokens right after) a DTC stage, for
+        # unpool='skip'; None where not recorded (baselines, or no dense outputs requested)
+        self.skips = skips if skips is not None else [None] * len(assign)
         self.policy = policy  # (b, N) DynamicViT's training-time keep mask (reduction='importance')
         self.set_bias(prop_attn)
 
@@ -100,6 +103,7 @@ class AdaptiVision(VisionTransformer):
         self.reducer = self._build_baseline(self.opts, D, P)
         # proportional attention where tokens stand for several patches by construction
         self.prop_attn = self.opts.prop_attn and self.opts.reduction in ("dtc", "tome")
+        self.unpool = self.opts.unpool  # dense outputs only (forward_intermediates)
         # raw guidance tokens -> width D: one projection per named source, or one for a single source
         gdim = opts.guidance_dim or D
         if not len(self.cmtf):
@@ -241,7 +245,11 @@ class AdaptiVision(VisionTransformer):
                 s, m, a, zs, mu = dtc(pick(z), pick(mass), k, pick(w), pick(seeds))
                 x = torch.cat([pick(prefix), s], dim=1)                              # (b_k, P+K, D)
                 m = torch.cat([m.new_ones(m.shape[0], P), m], dim=1)                 # (b_k, P+K)
-                out.append(_Group(pick(grp.index), x, m, grp.assign + [a], self.prop_attn))
+                # earlier stages' records follow the rows this K group keeps
+                assign = [pick(t) for t in grp.assign] + [a]
+                skips = [t and (pick(t[0]), pick(t[1])) for t in grp.skips]
+                skips.append((pick(z), s) if self._track else None)                 # for unpool='skip'
+                out.append(_Group(pick(grp.index), x, m, assign, self.prop_attn, skips=skips))
                 self._cluster_terms.append((zs, mu, dtc.tau))
         return out
 
@@ -270,7 +278,8 @@ class AdaptiVision(VisionTransformer):
         x = torch.cat([prefix, gather_tokens(z, idx)], dim=1)                        # (b, P+K, D)
         mass = None if grp.mass is None else torch.cat([grp.mass[:, :P], grp.mass[:, P:].gather(1, idx)], 1)
         assign = grp.assign + [keep_assignment(idx, z.shape[1])] if self._track else grp.assign
-        return _Group(grp.index, x, mass, assign, self.prop_attn)
+        skips = grp.skips + [None] * (len(assign) - len(grp.assign))  # no skip for baselines
+        return _Group(grp.index, x, mass, assign, self.prop_attn, skips=skips)
 
     def _run_block(self, blk: nn.Module, grp: _Group) -> None:
         """One block on one group, in place (a reducing block also changes its mass and length)."""
@@ -287,6 +296,7 @@ class AdaptiVision(VisionTransformer):
             grp.x, grp.mass, a = out
             if a is not None:
                 grp.assign.append(a)
+                grp.skips.append(None)
             grp.set_bias(self.prop_attn)
         else:
             grp.x = out
@@ -355,6 +365,9 @@ class AdaptiVision(VisionTransformer):
         P = self.num_prefix_tokens
         rows = []
         for grp in groups:
+            if self.unpool == "skip" and any(t is not None for t in grp.skips):
+                rows.append((grp.index, self._unpool_skip(grp, norm)))
+                continue
             y = self.norm(grp.x) if norm else grp.x
             patches = y[:, P:]                                                       # (b, K, D)
             if grp.assign:
@@ -367,6 +380,19 @@ class AdaptiVision(VisionTransformer):
         for index, r in rows:
             out[index] = r
         return out
+
+    def _unpool_skip(self, grp: _Group, norm: bool) -> torch.Tensor:
+        """Each patch keeps its own features from before the stage and receives what its cluster
+        learned since: ``Z_rec = Z_pre + A (S - S_0)`` per stage, last stage first (Hourglass's
+        token reconstruction keeps per-patch detail the same way). With K = N and A = I it is
+        the dense computation's residual stream; plain unpooling where no skip was recorded."""
+        P = self.num_prefix_tokens
+        patches = grp.x[:, P:]                                                       # (b, K, D)
+        for a, skip in zip(reversed(grp.assign), reversed(grp.skips), strict=True):
+            a = a.to(patches.dtype)                                                  # (b, N, K)
+            patches = a @ patches if skip is None else skip[0] + a @ (patches - skip[1])  # (b, N, D)
+        y = torch.cat([grp.x[:, :P], patches], dim=1)                               # (b, P+N, D)
+        return self.norm(y) if norm else y
 
     def _set_track(self, on: bool) -> None:
         """Baselines build their (one-hot) assignments only when dense outputs need them."""
