@@ -1,4 +1,5 @@
 """Every data set layout, read from tiny fixtures on disk."""
+import os
 import numpy as np
 import pytest
 import torch
@@ -88,6 +89,26 @@ def test_missing_data_says_where_it_looked_and_how_to_get_it(tmp_path):
         build_dataset("tinyimagenet", str(tmp_path), train=True)
     with pytest.raises(DatasetNotFound, match="train"):
         build_dataset("imagenet", str(tmp_path), train=True)
+
+
+def test_folder_validation_uses_the_training_class_indices(tmp_path):
+    """train {a, b, c}, val {a, c}: val's c keeps label 2 (not 1); a class only in val is an error."""
+    import shutil
+    root = make_folder(str(tmp_path / "f"), classes=("a", "b", "c"), per_class=2, corrupt=0)
+    shutil.rmtree(tmp_path / "f" / "val" / "b")
+    val = build_dataset("folder", root, train=False)
+    assert val.classes == ["a", "b", "c"] and sorted(set(val.targets)) == [0, 2]
+    assert all(t == 2 for p, t in val.samples if "/c/" in p)
+    os.makedirs(tmp_path / "f" / "val" / "zebra")
+    with pytest.raises(ValueError, match="zebra.*training"):
+        build_dataset("folder", root, train=False)
+
+
+def test_a_data_dir_without_fashion_mnist_is_an_error(tmp_path):
+    """A folder the user named that holds no data must not fall back to the system copy."""
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetNotFound, match="empty"):
+        build_dataset("fashion-mnist", str(tmp_path / "empty"), train=True)
 
 
 def test_unknown_dataset_name_suggests_the_closest():

@@ -78,8 +78,9 @@ class IDXDataset(Dataset):
 
 def fashion_mnist(root: Optional[str], train: bool, transform=None, mode: str = "L") -> IDXDataset:
     split = "train" if train else "t10k"
-    candidates = [c for c in (root, os.path.join(root, "FashionMNIST", "raw") if root else None,
-                              FMNIST_DEBIAN) if c]
+    # a folder the user named must hold the data: falling back to the system copy would train on
+    # other data than config.yaml records
+    candidates = [root, os.path.join(root, "FashionMNIST", "raw")] if root else [FMNIST_DEBIAN]
     for d in candidates:
         found = {}
         for kind in ("images-idx3", "labels-idx1"):
@@ -121,12 +122,21 @@ class ImageList(Dataset):
         return (self.transform(img) if self.transform else img), target
 
 
-def _scan_folder(root: str) -> Tuple[List[Tuple[str, int]], List[str]]:
-    classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
-    if not classes:
+def _scan_folder(root: str, classes: Optional[List[str]] = None) -> Tuple[List[Tuple[str, int]], List[str]]:
+    """Samples of ``root/<class>/...``, labelled by their index in ``classes`` (default: the
+    sorted sub-folders of ``root``; pass the training split's list for every other split)."""
+    found = sorted(d.name for d in os.scandir(root) if d.is_dir())
+    if not found:
         raise DatasetNotFound(f"{root} has no class sub-folders (expected {root}/<class>/<image>)")
+    classes = classes or found
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise ValueError(f"{root} has class folder(s) {unknown[:5]} that the training split does not have; "
+                         f"every split must use the training classes ({len(classes)}: {classes[:5]}...)")
+    index = {c: i for i, c in enumerate(classes)}
     samples = []
-    for idx, c in enumerate(classes):
+    for c in found:
+        idx = index[c]
         for dirpath, _, files in sorted(os.walk(os.path.join(root, c))):
             samples += [(os.path.join(dirpath, f), idx) for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS)]
     return samples, classes
@@ -137,9 +147,13 @@ def image_folder(name: str, root: Optional[str], train: bool, transform=None, mo
         raise _missing(name, ["(no --data-dir given)"], "pass --data-dir DIR with DIR/train and DIR/val folders")
     names = ["train"] if train else ["val", "test", "validation"]
     looked = [os.path.join(root, n) for n in names]
+    train_dir = os.path.join(root, "train")
+    # labels are indices into the training classes, whichever split is read: a validation split
+    # missing a class must not shift the labels of the classes after it
+    classes = None if train or not os.path.isdir(train_dir) else _scan_folder(train_dir)[1]
     for d in looked:
         if os.path.isdir(d):
-            samples, classes = _scan_folder(d)
+            samples, classes = _scan_folder(d, classes)
             return ImageList(samples, classes, transform, mode, strict)
     raise _missing(name, looked, f"arrange the images as {root}/{names[0]}/<class>/<image>")
 
