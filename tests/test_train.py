@@ -117,6 +117,18 @@ def test_an_existing_run_is_never_overwritten(fmnist, tmp_path, capsys):
     assert (tmp_path / "r" / "last.safetensors").read_bytes() == before
 
 
+def test_a_run_directory_in_use_is_refused(fmnist, tmp_path, capsys):
+    """A second train into a directory that a running job holds stops at once and writes nothing."""
+    from adaptivision.train.checkpoint import run_lock
+    args = ["train", "--data-dir", fmnist, "--output", str(tmp_path), "--name", "busy", "--epochs", "1",
+            "compare_dense=false", *QUICK]
+    with run_lock(str(tmp_path / "busy")):
+        assert main(args) == 2
+        assert "being written by pid" in capsys.readouterr().err
+        assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == [".lock"]
+    assert main(args) == 0  # released with the holder
+
+
 def test_mismatched_and_corrupt_checkpoints_are_named(tmp_path):
     import timm
     src = timm.create_model("adaptivision_nano_patch4_28", embed_dim=32, depth=2, num_heads=2)

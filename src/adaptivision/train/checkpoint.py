@@ -8,6 +8,8 @@ previous checkpoint whole.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import glob
 import os
 import random
@@ -28,6 +30,31 @@ def _atomic(path: str, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str):
+    """Hold an exclusive lock on ``run_dir`` for a whole run: a second process training into the
+    same directory gets ``FileExistsError`` at once instead of overwriting this run's files.
+    The lock (``flock`` on ``run_dir/.lock``) goes with the process, even after ``kill -9``."""
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, ".lock")
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise FileExistsError(f"{run_dir} is being written by {holder}: wait for it to finish, or use "
+                                  "another name= (nothing was touched)") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def save_weights(model: nn.Module, path: str, metadata: Optional[dict] = None) -> None:

@@ -6,6 +6,7 @@ same process and writes ``summary.json`` / ``summary.md``. Only rank 0 writes an
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -38,6 +39,7 @@ from .checkpoint import (
     load_pretrained,
     load_weights,
     rng_state,
+    run_lock,
     save_weights,
     set_rng_state,
 )
@@ -487,9 +489,15 @@ def run(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[int
     if not resume and os.path.exists(os.path.join(run_dir, "last.safetensors")):
         raise FileExistsError(f"{run_dir} already holds a run: pass --resume {run_dir} to continue it, "
                               "or another name= (nothing was overwritten)")
-    if d.main:
-        os.makedirs(run_dir, exist_ok=True)
-        log(f"run directory: {run_dir}")
+    with run_lock(run_dir) if d.main else contextlib.nullcontext():
+        if not resume and os.path.exists(os.path.join(run_dir, "last.safetensors")):  # won the race late
+            raise FileExistsError(f"{run_dir} already holds a run (written while this one started)")
+        if d.main:
+            log(f"run directory: {run_dir}")
+        return _run_phases(cfg, run_dir, d, resume, stop_after, log)
+
+
+def _run_phases(cfg: TrainConfig, run_dir: str, d: Dist, resume, stop_after, log) -> dict:
     results = {}
     phases = [("adaptivision", False)]
     if cfg.compare_dense and cfg.model.startswith("adaptivision_"):
