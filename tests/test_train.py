@@ -107,6 +107,24 @@ def test_resume_continues_exactly(fmnist, tmp_path):
     assert max(diff.values()) == 0.0, {k: v for k, v in diff.items() if v}
 
 
+def test_resume_follows_the_runs_own_config(fmnist, tmp_path, capsys):
+    """--resume RUN trains what RUN's config.yaml says (not the defaults); only RESUME_SAFE
+    fields may change, and a refused change writes nothing."""
+    import yaml
+    run = tmp_path / "r"
+    assert main(["train", "--data-dir", fmnist, "--output", str(tmp_path), "--name", "r", "--epochs", "2",
+                 "--stop-after", "1", "compare_dense=false", *QUICK]) == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert main(["train", "--resume", str(run), "batch_size=64"]) == 2
+    assert "batch_size=64 differs from the run's batch_size=16" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    # no other argument: the saved model, data and batch size; a longer schedule is allowed
+    assert main(["train", "--resume", str(run), "--epochs", "3"]) == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["epochs"] == 3 and saved["batch_size"] == 16 and saved["data_dir"] == fmnist
+    assert (run / "epoch-0003.safetensors").exists()
+
+
 def test_an_existing_run_is_never_overwritten(fmnist, tmp_path, capsys):
     args = ["train", "--data-dir", fmnist, "--output", str(tmp_path), "--name", "r", "--epochs", "1",
             "compare_dense=false", *QUICK]

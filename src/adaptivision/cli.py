@@ -19,7 +19,10 @@ def _train(args) -> int:
             overrides.append(f"{key}={v}")
     if args.download:
         overrides.append("download=true")
-    cfg = TrainConfig.build(args.config, overrides)
+    if args.resume:  # the run's own config.yaml; the command line may change only RESUME_SAFE fields
+        cfg = TrainConfig.for_resume(args.resume, args.config, overrides)
+    else:
+        cfg = TrainConfig.build(args.config, overrides)
     run(cfg, resume=args.resume, stop_after=args.stop_after)
     return 0
 

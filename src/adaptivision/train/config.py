@@ -11,7 +11,7 @@ import json
 import math
 import os
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Optional
 
 import yaml
@@ -152,12 +152,48 @@ class TrainConfig:
         hints = typing.get_type_hints(cls)
         return cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()}).validate()
 
+    @classmethod
+    def for_resume(cls, run_dir: str, file: Optional[str] = None, overrides: Optional[list] = None,
+                   **kwargs) -> "TrainConfig":
+        """The configuration saved in ``run_dir/config.yaml``, with only the fields in
+        ``RESUME_SAFE`` changed by ``file`` / ``overrides`` / ``kwargs``; changing any other
+        field raises ``ValueError`` (the checkpoint was trained with it)."""
+        saved = cls.saved(run_dir)
+        given = cls.build(file, overrides, **kwargs)  # validates the new values on their own
+        named = set(load_file(file)) if file else set()
+        named |= {item.split("=", 1)[0].strip() for item in overrides or []} | set(kwargs)
+        named -= set(RESUME_IGNORED)
+        changed = {k: getattr(given, k) for k in named}
+        saved.check_resume(replace(saved, **changed), run_dir)
+        return replace(saved, **changed).validate()
+
+    @classmethod
+    def saved(cls, run_dir: str) -> "TrainConfig":
+        path = os.path.join(run_dir, "config.yaml")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--resume {run_dir}: no config.yaml there, so it is not a run directory")
+        return cls.build(path)
+
+    def check_resume(self, new: "TrainConfig", run_dir: str) -> None:
+        """Raise if ``new`` changes a field of this (saved) configuration outside ``RESUME_SAFE``."""
+        for f in fields(self):
+            k, old, now = f.name, getattr(self, f.name), getattr(new, f.name)
+            if now != old and k not in RESUME_SAFE + RESUME_IGNORED:
+                raise ValueError(f"--resume {run_dir}: {k}={now!r} differs from the run's {k}={old!r}, and the "
+                                 f"checkpoint was trained with the latter; on resume only "
+                                 f"{', '.join(RESUME_SAFE)} may change (start a new run otherwise)")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     def save(self, path: str) -> None:
         with open(path, "w") as f:
             yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+
+
+# fields a resumed run may change: how long and how it runs, never what it trains
+RESUME_SAFE = ("epochs", "workers", "device", "log_every", "keep_last")
+RESUME_IGNORED = ("output", "name")  # the run directory is the one given to --resume
 
 
 def _coerce(name: str, value: Any, hint) -> Any:

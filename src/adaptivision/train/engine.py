@@ -269,7 +269,8 @@ def train_phase(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bo
             if d.main:
                 log(f"init_from: {note}")
     ckpt = CheckpointManager(run_dir, cfg.keep_last)
-    if d.main:
+    resuming = resume and os.path.exists(ckpt.path("last.safetensors"))
+    if d.main and not resuming:  # a resumed run keeps its files until its checkpoint has loaded
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "model.json"), "w") as f:
             json.dump(spec, f, indent=1)
@@ -314,8 +315,10 @@ def train_phase(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bo
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema else None
 
     start_epoch, num_updates, best = 0, 0, -1.0
-    if resume and os.path.exists(ckpt.path("last.safetensors")):
+    if resuming:
         start_epoch, num_updates, best = _restore(ckpt, model, optimizer, scaler, ema)
+        if d.main:
+            cfg.save(os.path.join(run_dir, "config.yaml"))  # records the changed safe fields (epochs, ...)
         log(f"resumed {run_dir} at epoch {start_epoch}")
     elif resume and d.main:
         log(f"nothing to resume in {run_dir}: starting from scratch")
@@ -486,6 +489,8 @@ def run(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[int
     run_dir = resume or os.path.join(cfg.output, name)
     if resume and not os.path.isdir(resume):
         raise FileNotFoundError(f"--resume {resume}: no such run directory")
+    if resume and os.path.isfile(os.path.join(resume, "config.yaml")):
+        TrainConfig.saved(resume).check_resume(cfg, resume)  # before anything is written
     if not resume and os.path.exists(os.path.join(run_dir, "last.safetensors")):
         raise FileExistsError(f"{run_dir} already holds a run: pass --resume {run_dir} to continue it, "
                               "or another name= (nothing was overwritten)")
