@@ -125,6 +125,29 @@ def test_resume_follows_the_runs_own_config(fmnist, tmp_path, capsys):
     assert (run / "epoch-0003.safetensors").exists()
 
 
+def test_resume_after_a_kill_between_the_two_renames_of_last(fmnist, tmp_path, capsys):
+    """last.safetensors from epoch 2 with last.state.pt from epoch 1 (a kill between the renames),
+    a stray temporary file and metric lines of an epoch that will run again: the resume takes the
+    newest agreeing pair, removes the orphan, logs each epoch once, and ends bit-identical."""
+    args = ["train", "--data-dir", fmnist, "--output", str(tmp_path), "--epochs", "3", "compare_dense=false",
+            *QUICK]
+    assert main([*args, "--name", "straight"]) == 0
+    assert main([*args, "--name", "torn", "--stop-after", "2"]) == 0
+    run = tmp_path / "torn"
+    (run / "last.state.pt").write_bytes((run / "epoch-0001.state.pt").read_bytes())
+    (run / "last.safetensors.tmp4242").write_bytes(b"half")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(dict(kind="step", epoch=2, step=0)) + "\n")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 0
+    assert "different epochs" in capsys.readouterr().out
+    assert not (run / "last.safetensors.tmp4242").exists()
+    epochs = [json.loads(ln)["epoch"] for ln in open(run / "metrics.jsonl") if '"kind": "epoch"' in ln]
+    assert epochs == [0, 1, 2]
+    a, b = load_file(tmp_path / "straight" / "last.safetensors"), load_file(run / "last.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_an_existing_run_is_never_overwritten(fmnist, tmp_path, capsys):
     args = ["train", "--data-dir", fmnist, "--output", str(tmp_path), "--name", "r", "--epochs", "1",
             "compare_dense=false", *QUICK]

@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 
@@ -132,6 +133,20 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _pair_epoch(base: str) -> Optional[int]:
+    """The epoch of checkpoint ``base`` if its two files exist and agree (weights written
+    before epochs were recorded in them are taken on trust), else None."""
+    if not (os.path.isfile(base + ".safetensors") and os.path.isfile(base + ".state.pt")):
+        return None
+    try:
+        with safe_open(base + ".safetensors", "pt") as f:
+            tagged = (f.metadata() or {}).get("epoch")
+        epoch = torch.load(base + ".state.pt", map_location="cpu", weights_only=True)["epoch"]
+    except Exception:  # unreadable or truncated: not a usable pair
+        return None
+    return epoch if tagged is None or int(tagged) == epoch else None
+
+
 def _as_tuple(x):
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
@@ -148,7 +163,9 @@ class CheckpointManager:
 
     def save(self, name: str, model: nn.Module, state: dict, is_best: bool = False) -> str:
         base = self.path(name)
-        save_weights(model, base + ".safetensors")
+        # both files carry the epoch, so a pair torn apart by a kill between the two renames of
+        # `last` is recognised on resume (see latest())
+        save_weights(model, base + ".safetensors", metadata=dict(epoch=state["epoch"]))
         _atomic(base + ".state.pt", lambda p: torch.save(state, p))
         for link in (["last"] + (["best"] if is_best else [])):
             for ext in (".safetensors", ".state.pt"):
@@ -164,6 +181,29 @@ class CheckpointManager:
                 stem = old[: -len(".safetensors")]
                 if os.path.exists(stem + ext):
                     os.remove(stem + ext)
+
+    def remove_orphans(self) -> list:
+        """Delete temporary files (``*.tmpPID``) of writes that a killed process left behind.
+        Call it while holding the run's lock (no other writer can be mid-write)."""
+        orphans = [p for p in glob.glob(self.path("*.tmp*")) if re.search(r"\.tmp\d+$", p)]
+        for p in orphans:
+            os.remove(p)
+        return orphans
+
+    def latest(self) -> tuple[str, Optional[str]]:
+        """Base path of the newest checkpoint whose weights and state belong to the same epoch:
+        ``last`` normally; after a kill between its two renames, the newest ``epoch-NNNN`` pair
+        that agrees. Returns (base, note about the fallback or None)."""
+        epochs = sorted(glob.glob(self.path("epoch-*.safetensors")), reverse=True,
+                        key=lambda p: int(re.search(r"epoch-(\d+)", p).group(1)))
+        for base in [self.path("last")] + [p[: -len(".safetensors")] for p in epochs]:
+            if _pair_epoch(base) is not None:
+                note = None if base == self.path("last") else (
+                    f"{self.path('last')}.* are from different epochs (interrupted write): "
+                    f"resuming from {os.path.basename(base)}")
+                return base, note
+        raise FileNotFoundError(f"no checkpoint in {self.run_dir} has weights and training state of the same "
+                                "epoch: the run cannot be resumed exactly (start it again, or init_from= its weights)")
 
     @staticmethod
     def load_state(base: str) -> dict:

@@ -269,6 +269,8 @@ def train_phase(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bo
             if d.main:
                 log(f"init_from: {note}")
     ckpt = CheckpointManager(run_dir, cfg.keep_last)
+    if d.main and os.path.isdir(run_dir):
+        ckpt.remove_orphans()  # half-written files of a killed run (we hold the run's lock)
     resuming = resume and os.path.exists(ckpt.path("last.safetensors"))
     if d.main and not resuming:  # a resumed run keeps its files until its checkpoint has loaded
         os.makedirs(run_dir, exist_ok=True)
@@ -316,9 +318,10 @@ def train_phase(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bo
 
     start_epoch, num_updates, best = 0, 0, -1.0
     if resuming:
-        start_epoch, num_updates, best = _restore(ckpt, model, optimizer, scaler, ema)
+        start_epoch, num_updates, best = _restore(ckpt, model, optimizer, scaler, ema, log)
         if d.main:
             cfg.save(os.path.join(run_dir, "config.yaml"))  # records the changed safe fields (epochs, ...)
+            _trim_metrics(os.path.join(run_dir, "metrics.jsonl"), start_epoch)
         log(f"resumed {run_dir} at epoch {start_epoch}")
     elif resume and d.main:
         log(f"nothing to resume in {run_dir}: starting from scratch")
@@ -450,10 +453,13 @@ def _stop_non_finite(what: str, epoch: int, step: int, model, ckpt: CheckpointMa
                         f"in {base_path}.safetensors (and the last epoch checkpoint in {ckpt.path('last')}.*)")
 
 
-def _restore(ckpt: CheckpointManager, model, optimizer, scaler, ema) -> tuple:
+def _restore(ckpt: CheckpointManager, model, optimizer, scaler, ema, log=print) -> tuple:
     """Load the newest checkpoint's weights and training state; returns (next epoch, updates, best)."""
-    load_weights(model, ckpt.path("last.safetensors"))
-    st = ckpt.load_state(ckpt.path("last"))
+    base, note = ckpt.latest()
+    if note:
+        log(note)
+    load_weights(model, base + ".safetensors")
+    st = ckpt.load_state(base)
     optimizer.load_state_dict(st["optimizer"])
     if scaler is not None and "scaler" in st:
         scaler.load_state_dict(st["scaler"])
@@ -461,6 +467,19 @@ def _restore(ckpt: CheckpointManager, model, optimizer, scaler, ema) -> tuple:
         ema.module.load_state_dict(st["ema"])
     set_rng_state(st["rng"])
     return st["epoch"] + 1, st["num_updates"], st["best_top1"]
+
+
+def _trim_metrics(path: str, start_epoch: int) -> None:
+    """Drop the lines of epochs that will be trained again (written after the checkpoint the run
+    resumes from), so metrics.jsonl holds each step and epoch once."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip() and json.loads(ln).get("epoch", 0) < start_epoch]
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(lines)
+    os.replace(tmp, path)
 
 
 def _tensorboard(run_dir: str):
