@@ -1,5 +1,6 @@
 """Every data set layout, read from tiny fixtures on disk."""
 import os
+
 import numpy as np
 import pytest
 import torch

@@ -94,8 +94,9 @@ def test_cli_train_end_to_end_with_dense_comparison(fmnist, tmp_path, capsys):
 
 
 def test_resume_continues_exactly(fmnist, tmp_path):
+    # random augmentation of every kind, mixup / cutmix included (numpy's generator)
     args = ["train", "--data-dir", fmnist, "--output", str(tmp_path), "--epochs", "2", "compare_dense=false",
-            "hflip=0.5", "scale_min=0.5", *QUICK]
+            "hflip=0.5", "scale_min=0.5", "mixup=0.8", "cutmix=1.0", *QUICK]
     assert main([*args, "--name", "straight"]) == 0
     assert main([*args, "--name", "split", "--stop-after", "1"]) == 0
     assert not (tmp_path / "split" / "epoch-0002.safetensors").exists()

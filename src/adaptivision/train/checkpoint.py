@@ -17,6 +17,7 @@ import re
 import shutil
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 from safetensors import safe_open
@@ -120,7 +121,10 @@ def load_weights(model: nn.Module, path: str, strict: bool = True) -> None:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    """Every generator a run draws from: torch, python, numpy (timm's Mixup / CutMix) and CUDA."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -129,6 +133,9 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(_as_tuple(state["python"]))
+    if "numpy" in state:  # (absent in checkpoints written before it was recorded)
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import timm
 import torch
 import torch.distributed as dist
@@ -250,6 +251,7 @@ def train_phase(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bo
     """Train one model into ``run_dir``; returns its results, or None if stopped early."""
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
+    np.random.seed(cfg.seed)  # timm's Mixup / CutMix draw from numpy's global generator
     # the data decide the head: a throw-away model gives the transforms (input size, mean, std)
     probe = create_model(model_spec(cfg, 1, dense))
     train_tf, eval_tf, mode = build_transforms(cfg, probe)
