@@ -22,17 +22,50 @@ def _inputs(model, batch=2):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_forward_backward_every_parameter(name):
-    model = timm.create_model(name, num_classes=7)
+def test_timm_generic_checks(name):
+    """What timm's own tests/test_models.py asks of every model (test_model_backward,
+    test_model_default_cfgs, features_only), as timm's scripts build it: no guidance, and then
+    no parameter without gradient (timm's check; DDP's unused-parameter error)."""
+    model = timm.create_model(name, num_classes=42)
+    assert not any(n.startswith(("cmtf.", "guidance_")) for n, _ in model.named_parameters())
     x = _inputs(model)
-    g = torch.randn(3, model.embed_dim)  # guidance tokens so that CMTF runs
+    perturb_zero_init(model)  # so that the factors multiplied by zero-initialised layers get gradient too
+    model.train()
+    logits = model(x)
+    assert logits.shape == (2, 42) and torch.isfinite(logits).all()
+    logits.square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, f"no gradient reaches: {missing}"
+    cfg = model.pretrained_cfg
+    state = model.state_dict()
+    assert cfg["classifier"] + ".weight" in state and cfg["first_conv"] + ".weight" in state
+    assert state[cfg["first_conv"] + ".weight"].shape[1] == cfg["input_size"][0]
+    model.eval()
+    with torch.no_grad():
+        model.reset_classifier(0)
+        assert model(x).shape == (2, model.num_features)
+        feats = timm.create_model(name, features_only=True, out_indices=(1, -1)).eval()(x)
+    H, W = model.patch_embed.grid_size
+    assert [f.shape for f in feats] == [(2, model.embed_dim, H, W)] * 2
+
+
+def test_guidance_without_cmtf_is_an_error():
+    model = timm.create_model("adaptivision_tiny_patch2_28")
+    with pytest.raises(ValueError, match="no Cross-Modal Token Fusion.*guidance_dim"):
+        model(torch.randn(1, 1, 28, 28), guidance=torch.randn(3, model.embed_dim))
+
+
+def test_cmtf_gets_gradient_when_built_for_guidance():
+    model = timm.create_model("adaptivision_nano_patch4_28", num_classes=7, cmtf=True)  # guidance of width D
+    x = _inputs(model)
+    g = torch.randn(3, model.embed_dim)
     perturb_zero_init(model)
     model.train()
     logits = model(x, guidance=g)
     assert logits.shape == (2, 7) and torch.isfinite(logits).all()
     logits.square().mean().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
-    assert not missing, f"no gradient reaches: {missing}"
+    assert not missing and any(n.startswith("cmtf.") for n, _ in model.named_parameters()), missing
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -82,6 +82,18 @@ def test_cli_train_end_to_end_with_dense_comparison(fmnist, tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(run / "last.safetensors")]) == 0
     res = json.loads(capsys.readouterr().out)
     assert abs(res["top1"] - rows["adaptivision"]["top1"]) < 1e-9 and res["images"] == 32
+    # --model NAME builds what the run built (model.json), and a checkpoint moved away from its run
+    # loads from its own metadata; a name that contradicts the checkpoint is an error
+    import shutil
+    assert main(["eval", "--checkpoint", str(run / "last.safetensors"), "--model", "adaptivision_nano_patch4_28"]) == 0
+    assert json.loads(capsys.readouterr().out)["top1"] == res["top1"]
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(run / "last.safetensors", alone / "w.safetensors")
+    assert main(["eval", "--checkpoint", str(alone / "w.safetensors"), "--data-dir", fmnist]) == 0
+    assert json.loads(capsys.readouterr().out)["top1"] == res["top1"]
+    assert main(["eval", "--checkpoint", str(run / "last.safetensors"), "--model", "vit_tiny_patch16_224"]) == 2
+    assert "holds a adaptivision_nano_patch4_28" in capsys.readouterr().err
     # one checkpoint, other budgets: calibrated GMACs within 5%, or one fixed K for every image
     target = 0.8 * res["gmacs"]
     assert main(["eval", "--checkpoint", str(run / "last.safetensors"), "--budget", f"gmacs={target}"]) == 0

@@ -81,7 +81,7 @@ class ModelOptions:
     afa_hidden: Optional[int] = None    # hidden width of f_m (default embed_dim // 4)
     norm: str = "pre"                   # 'pre' (timm) | 'post' (eq. 7 literal)
     # --- Cross-Modal Token Fusion (paper 3.4) ---
-    cmtf: Optional[bool] = None         # default: on with reduction='dtc'
+    cmtf: Optional[bool] = None         # default: on with reduction='dtc' when guidance_dim or guidance_tokens is set
     cmtf_at: IntOrSeq = None            # blocks preceded by CMTF; default: the first condensed block
     gate: str = "gated"                 # 'gated' (sound default) | 'paper' (eq. 10 literal)
     guidance_dim: Union[int, dict, None] = None  # width of raw guidance tokens (default embed_dim), or
@@ -129,7 +129,10 @@ class ModelOptions:
             v = getattr(self, name)
             _check(ours or not v, name, v, f"False with reduction={self.reduction!r} (it acts on DTC's "
                    "super-tokens; baselines are compared without it)")
-            setattr(self, name, ours if v is None else bool(v))
+            # CMTF only where guidance is configured: without it its weights would never get a
+            # gradient (timm's backward check, DDP's unused-parameter error)
+            default = ours and (name == "afa" or self.guidance_dim is not None or bool(self.guidance_tokens))
+            setattr(self, name, default if v is None else bool(v))
         self._resolve_baseline(depth)
         if not ours:
             self.condense_at = None

@@ -167,6 +167,9 @@ class AdaptiVision(VisionTransformer):
         (missing guidance: only the sources given, plus the learned tokens, are fused).
         """
         if not len(self.cmtf):
+            if guidance is not None:  # silently ignoring it would look like guidance that does nothing
+                raise ValueError("guidance was passed, but this model has no Cross-Modal Token Fusion: build it "
+                                 "with guidance_dim=<width> (or {source: width}), guidance_tokens=M or cmtf=True")
             return None
         if isinstance(guidance, torch.Tensor):
             if isinstance(self.guidance_embed, nn.ModuleDict):

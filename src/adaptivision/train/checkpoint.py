@@ -162,8 +162,9 @@ class CheckpointManager:
     """Writes ``epoch-NNNN`` checkpoints into ``run_dir``, keeps the last ``keep_last`` and a
     copy of the best as ``best``; ``last`` names the newest."""
 
-    def __init__(self, run_dir: str, keep_last: int = 2):
+    def __init__(self, run_dir: str, keep_last: int = 2, metadata: Optional[dict] = None):
         self.run_dir, self.keep_last = run_dir, keep_last
+        self.metadata = metadata or {}  # written into every weights file (the model spec: loadable alone)
 
     def path(self, name: str) -> str:
         return os.path.join(self.run_dir, name)
@@ -172,7 +173,7 @@ class CheckpointManager:
         base = self.path(name)
         # both files carry the epoch, so a pair torn apart by a kill between the two renames of
         # `last` is recognised on resume (see latest())
-        save_weights(model, base + ".safetensors", metadata=dict(epoch=state["epoch"]))
+        save_weights(model, base + ".safetensors", metadata=dict(self.metadata, epoch=state["epoch"]))
         _atomic(base + ".state.pt", lambda p: torch.save(state, p))
         for link in (["last"] + (["best"] if is_best else [])):
             for ext in (".safetensors", ".state.pt"):

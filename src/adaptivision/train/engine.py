@@ -270,7 +270,7 @@ def train_phase(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bo
         for note in load_pretrained(model, cfg.init_from):
             if d.main:
                 log(f"init_from: {note}")
-    ckpt = CheckpointManager(run_dir, cfg.keep_last)
+    ckpt = CheckpointManager(run_dir, cfg.keep_last, metadata=dict(model=json.dumps(spec)))
     if d.main and os.path.isdir(run_dir):
         ckpt.remove_orphans()  # half-written files of a killed run (we hold the run's lock)
     resuming = resume and os.path.exists(ckpt.path("last.safetensors"))
@@ -579,13 +579,15 @@ def summarize(cfg: TrainConfig, results: dict, run_dir: str, d: Dist) -> dict:
 def load_for_eval(checkpoint: str, model_name: Optional[str] = None) -> tuple:
     """Rebuild the model of a run from ``model.json`` beside the checkpoint and load its weights."""
     ckpt_dir = os.path.dirname(os.path.abspath(checkpoint))
-    if model_name:
+    spec = _spec_beside(checkpoint)  # how the run built it: the same architecture whatever --model says
+    if spec is not None and model_name and model_name != spec["name"]:
+        raise ValueError(f"--model {model_name}: {checkpoint} holds a {spec['name']} (its model.json / metadata); "
+                         "leave --model out")
+    if spec is None and model_name:
         spec = dict(name=model_name, num_classes=None, kwargs={})
-    else:
-        spec = _spec_beside(checkpoint)
-        if spec is None:
-            raise FileNotFoundError(f"{os.path.join(ckpt_dir, 'model.json')} not found: pass --model NAME to say "
-                                    f"which model {checkpoint} holds")
+    if spec is None:
+        raise FileNotFoundError(f"{os.path.join(ckpt_dir, 'model.json')} not found and {checkpoint} does not "
+                                "record its model: pass --model NAME to say which model it holds")
     if spec["num_classes"] is None:
         from safetensors import safe_open
         with safe_open(checkpoint, "pt") as f:
@@ -605,10 +607,17 @@ def load_guidance(checkpoint: str, cfg: TrainConfig, model: nn.Module) -> Option
 
 
 def _spec_beside(checkpoint: str) -> Optional[dict]:
-    """The run's ``model.json`` (name, classes, options, guidance) next to ``checkpoint``, if any."""
+    """The run's ``model.json`` (name, classes, options, guidance) next to ``checkpoint``, else
+    the copy ``train`` writes into the checkpoint's metadata (a checkpoint moved on its own)."""
     path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "model.json")
-    if not os.path.isfile(path):
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    from safetensors import safe_open
+    try:
+        with safe_open(checkpoint, "pt") as f:
+            meta = (f.metadata() or {}).get("model")
+    except Exception:  # not a readable safetensors file: load_weights names the problem
         return None
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(meta) if meta else None
 
