@@ -300,6 +300,44 @@ def test_torchrun_two_cpu_processes_match_one_process(fmnist, tmp_path):
     assert len([s for s in steps if s["kind"] == "step"]) == 8
 
 
+DDP_LIKE_TIMM = """
+import torch, torch.distributed as dist, timm, adaptivision
+from torch.nn.parallel import DistributedDataParallel
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(42 + rank)  # timm's train.py seeds every rank differently
+model = timm.create_model("adaptivision_nano_patch4_28", embed_dim=32, depth=2, num_heads=2, num_classes=10)
+net = DistributedDataParallel(model)
+opt = torch.optim.SGD(net.parameters(), lr=0.1)
+for _ in range(3):  # each rank its own data
+    loss = net(torch.randn(8, 1, 28, 28)).logsumexp(1).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+# parameters (buffers such as the running complexity statistics are per-rank batch statistics,
+# like BatchNorm's, re-broadcast from rank 0 at each forward)
+for name, p in model.named_parameters():
+    other = [torch.empty_like(p) for _ in range(2)]
+    dist.all_gather(other, p.detach().contiguous())
+    assert torch.equal(other[0], other[1]), name
+print("ranks agree")
+dist.destroy_process_group()
+"""
+
+
+def test_ddp_as_timm_wraps_it_keeps_every_rank_identical(tmp_path):
+    """Two gloo processes seeded differently, wrapped in DDP as timm's train.py does (no
+    adaptivision call in between): after 3 steps on different data every parameter, the
+    centroids included, is the same on both ranks (nothing is seeded lazily from data)."""
+    script = tmp_path / "ddp_like_timm.py"
+    script.write_text(DDP_LIKE_TIMM)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           str(script)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.count("ranks agree") == 2, r.stderr[-3000:]
+
+
 def test_torchrun_with_guidance_dropout(fmnist, tmp_path):
     """A dropped guidance source leaves its projection without gradient: DDP must allow that."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",

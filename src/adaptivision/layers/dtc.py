@@ -134,11 +134,15 @@ class DynamicTokenClustering(nn.Module):
         self.stat_momentum, self.assign_norm = stat_momentum, assign_norm
         self.centers, self.hard = centers, hard
         # per-image centres own no parameter: a model without one has none that gets no gradient
-        self.centroids = nn.Parameter(torch.zeros(k_max, dim)) if centers == "learned" else None  # (K_max, D)
+        # A fresh model's centroids are the same in every process whatever the global RNG (DDP
+        # broadcasts nothing it does not have to): random points of the assignment space from a
+        # fixed generator; init_centroids re-seeds them from data (k-means++), explicitly.
+        self.centroids = (nn.Parameter(self._fixed_centroids(k_max, dim, assign_norm))
+                          if centers == "learned" else None)                                # (K_max, D)
         # the sigmoid's offset that puts an average image (score 0) at k_mid instead of mid-range
         self.k_mid = k_mid
         self.bias0 = 0.0 if k_mid is None else math.log((k_mid - k_min) / (k_max - k_mid))
-        # Persistent: a loaded checkpoint must neither re-seed its centroids nor forget its statistics.
+        # Persistent: whether the centroids were seeded from data; the complexity statistics.
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.register_buffer("c_mean", torch.zeros(()))
         self.register_buffer("c_var", torch.ones(()))
@@ -147,18 +151,12 @@ class DynamicTokenClustering(nn.Module):
         self.budget_bias = 0.0
         self.fixed_k: Optional[int] = None
         self.last_score: Optional[torch.Tensor] = None
-        self._ready = False
 
-    def is_initialized(self) -> bool:
-        """``initialized`` as a Python bool, read from the buffer only until it is True, so that
-        compiled and exported graphs do not branch on a tensor."""
-        if not self._ready:
-            self._ready = self.centroids is None or bool(self.initialized)
-        return self._ready
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._ready = False  # the loaded buffer decides
-        return super()._load_from_state_dict(*args, **kwargs)
+    @staticmethod
+    def _fixed_centroids(k: int, dim: int, assign_norm: bool) -> torch.Tensor:
+        c = torch.randn(k, dim, generator=torch.Generator().manual_seed(0))                  # (K_max, D)
+        # in the LayerNorm'd space every token has squared norm REF_WIDTH: put the centroids there too
+        return F.layer_norm(c, (dim,)) * math.sqrt(REF_WIDTH / dim) if assign_norm else 0.02 * c
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, k=[{self.k_min}, {self.k_max}] step {self.k_step}, tau={self.tau}, "
@@ -189,7 +187,6 @@ class DynamicTokenClustering(nn.Module):
             pts = pts[torch.randperm(pts.shape[0], generator=g, device=pts.device)[:max_points]]
         self.centroids.copy_(kmeans_pp(pts, self.k_max, g).to(self.centroids.dtype))
         self.initialized.fill_(True)
-        self._ready = True
 
     # --- per-image K ------------------------------------------------------------------------
     def complexity_score(self, z: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:

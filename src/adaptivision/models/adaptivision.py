@@ -123,6 +123,7 @@ class AdaptiVision(VisionTransformer):
         self._cluster_terms: list = []
         self._reduction_losses: list = []
         self._track = False  # build assignments of the baselines too (dense outputs)
+        self._seeding = False  # init_clusters is running: DTC stages seed their centroids
 
     def _build_baseline(self, opts: ModelOptions, D: int, P: int) -> nn.ModuleDict:
         """Stages (before a block) or converted blocks of the baseline ``opts.reduction``."""
@@ -231,7 +232,7 @@ class AdaptiVision(VisionTransformer):
     def _condense(self, dtc: DynamicTokenClustering, stage: int, groups: List[_Group],
                   weights: Optional[torch.Tensor]) -> List[_Group]:
         P = self.num_prefix_tokens
-        if not dtc.is_initialized():  # seed the centroids from the first real tokens they see
+        if self._seeding:  # init_clusters: seed the centroids from these tokens (k-means++)
             dtc.init_centroids(torch.cat([grp.x[:, P:].reshape(-1, self.embed_dim) for grp in groups]))
         out = []
         for grp in groups:
@@ -440,14 +441,15 @@ class AdaptiVision(VisionTransformer):
 
     # --- budgets ------------------------------------------------------------------------------
     def init_clusters(self, images: torch.Tensor, **forward_kwargs) -> None:
-        """Seed every DTC stage's centroids by k-means++ on these images' tokens (the first
-        forward does it otherwise). Call it before wrapping the model in DDP, so every rank
-        starts from the same centroids."""
-        for dtc in self.dtc.values():
-            dtc.initialized.fill_(False)
-            dtc._ready = False
-        with torch.no_grad():
-            self.forward_features(images, **forward_kwargs)
+        """Seed every DTC stage's centroids by k-means++ on these images' tokens, each stage on
+        the tokens that reach it (a fresh model has fixed random centroids, the same in every
+        process). Call it before wrapping the model in DDP, with the same images on every rank."""
+        self._seeding = True
+        try:
+            with torch.no_grad():
+                self.forward_features(images, **forward_kwargs)
+        finally:
+            self._seeding = False
 
     @torch.no_grad()
     def set_token_budget(self, images: Optional[torch.Tensor] = None, mean_k: Optional[float] = None,
