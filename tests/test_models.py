@@ -137,3 +137,17 @@ def test_local_safetensors_weights_through_pretrained_cfg_overlay(tmp_path):
     with pytest.raises(RuntimeError, match="size mismatch"):
         timm.create_model("adaptivision_small_patch2_28", pretrained=True,
                           pretrained_cfg_overlay=dict(file=str(path)))
+
+
+def test_a_one_channel_checkpoint_in_a_three_channel_model_names_in_chans(tmp_path):
+    """timm's validate.py / train.py build with 3 channels unless --in-chans is given."""
+    from timm.models import load_checkpoint
+    src = timm.create_model("adaptivision_nano_patch4_28")                       # 1 channel
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    as_timm = timm.create_model("adaptivision_nano_patch4_28", in_chans=3)
+    with pytest.raises(RuntimeError, match="in_chans=1.*--in-chans 1"):
+        load_checkpoint(as_timm, str(path))
+    right = timm.create_model("adaptivision_nano_patch4_28", in_chans=1)
+    load_checkpoint(right, str(path))
+    assert torch.equal(right.patch_embed.proj.weight, src.patch_embed.proj.weight)

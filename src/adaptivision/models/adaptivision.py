@@ -146,6 +146,17 @@ class AdaptiVision(VisionTransformer):
 
     # --- timm interface -------------------------------------------------------------------------
     @torch.jit.ignore
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """nn.Module's, with the one mismatch timm's scripts meet named: they build every model
+        with 3 input channels unless told, and the ``*_28`` models take 1."""
+        w = state_dict.get("patch_embed.proj.weight")
+        have = self.patch_embed.proj.weight.shape[1]
+        if w is not None and w.dim() == 4 and w.shape[1] != have:
+            raise RuntimeError(f"the checkpoint takes {w.shape[1]}-channel images, this model was built with "
+                               f"in_chans={have}: build it with in_chans={w.shape[1]} (timm's train.py / "
+                               f"validate.py: --in-chans {w.shape[1]})")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def no_weight_decay(self) -> set:
         # Decay would pull the centroids towards the origin, away from the tokens they summarise.
         # (the learned guidance tokens are embeddings, like the class token)
