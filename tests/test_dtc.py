@@ -321,3 +321,13 @@ def test_a_nan_image_leaves_the_complexity_statistics_finite(clustering):
     with torch.no_grad():
         model.eval()(x)
     assert model.last_num_clusters[:, 0].unique().numel() > 1
+
+
+def test_init_clusters_ignores_a_nan_image_and_names_all_nan_input():
+    model = tiny_model(cmtf=False)
+    x = torch.randn(4, 3, 16, 16)
+    x[1] = float("nan")
+    model.init_clusters(x)
+    assert torch.isfinite(model.dtc["0"].centroids).all() and bool(model.dtc["0"].initialized)
+    with pytest.raises(ValueError, match="finite tokens"):
+        model.init_clusters(torch.full((2, 3, 16, 16), float("nan")))

@@ -152,6 +152,11 @@ def test_resume_follows_the_runs_own_config(fmnist, tmp_path, capsys):
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["epochs"] == 3 and saved["batch_size"] == 16 and saved["data_dir"] == fmnist
     assert (run / "epoch-0003.safetensors").exists()
+    # every training state truncated: nothing can be resumed exactly, and the error says so
+    for st in run.glob("*.state.pt"):
+        st.write_bytes(st.read_bytes()[:100])
+    assert main(["train", "--resume", str(run), "--epochs", "4"]) == 2
+    assert "weights and training state of the same epoch" in capsys.readouterr().err
 
 
 def test_resume_after_a_kill_between_the_two_renames_of_last(fmnist, tmp_path, capsys):
@@ -535,3 +540,53 @@ def test_budget_warmup_anneals_k_from_the_maximum_to_the_trained_budget(fmnist, 
     assert seen[-1][0] == 2  # the end of the last epoch: evaluated and saved at the trained budget
     with pytest.raises(ValueError, match="budget_warmup"):
         TrainConfig.build(overrides=["epochs=2", "budget_warmup=3"])
+
+
+def _rc_and_err(argv, capsys):
+    capsys.readouterr()
+    rc = main(argv)
+    return rc, capsys.readouterr().err
+
+
+def test_bad_input_gets_a_clear_error_not_a_traceback(fmnist, tmp_path, capsys):
+    """Each case exits with status 2 and a message naming the problem (issue 13, item 9)."""
+    from adaptivision.benchmark import parse_spec
+    (tmp_path / "rand.safetensors").write_bytes(os.urandom(1000))
+    (tmp_path / "a_file").write_text("x")
+    cases = {
+        "not a readable safetensors": ["eval", "--checkpoint", str(tmp_path / "rand.safetensors"),
+                                       "--model", "adaptivision_nano_patch4_28"],
+        "Unknown model 'adaptivision_nano_patch4_2'. Did you mean": ["train", "--model", "adaptivision_nano_patch4_2",
+                                                       "--data-dir", fmnist, "--output", str(tmp_path)],
+        "'tau': 'abc'; allowed: a number": ["train", "model_kwargs={tau: abc}", "--data-dir", fmnist,
+                                            "--output", str(tmp_path), "--name", "tau"],
+        "condense_at: false": ["train", "model_kwargs={condense_at: null}", "guidance=learned",
+                               "--data-dir", fmnist, "--output", str(tmp_path), "--name", "cn"],
+        "a_file": ["train", "--data-dir", fmnist, "--output", str(tmp_path / "a_file"), *QUICK],
+    }
+    for want, argv in cases.items():
+        rc, err = _rc_and_err(argv, capsys)
+        assert rc == 2 and want in err, (want, rc, err[-500:])
+    for bad in ("gmacs=.nan", "mean_k=abc", "bias=.inf"):
+        with pytest.raises(ValueError, match="not a finite number"):
+            parse_spec("m:" + bad)
+
+
+def test_image_problems_strict_one_class_and_bombs(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    from adaptivision.data import build_dataset
+    from fixtures import make_folder
+    common = ["--dataset", "folder", "--model", "adaptivision_nano_patch4_32", "--output", str(tmp_path),
+              "--epochs", "1", "compare_dense=false", *QUICK[:-1], "batch_size=4",
+              "model_kwargs={embed_dim: 32, depth: 2, num_heads: 2}"]
+    broken = make_folder(str(tmp_path / "broken"), per_class=4, corrupt=1)
+    rc, err = _rc_and_err(["train", "--data-dir", broken, "--name", "s", "strict_images=true", *common], capsys)
+    assert rc == 2 and "unreadable image" in err and "broken0.png" in err
+    one = make_folder(str(tmp_path / "one"), classes=("only",), per_class=8, corrupt=0)
+    assert main(["train", "--data-dir", one, "--name", "one", *common]) == 0
+    assert "has 1 class" in capsys.readouterr().out
+    # a decompression bomb (here: any image over a lowered pixel limit) is skipped and counted
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    ds = build_dataset("folder", one, train=True)
+    assert ds[0] is None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import statistics
 import time
@@ -39,6 +40,9 @@ def parse_spec(spec: str) -> tuple[str, dict, dict]:
         if not sep or not key:
             raise ValueError(f"model spec {spec!r}: expected NAME:key=value, got {opt!r}")
         (budget if key in BUDGET_KEYS else kwargs)[key] = yaml.safe_load(value)
+    for key, v in budget.items():  # nan would calibrate to nothing and be silently ignored
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"model spec {spec!r}: {key}={v!r} is not a finite number")
     if len(budget) > 1:
         raise ValueError(f"model spec {spec!r}: give one budget of {', '.join(BUDGET_KEYS)}")
     return name, kwargs, budget

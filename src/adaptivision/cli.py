@@ -301,7 +301,7 @@ def main(argv=None) -> int:
             args.overrides = list(args.overrides) + extra
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
+    except (ValueError, OSError, FloatingPointError) as err:  # OSError: missing / existing / read-only paths
         print(f"adaptivision {args.cmd}: error: {err}", file=sys.stderr)
         return 2
 

@@ -118,8 +118,17 @@ class ModelOptions:
 
     def resolve(self, num_patches: int, depth: int, embed_dim: int) -> "ModelOptions":
         """Validate against the backbone and fill the per-stage K ranges (``self.stages``)."""
-        for f in fields(self):  # inf / nan pass the range checks below that they should fail
-            v = getattr(self, f.name)
+        for f in fields(self):
+            v, d = getattr(self, f.name), f.default
+            # the type of a typed default (YAML gives strings for 'abc'; bools are not numbers)
+            if isinstance(d, bool):
+                _check(isinstance(v, bool), f.name, v, "true or false")
+            elif isinstance(d, (int, float)) and not isinstance(d, bool):
+                _check(isinstance(v, (int, float)) and not isinstance(v, bool) and (isinstance(d, float) or
+                       float(v).is_integer()), f.name, v, "a number" if isinstance(d, float) else "an integer")
+            elif isinstance(d, str):
+                _check(isinstance(v, str), f.name, v, "a string")
+            # inf / nan pass the range checks below that they should fail
             _check(not isinstance(v, float) or math.isfinite(v), f.name, v, "a finite number")
         _check(self.reduction in REDUCTIONS, "reduction", self.reduction, ", ".join(map(repr, REDUCTIONS)))
         _check(0 < self.keep_ratio <= 1, "keep_ratio", self.keep_ratio, "a float in (0, 1]")

@@ -32,6 +32,10 @@ FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
+class UnreadableImage(ValueError):
+    """An image that cannot be decoded, with ``strict_images`` on."""
+
+
 class DatasetNotFound(FileNotFoundError):
     """Raised with where we looked and how to get the data."""
 
@@ -115,9 +119,10 @@ class ImageList(Dataset):
         try:
             with Image.open(path) as im:
                 img = im.convert(self.mode)
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             if self.strict:
-                raise RuntimeError(f"unreadable image {path}: {e}") from e
+                raise UnreadableImage(f"unreadable image {path}: {e} (strict_images=true stops the run; "
+                                      "false skips and counts such images)") from e
             return None
         return (self.transform(img) if self.transform else img), target
 

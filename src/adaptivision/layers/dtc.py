@@ -182,6 +182,10 @@ class DynamicTokenClustering(nn.Module):
         if self.centroids is None:
             return
         pts = self.space(tokens.reshape(-1, self.dim))
+        pts = pts[torch.isfinite(pts).all(1)]  # a NaN image must not poison every centroid
+        if pts.shape[0] < self.k_max:
+            raise ValueError(f"init_clusters: {pts.shape[0]} finite tokens for {self.k_max} centroids: "
+                             "the calibration images are non-finite or too few")
         g = torch.Generator(device=pts.device).manual_seed(seed)
         if pts.shape[0] > max_points:
             pts = pts[torch.randperm(pts.shape[0], generator=g, device=pts.device)[:max_points]]

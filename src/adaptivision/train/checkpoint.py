@@ -158,6 +158,9 @@ def _as_tuple(x):
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
+STATE_KEYS = ("epoch", "num_updates", "best_top1", "rng", "optimizer")
+
+
 class CheckpointManager:
     """Writes ``epoch-NNNN`` checkpoints into ``run_dir``, keeps the last ``keep_last`` and a
     copy of the best as ``best``; ``last`` names the newest."""
@@ -218,4 +221,12 @@ class CheckpointManager:
         path = base + ".state.pt"
         if not os.path.isfile(path):
             raise FileNotFoundError(f"training state {path} does not exist (needed to resume)")
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated, or not a torch file: weights_only refuses anything else
+            raise ValueError(f"training state {path} is unreadable ({type(e).__name__}: {e}); "
+                             "resume from an earlier epoch-NNNN checkpoint or start again") from e
+        missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+        if missing:
+            raise ValueError(f"training state {path} lacks {missing}: not a state written by adaptivision train")
+        return state

@@ -130,6 +130,14 @@ class TrainConfig:
         check(self.limit_train is None or self.limit_train >= 1, "limit_train", "None or >= 1")
         check(self.limit_eval is None or self.limit_eval >= 1, "limit_eval", "None or >= 1")
         check(isinstance(self.model_kwargs, dict), "model_kwargs", "a mapping")
+        from ..config import ModelOptions
+        defaults = {f.name: f.default for f in fields(ModelOptions)}
+        for k, v in self.model_kwargs.items():
+            # timm.create_model drops None-valued arguments: `condense_at: null` would silently mean
+            # the default (block 0), not "off"
+            if v is None and defaults.get(k) is not None:
+                raise ValueError(f"model_kwargs {k}: null is dropped by timm.create_model, so the default "
+                                 f"{defaults[k]!r} would be used; for 'off' write {k}: false")
         return self
 
     # --- building ----------------------------------------------------------------------------

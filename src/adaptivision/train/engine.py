@@ -39,6 +39,7 @@ from .checkpoint import (
     CheckpointManager,
     load_pretrained,
     load_weights,
+    read_weights,
     rng_state,
     run_lock,
     save_weights,
@@ -131,6 +132,11 @@ def guidance_kwargs(guide: Optional[Guidance], x: torch.Tensor, mode: str = "nor
 
 
 def create_model(spec: dict) -> nn.Module:
+    if not timm.is_model(spec["name"]):
+        import difflib
+        close = difflib.get_close_matches(spec["name"], timm.list_models(), n=3)
+        raise ValueError(f"Unknown model {spec['name']!r}." + (f" Did you mean {' or '.join(map(repr, close))}?"
+                         if close else "") + " (ours: timm.list_models('adaptivision_*'))")
     return timm.create_model(spec["name"], num_classes=spec["num_classes"], **spec["kwargs"])
 
 
@@ -260,6 +266,8 @@ def train_phase(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bo
     eval_ds = _limit(build_dataset(cfg.dataset, cfg.data_dir, False, eval_tf, mode, cfg.strict_images,
                                    cfg.download), cfg.limit_eval)
     num_classes = len(train_ds.classes)
+    if num_classes < 2 and d.main:
+        log(f"warning: {cfg.dataset} at {cfg.data_dir} has {num_classes} class: every prediction is trivially right")
     guide = None if dense else build_guidance(cfg, train_ds.classes, probe)
     spec = model_spec(cfg, num_classes, dense, guide)
     if guide is not None:  # what evaluation needs to rebuild the guidance without the training set
@@ -427,7 +435,7 @@ def train_phase(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bo
     if writer is not None:
         writer.close()
     if result is None:  # everything was already done: report the saved state
-        st = ckpt.load_state(ckpt.path("last"))
+        st = ckpt.load_state(ckpt.latest()[0])
         result = dict(spec=spec, eval=st["eval"], best_top1=st["best_top1"], train_seconds=None, epochs=cfg.epochs)
     result["model"], result["guide"] = model, guide
     return result
@@ -589,9 +597,8 @@ def load_for_eval(checkpoint: str, model_name: Optional[str] = None) -> tuple:
         raise FileNotFoundError(f"{os.path.join(ckpt_dir, 'model.json')} not found and {checkpoint} does not "
                                 "record its model: pass --model NAME to say which model it holds")
     if spec["num_classes"] is None:
-        from safetensors import safe_open
-        with safe_open(checkpoint, "pt") as f:
-            spec["num_classes"] = f.get_slice("head.weight").get_shape()[0] if "head.weight" in f.keys() else 0
+        head = read_weights(checkpoint).get("head.weight")  # (names a truncated or foreign file)
+        spec["num_classes"] = head.shape[0] if head is not None else 0
     model = create_model(spec)
     load_weights(model, checkpoint)
     cfg_path = os.path.join(ckpt_dir, "config.yaml")
