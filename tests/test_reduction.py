@@ -55,6 +55,36 @@ def test_tome_merges_the_most_similar_pair_by_hand():
     assert y.flatten().tolist() == [0.0, 2.0, 2.5, 3.0]
 
 
+def test_tome_without_a_prefix_keeps_the_reference_order():
+    """No class token: the reference leaves the kept A tokens in the order of their best match
+    (not re-sorted by position). A = tokens 0, 2, 4; B = 1, 3, 5."""
+    metric = torch.tensor([[[1., 0, 0], [0, 1, 0], [0.6, 0.8, 0], [0, 0, 1], [0, 0.5, 0.87], [0.9, 0, 0.44]]])
+    x = torch.arange(6.).view(1, 6, 1)
+    merge = bipartite_soft_matching(metric, r=1, num_prefix=0)
+    # best matches: A0-B5 0.9, A2-B1 0.8, A4-B3 0.87 -> A0 merges into B5; kept A by score: 4, 2
+    assert merge(x, reduce="mean").flatten().tolist() == [4.0, 2.0, 1.0, 3.0, 2.5]
+
+
+def test_tome_keeps_several_prefix_tokens_in_front_in_their_order():
+    """[CLS] + distillation token (positions 0 and 1): never merged, and still first and second
+    after a merge (the reference's distill_token path), not among the patches."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 12, 4)
+    for P in (2, 3):
+        merge = bipartite_soft_matching(torch.randn(2, 12, 3), r=3, num_prefix=P)
+        y = merge(x, reduce="mean")
+        assert y.shape == (2, 9, 4) and torch.equal(y[:, :P], x[:, :P])
+
+
+def test_tome_avg_pool_is_timms_plain_mean():
+    model = tiny_model(reduction="tome", tome_r=2, class_token=False, global_pool="avg").eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        feats = model.forward_features(x)                                          # (2, 16 - 4*2, 32)
+        assert feats.shape[1] == 8 and model._feat_mass is not None
+        assert torch.allclose(model.forward_head(feats, pre_logits=True), model.fc_norm(feats.mean(1)), atol=1e-6)
+
+
 def test_evit_fused_token_is_the_attention_weighted_mean_of_the_dropped():
     torch.manual_seed(0)
     x = torch.randn(2, 7, 4)                                                        # [CLS] + 6 patches

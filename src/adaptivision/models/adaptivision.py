@@ -351,7 +351,8 @@ class AdaptiVision(VisionTransformer):
         """Eq. 11's Pool: [CLS], or the mass-weighted mean of the super-tokens for ``'avg'``."""
         pool_type = self.global_pool if pool_type is None else pool_type
         mass = self._feat_mass
-        if pool_type == "avg" and mass is not None and mass.shape == x.shape[:2]:
+        # ToMe's reference pools with timm's plain mean of the merged tokens
+        if pool_type == "avg" and mass is not None and mass.shape == x.shape[:2] and self.opts.reduction != "tome":
             P = self.num_prefix_tokens
             m = mass[:, P:].to(x.dtype).unsqueeze(-1)                                # (B, T, 1)
             return (x[:, P:] * m).sum(1) / m.sum(1).clamp_min(1e-6)                  # (B, D)

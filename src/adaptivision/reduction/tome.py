@@ -4,7 +4,10 @@ Between attention and MLP of every block, tokens are split alternately into sets
 A token's most similar B token (cosine similarity of the attention keys, averaged over heads)
 is found, and the ``r`` most similar pairs are merged by a size-weighted average. Sizes are
 carried as the token ``mass``, and proportional attention adds ``log(size)`` to the logits
-(the model's ``prop_attn``). [CLS] is never merged.
+(the model's ``prop_attn``, on by default: the reference recommends it for training, and the
+baselines here are trained with it). Prefix tokens ([CLS], distillation, registers) are never
+merged and stay in front in their order; without a prefix the kept tokens are not re-sorted;
+``global_pool='avg'`` is timm's plain mean of the output tokens, as in the reference.
 """
 from __future__ import annotations
 
@@ -31,7 +34,9 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int = 1):
         scores[:, :, : num_prefix // 2] = -float("inf")
         node_max, node_idx = scores.max(dim=-1)                                      # (B, Ta)
         edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]              # (B, Ta, 1)
-        unm_idx = edge_idx[:, r:].sort(dim=1)[0]  # keep order, so the prefix stays in front
+        unm_idx = edge_idx[:, r:]                                                    # (B, Ta - r, 1)
+        if num_prefix:  # the reference sorts only then: the prefix must stay in front
+            unm_idx = unm_idx.sort(dim=1)[0]
         src_idx = edge_idx[:, :r]                                                    # (B, r, 1)
         dst_idx = node_idx[..., None].gather(1, src_idx)                             # (B, r, 1)
 
@@ -41,7 +46,13 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int = 1):
         unm = src.gather(1, unm_idx.expand(-1, -1, C))                               # (B, Ta - r, C)
         src = src.gather(1, src_idx.expand(-1, -1, C))                               # (B, r, C)
         dst = dst.scatter_reduce(1, dst_idx.expand(-1, -1, C), src, reduce=reduce)   # (B, Tb, C)
-        return torch.cat([unm, dst], dim=1)                                          # (B, T - r, C)
+        if num_prefix < 2:
+            return torch.cat([unm, dst], dim=1)                                      # (B, T - r, C)
+        # several prefix tokens ([CLS], distillation, registers) alternate between A and B: put
+        # them back in front in their own order, as the reference does for [CLS] + distillation
+        pa, pb = (num_prefix + 1) // 2, num_prefix // 2
+        prefix = torch.stack([unm[:, i // 2] if i % 2 == 0 else dst[:, i // 2] for i in range(num_prefix)], 1)
+        return torch.cat([prefix, unm[:, pa:], dst[:, pb:]], dim=1)                  # (B, T - r, C)
 
     return merge
 
