@@ -29,7 +29,7 @@ from adaptivision.models.from_timm import vit_kwargs
 from adaptivision.provenance import provenance
 from adaptivision.train import engine
 
-PLAIN = dict(afa=False, cmtf=False)
+PLAIN = dict(afa=False, cmtf=False, condense_at=0)  # rows that condense later say so
 # label -> (AdaptiVision options, budget): budget is a fixed K (dynamic=False) or ('mean_k', K)
 PAPER = dict(PLAIN, clustering="paper", tau=150.0)  # learned shared centroids, soft, no k-means step
 OURS = dict(PLAIN, clustering="image")               # farthest-point centres, hard, 2 k-means steps

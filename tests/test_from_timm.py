@@ -34,8 +34,9 @@ def test_with_condensation_off_outputs_equal_the_source(name, kw, tmp_path):
 def test_off_the_shelf_condensation_calibrated_on_a_batch(tmp_path):
     vit, _ = _local_timm("deit_tiny_patch16_224", tmp_path)
     x = torch.randn(6, 3, 224, 224) * torch.linspace(0.2, 2, 6).view(6, 1, 1, 1)  # images of varied contrast
-    assert adaptivision.from_timm(vit, x, k_min=32, k_max=160).dtc["0"].centers == "fps"  # the default here
-    model = adaptivision.from_timm(vit, x, k_min=32, k_max=160, clustering="paper").eval()
+    default = adaptivision.from_timm(vit, x, k_min=32, k_max=160)
+    assert list(default.dtc) == ["1"] and default.dtc["1"].centers == "fps"  # the defaults here: after block 1, fps
+    model = adaptivision.from_timm(vit, x, k_min=32, k_max=160, clustering="paper", condense_at=0).eval()
     dtc = model.dtc["0"]
     assert bool(dtc.initialized) and bool(dtc.stats_seen) and dtc.budget_jitter == 1.0
     with torch.no_grad():

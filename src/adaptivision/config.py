@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterable, Optional, Sequence, Union
 
@@ -118,15 +119,16 @@ class ModelOptions:
 
     def resolve(self, num_patches: int, depth: int, embed_dim: int) -> "ModelOptions":
         """Validate against the backbone and fill the per-stage K ranges (``self.stages``)."""
+        hints = typing.get_type_hints(type(self))
         for f in fields(self):
-            v, d = getattr(self, f.name), f.default
-            # the type of a typed default (YAML gives strings for 'abc'; bools are not numbers)
-            if isinstance(d, bool):
+            v, t = getattr(self, f.name), hints.get(f.name)
+            # fields of one plain type (YAML gives strings for 'abc'; bools are not numbers)
+            if t is bool:
                 _check(isinstance(v, bool), f.name, v, "true or false")
-            elif isinstance(d, (int, float)) and not isinstance(d, bool):
-                _check(isinstance(v, (int, float)) and not isinstance(v, bool) and (isinstance(d, float) or
-                       float(v).is_integer()), f.name, v, "a number" if isinstance(d, float) else "an integer")
-            elif isinstance(d, str):
+            elif t in (int, float):
+                _check(isinstance(v, (int, float)) and not isinstance(v, bool) and (t is float or
+                       float(v).is_integer()), f.name, v, "a number" if t is float else "an integer")
+            elif t is str:
                 _check(isinstance(v, str), f.name, v, "a string")
             # inf / nan pass the range checks below that they should fail
             _check(not isinstance(v, float) or math.isfinite(v), f.name, v, "a finite number")
