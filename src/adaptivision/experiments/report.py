@@ -21,12 +21,27 @@ def _stat(values: list, digits: int = 2) -> str:
     return f"{m:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def _summary(exp_dir: str, run: dict) -> Optional[dict]:
+def _summary(exp_dir: str, run: dict, commits: Optional[dict] = None, label: str = "") -> Optional[dict]:
+    """The run's first summary row; ``commits``: collects {commit: [cell labels]} from its provenance."""
     path = os.path.join(exp_dir, "..", run["run_dir"], "summary.json")
     if not os.path.isfile(path):
         return None
     with open(path) as f:
-        return json.load(f)["rows"][0]
+        summary = json.load(f)
+    if commits is not None:
+        commit = (summary.get("provenance") or {}).get("commit") or "not recorded"
+        commits.setdefault(commit[:12] + ("-dirty" if commit.endswith("-dirty") else ""), []).append(label)
+    return summary["rows"][0]
+
+
+def _code_note(commits: dict) -> Optional[str]:
+    """Which code produced the table: one commit, or the mix of commits flagged."""
+    if not commits:
+        return None
+    if len(commits) == 1:
+        return f"every run from commit {next(iter(commits))}"
+    parts = [f"{c}: {', '.join(sorted(set(labels)))}" for c, labels in sorted(commits.items())]
+    return "MIXED CODE: runs from several commits (" + "; ".join(parts) + ")"
 
 
 def _train_table(rec: dict, exp_dir: str, notes: list) -> list:
@@ -35,8 +50,10 @@ def _train_table(rec: dict, exp_dir: str, notes: list) -> list:
     head = ["model"] + ([key] if key else []) + (["knob"] if knobs else []) + [
         "params (M)", "GMACs", "mean K", "top-1 (%)", "top-5 (%)", "images/s", "seeds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    commits: dict = {}
     for cell in rec["cells"]:
-        rows = [r for r in (_summary(exp_dir, run) for run in cell.get("runs", [])) if r is not None]
+        rows = [r for r in (_summary(exp_dir, run, commits, cell["label"]) for run in cell.get("runs", []))
+                if r is not None]
         if cell.get("status"):
             notes.append(f"{cell['label']}: {cell['status']}")
         elif not cell.get("runs"):
@@ -50,6 +67,9 @@ def _train_table(rec: dict, exp_dir: str, notes: list) -> list:
             _stat([r["top1"] for r in rows]), _stat([r["top5"] for r in rows]), _stat([r["img_per_s"] for r in rows], 0),
             str(len(rows))]
         lines.append("| " + " | ".join(vals) + " |")
+    note = _code_note(commits)
+    if note:
+        notes.append(note)
     return lines
 
 
