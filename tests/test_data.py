@@ -48,7 +48,7 @@ def test_image_folders_skip_and_count_unreadable_images(tmp_path, name):
     x, y, skipped = collate_skip([ds[i] for i in range(len(ds))])
     assert skipped == 1 and x.shape == (8, 3, 32, 32) and y.tolist() == [0] * 4 + [1] * 4
     strict = build_dataset(name, root, train=True, strict=True)
-    with pytest.raises(RuntimeError, match="broken0.png"):
+    with pytest.raises(ValueError, match="broken0.png"):  # UnreadableImage: the CLI reports it
         [strict[i] for i in range(len(strict))]
     assert len(build_dataset(name, root, train=False)) == 8
 
