@@ -100,6 +100,23 @@ def test_benchmark_cli_writes_json_and_markdown(tmp_path, capsys):
     assert "needs an AdaptiVision model" in capsys.readouterr().err
 
 
+def test_benchmark_train_times_real_updates(tmp_path):
+    """--train times forward + backward + optimizer step: the step really changes the weights."""
+    import timm
+
+    from adaptivision.benchmark import train_step
+    model = timm.create_model("adaptivision_nano_patch4_28", embed_dim=32, depth=2, num_heads=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train_step(model, torch.randn(4, 1, 28, 28))(None)
+    changed = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
+    assert "head.weight" in changed and "blocks.0.attn.qkv.weight" in changed
+    assert main(["benchmark", "--train", "--models", "adaptivision_nano_patch4_28:reduction=none,adaptivision_nano_patch4_28",
+                 "--batch-size", "4", "--rounds", "2", "--warmup", "1", "--out", str(tmp_path / "t")]) == 0
+    res = json.loads((tmp_path / "t.json").read_text())
+    assert res["mode"] == "training updates" and all(r["img_per_s"] > 0 for r in res["rows"])
+    assert (tmp_path / "t.md").read_text().startswith("Training updates:")
+
+
 def test_speed_target_benchmark_smoke(tmp_path):
     """CI's short version of benchmarks/speed_targets.py (the real one takes minutes at 224²)."""
     import importlib.util

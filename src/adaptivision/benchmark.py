@@ -109,17 +109,41 @@ def _autocast(amp, device: torch.device):
     return torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16)
 
 
-@torch.inference_mode()
-def time_models(models: list, x: torch.Tensor, warmup: int = 3, rounds: int = 15, amp=False) -> list:
-    """Per-batch seconds of each model, interleaved: round r times every model once."""
+def train_step(model: torch.nn.Module, x: torch.Tensor, amp=False):
+    """A closure that runs one training update of ``model`` on ``x``: forward (in training mode,
+    with the auxiliary terms AdaptiVision returns), cross-entropy, backward, AdamW step."""
+    from .models import AdaptiVision
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    y = torch.arange(x.shape[0], device=x.device) % model.num_classes
+    aux = isinstance(model, AdaptiVision)
+
+    def step(_):
+        with _autocast(amp, x.device):
+            out = model(x, return_aux=True)[0] if aux else model(x)
+            loss = torch.nn.functional.cross_entropy(out.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def time_models(models: list, x: torch.Tensor, warmup: int = 3, rounds: int = 15, amp=False,
+                steps: Optional[list] = None) -> list:
+    """Per-batch seconds of each model, interleaved: round r times every model once.
+    ``steps``: one callable per model to time instead of its inference forward (training)."""
     dev = x.device
+    run = dict(zip(map(id, models), steps, strict=True)) if steps else {}
 
     def once(m):
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        with _autocast(amp, dev):
-            m(x)
+        if id(m) in run:
+            run[id(m)](x)
+        else:
+            with _autocast(amp, dev), torch.inference_mode():
+                m(x)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t
@@ -136,8 +160,10 @@ def time_models(models: list, x: torch.Tensor, warmup: int = 3, rounds: int = 15
 
 def benchmark(specs: list, img_size: Optional[int] = None, batch_size: int = 64, device: str = "cpu",
               amp: bool = False, compile: bool = False, budget: Optional[str] = None, warmup: int = 3,
-              rounds: int = 15, checkpoint: Optional[str] = None, channels_last: bool = False) -> dict:
-    """Measure the models of ``specs``; speed-ups are relative to the first."""
+              rounds: int = 15, checkpoint: Optional[str] = None, channels_last: bool = False,
+              train: bool = False) -> dict:
+    """Measure the models of ``specs``; speed-ups are relative to the first. ``train``: time
+    training updates (forward + backward + AdamW step, :func:`train_step`) instead of inference."""
     dev = torch.device(device)
     probe = timm.create_model(parse_spec(specs[0])[0], **({"img_size": img_size} if img_size else {}))
     c = probe.patch_embed.proj.in_channels
@@ -158,7 +184,8 @@ def benchmark(specs: list, img_size: Optional[int] = None, batch_size: int = 64,
         rows.append(dict(model=spec, budget=used or None, params_m=prof["params"] / 1e6, gmacs=prof["gmacs"],
                          mean_k=prof.get("mean_k")))
     xd = x.to(dev, memory_format=torch.channels_last) if channels_last else x.to(dev)
-    times = time_models(models, xd, warmup, rounds, amp)
+    steps = [train_step(m, xd, amp) for m in models] if train else None
+    times = time_models(models, xd, warmup, rounds, amp, steps)
     for row, t in zip(rows, times, strict=True):
         q = statistics.quantiles(t, n=10) if len(t) >= 2 else [t[0]] * 9
         med = statistics.median(t)
@@ -170,7 +197,7 @@ def benchmark(specs: list, img_size: Optional[int] = None, batch_size: int = 64,
         row["gmacs_ratio"] = ref["gmacs"] / row["gmacs"]
         row["realized"] = row["speedup"] / row["gmacs_ratio"]  # 1.0: the GMACs saving is all real speed
     return dict(rows=rows, batch_size=batch_size, img_size=size, device=_device_name(dev), amp=amp,
-                compile=compile, threads=torch.get_num_threads(), rounds=rounds, torch=torch.__version__,
+                compile=compile, mode="training updates" if train else "inference", threads=torch.get_num_threads(), rounds=rounds, torch=torch.__version__,
                 timm=timm.__version__)
 
 
@@ -186,7 +213,8 @@ def _device_name(dev: torch.device) -> str:
 
 
 def to_markdown(result: dict) -> str:
-    lines = [f"{result['device']}, {result['threads']} threads, batch {result['batch_size']}, "
+    lines = [f"{result.get('mode', 'inference').capitalize()}: "
+             f"{result['device']}, {result['threads']} threads, batch {result['batch_size']}, "
              f"{result['img_size']}², amp={result['amp']}, compile={result['compile']}, "
              f"median of {result['rounds']} interleaved rounds (10-90% range in brackets).", "",
              "| model | params (M) | GMACs | mean K | images/s | ms/batch | speed-up | GMACs ratio | realized |",

@@ -113,7 +113,7 @@ def _experiment(args) -> int:
 def _benchmark(args) -> int:
     from .benchmark import benchmark, to_markdown, write
     res = benchmark(args.models.split(","), args.img_size, args.batch_size, args.device, args.amp, args.compile,
-                    args.budget, args.warmup, args.rounds, args.checkpoint, args.channels_last)
+                    args.budget, args.warmup, args.rounds, args.checkpoint, args.channels_last, args.train)
     print(to_markdown(res))
     if args.out:
         print("written: " + ", ".join(write(res, args.out)))
@@ -253,6 +253,8 @@ def main(argv=None) -> int:
     b.add_argument("--amp", action="store_true", help="fp16 autocast on CUDA, bf16 on CPU")
     b.add_argument("--compile", action="store_true", help="torch.compile every model")
     b.add_argument("--channels-last", action="store_true", dest="channels_last")
+    b.add_argument("--train", action="store_true",
+                   help="time training updates (forward + backward + AdamW step) instead of inference")
     b.add_argument("--budget", help="default budget of AdaptiVision models, e.g. gmacs=1.3 or mean_k=64")
     b.add_argument("--checkpoint", help="weights for the AdaptiVision models (a .safetensors of a run)")
     b.add_argument("--warmup", type=int, default=3)
