@@ -38,6 +38,7 @@ def tiny_model(**kw) -> AdaptiVision:
     args = dict(img_size=16, patch_size=4, in_chans=3, num_classes=5, embed_dim=32, depth=4, num_heads=2,
                 k_min=4, k_max=16, k_step=2)
     args.update(kw)
+    args.setdefault("clustering", "paper")  # the unit tests exercise the paper's form unless they say
     if args.get("reduction", "dtc") == "dtc" and args.get("cmtf") is None:
         args["cmtf"] = True  # the unit tests pass guidance of width embed_dim
     return AdaptiVision(**args)

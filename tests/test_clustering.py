@@ -69,7 +69,7 @@ def test_clustering_presets_and_overrides():
     m = tiny_model(clustering="image")
     d = m.dtc["0"]
     assert (d.centers, d.hard, d.iters) == ("fps", True, 2)
-    assert CLUSTERING["image"] == dict(centers="fps", assign="hard", iters=2)
+    assert CLUSTERING["image"] == dict(centers="fps", assign="hard", iters=2, tau=150.0)
     assert "dtc.0.centroids" not in dict(m.named_parameters())
     d = tiny_model(clustering="image", assign="soft", iters=0).dtc["0"]
     assert (d.centers, d.hard, d.iters) == ("fps", False, 0)
@@ -79,6 +79,27 @@ def test_clustering_presets_and_overrides():
         tiny_model(clustering="images")
     with pytest.raises(ValueError, match="entropy"):
         tiny_model(clustering="image", complexity="entropy")
+
+
+def test_the_default_is_soft_image_clustering_at_tau_20():
+    """The measured best from scratch (docs/results.md): each image's own centres, soft
+    assignment at tau 20, two k-means steps; an explicit tau still wins over the preset's."""
+    import timm
+    d = timm.create_model("adaptivision_nano_patch4_28").dtc["0"]
+    assert (d.centers, d.hard, d.iters, d.tau) == ("fps", False, 2, 20.0) and d.centroids is None
+    assert timm.create_model("adaptivision_nano_patch4_28", tau=50.0).dtc["0"].tau == 50.0
+    assert tiny_model(clustering="paper").dtc["0"].tau == 150.0
+    with pytest.raises(ValueError, match="'tau'"):
+        tiny_model(tau=0.0)
+
+
+def test_run_identity_follows_what_the_defaults_mean():
+    """Changing a live default must not reuse runs made under the old one: a DTC cell that
+    relies on the default is identified by the preset it resolves to."""
+    from adaptivision.experiments.runner import _non_default
+    assert _non_default({"reduction": "dtc", "clustering": "paper"}) == {}  # as recorded before the change
+    assert _non_default({"reduction": "dtc"}) == {"clustering": "image-soft", "tau": 20.0}
+    assert _non_default({"reduction": "tome"}) == {"reduction": "tome"}
 
 
 def test_every_parameter_gets_gradient_with_image_clustering():

@@ -40,8 +40,11 @@ def _as_list(v: IntOrSeq) -> Optional[list]:
 # assignment to learned centroids shared by every image); 'image' clusters each image's own tokens
 # (farthest-point centres, nearest-centre assignment, two k-means steps). Explicit ``centers=``,
 # ``assign=``, ``iters=`` override the preset.
-CLUSTERING = {"paper": dict(centers="learned", assign="soft", iters=0),
-              "image": dict(centers="fps", assign="hard", iters=2)}
+# Presets of (centers, assign, iters, tau). A preset's meaning never changes once runs were
+# recorded with it (run identities name the preset, not what it resolves to): add a new name.
+CLUSTERING = {"paper": dict(centers="learned", assign="soft", iters=0, tau=150.0),
+              "image": dict(centers="fps", assign="hard", iters=2, tau=150.0),
+              "image-soft": dict(centers="fps", assign="soft", iters=2, tau=20.0)}
 
 
 @dataclass
@@ -63,11 +66,11 @@ class ModelOptions:
     k_max: IntOrSeq = None              # default: all tokens entering the stage
     k_mid: Optional[int] = None         # first stage: K of an average image at budget bias 0 (default: mid-range)
     k_step: int = 8                     # K is rounded to a multiple of this (bounds the number of groups)
-    clustering: str = "paper"           # preset of the three below: 'paper' | 'image' (CLUSTERING, docs/model.md)
+    clustering: str = "image-soft"      # preset of the four below: 'image-soft' | 'image' | 'paper' (CLUSTERING, docs/model.md)
     centers: Optional[str] = None       # 'learned' (nested learned centroids) | 'fps' (each image's own tokens)
     assign: Optional[str] = None        # 'soft' (eq. 2) | 'hard' (nearest centre; straight-through gradient)
     iters: Optional[int] = None         # k-means refinement steps, per image
-    tau: float = 150.0                  # eq. 2 temperature (Table 4)
+    tau: Optional[float] = None         # eq. 2 temperature (Table 4; default: the preset's, 150 or 20)
     normalize: bool = True              # weighted mean (True) or eq. 3's literal sum (False)
     prop_attn: bool = True              # add log(mass) to attention logits (ToMe's proportional attention)
     complexity: str = "variance"        # 'variance' | 'entropy' | 'saliency'
@@ -148,11 +151,12 @@ class ModelOptions:
         if not ours:
             self.condense_at = None
         _check(self.k_step >= 1, "k_step", self.k_step, "an integer >= 1")
-        _check(self.tau > 0, "tau", self.tau, "a float > 0")
         _check(self.clustering in CLUSTERING, "clustering", self.clustering, ", ".join(map(repr, CLUSTERING)))
         for name, value in CLUSTERING[self.clustering].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        _check(isinstance(self.tau, (int, float)) and not isinstance(self.tau, bool) and self.tau > 0,
+               "tau", self.tau, "a float > 0")
         _check(self.iters >= 0, "iters", self.iters, "an integer >= 0")
         _check(self.centers in ("learned", "fps"), "centers", self.centers, "'learned' or 'fps'")
         _check(self.assign in ("soft", "hard"), "assign", self.assign, "'soft' or 'hard'")

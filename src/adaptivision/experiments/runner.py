@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import timm
 import torch
 
-from ..config import ModelOptions
+from ..config import CLUSTERING, ModelOptions
 from ..data import collate_skip
 from ..guidance import MODES
 from ..profile import profile
@@ -80,10 +80,19 @@ def _identity(cfg: TrainConfig) -> dict:
     return ident
 
 
+# The model defaults that run identities are measured against: those when the first runs were
+# recorded. Changing a live default must give new runs, not silently reuse old ones, so a DTC
+# cell's clustering preset and temperature are always written out when they differ from these.
+ID_DEFAULTS = dict(ModelOptions().to_dict(), clustering="paper", tau=150.0)
+
+
 def _non_default(kwargs: dict) -> dict:
-    """Drop options given at their default value, so equal configurations share their runs."""
-    defaults = ModelOptions().to_dict()
-    return {k: v for k, v in kwargs.items() if k not in defaults or defaults[k] != v}
+    """The options that differ from ``ID_DEFAULTS``, so equal configurations share their runs."""
+    kwargs = dict(kwargs)
+    if kwargs.get("reduction", "dtc") == "dtc":  # the live defaults, resolved, for what they mean now
+        kwargs.setdefault("clustering", ModelOptions.clustering)
+        kwargs.setdefault("tau", CLUSTERING[kwargs["clustering"]]["tau"])
+    return {k: v for k, v in kwargs.items() if k not in ID_DEFAULTS or ID_DEFAULTS[k] != v}
 
 
 class Runner:
@@ -120,7 +129,10 @@ class Runner:
         spec = dict(name=model_name, num_classes=len(ds.classes), kwargs=dict(kwargs, cmtf=False))
         model = engine.create_model(spec).eval()
         if self._dtc_gmacs is None:
-            dtc = engine.create_model(dict(spec, kwargs=dict(self.base.model_kwargs, reduction="dtc", cmtf=False)))
+            # the target every recorded match used: the paper-form DTC at init (its GMACs, not its accuracy)
+            ref = dict(self.base.model_kwargs, reduction="dtc", cmtf=False)
+            ref.setdefault("clustering", "paper")
+            dtc = engine.create_model(dict(spec, kwargs=ref))
             self._dtc_gmacs = profile(dtc, x)["gmacs"]
         knob, gmacs = knobs.match_gmacs(model, x, self._dtc_gmacs)
         name = "tome_r" if kwargs.get("reduction") == "tome" else "keep_ratio"
