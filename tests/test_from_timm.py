@@ -59,7 +59,7 @@ def test_train_init_from_a_timm_vit(tmp_path, capsys):
     save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, path)
     common = ["--data-dir", data, "--output", str(tmp_path), "--epochs", "1"]
     args = ["train", *common, "--name", "ft", "--init-from", path, "compare_dense=false", "workers=0", "batch_size=16", "throughput_batch=8", "lr=1e-9", "warmup_lr=1e-9",
-            "min_lr=1e-9", "model_kwargs={embed_dim: 32, depth: 2, num_heads: 2}"]
+            "min_lr=1e-9", "model_kwargs={embed_dim: 32, depth: 2, num_heads: 2, clustering: paper}"]
     rest = args[11:]
     assert main(args) == 0
     out = capsys.readouterr().out

@@ -558,7 +558,7 @@ def test_bad_input_gets_a_clear_error_not_a_traceback(fmnist, tmp_path, capsys):
                                        "--model", "adaptivision_nano_patch4_28"],
         "Unknown model 'adaptivision_nano_patch4_2'. Did you mean": ["train", "--model", "adaptivision_nano_patch4_2",
                                                        "--data-dir", fmnist, "--output", str(tmp_path)],
-        "'tau': 'abc'; allowed: a number": ["train", "model_kwargs={tau: abc}", "--data-dir", fmnist,
+        "'tau': 'abc'; allowed: a float > 0": ["train", "model_kwargs={tau: abc}", "--data-dir", fmnist,
                                             "--output", str(tmp_path), "--name", "tau"],
         "condense_at: false": ["train", "model_kwargs={condense_at: null}", "guidance=learned",
                                "--data-dir", fmnist, "--output", str(tmp_path), "--name", "cn"],

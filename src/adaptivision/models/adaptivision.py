@@ -76,7 +76,9 @@ class AdaptiVision(VisionTransformer):
 
     def __init__(self, **kwargs):
         opts, vit_kwargs = ModelOptions.split_kwargs(kwargs, _VIT_ARGS)
+        cmtf_off = opts.cmtf is not None and not opts.cmtf  # asked for, not defaulted
         super().__init__(**vit_kwargs)
+        self._cmtf_off_by_request = cmtf_off
         D, P = self.embed_dim, self.num_prefix_tokens
         self.opts = opts.resolve(self.patch_embed.num_patches, len(self.blocks), D)
         stages = self.opts.stages
@@ -179,7 +181,11 @@ class AdaptiVision(VisionTransformer):
         (missing guidance: only the sources given, plus the learned tokens, are fused).
         """
         if not len(self.cmtf):
-            if guidance is not None:  # silently ignoring it would look like guidance that does nothing
+            given = guidance is not None and (not isinstance(guidance, dict) or
+                                              any(g is not None for g in guidance.values()))
+            # cmtf=False given explicitly: guidance steers DTC only (its patch weights), by design;
+            # otherwise silently ignoring the tokens would look like guidance that does nothing
+            if given and not self._cmtf_off_by_request:
                 raise ValueError("guidance was passed, but this model has no Cross-Modal Token Fusion: build it "
                                  "with guidance_dim=<width> (or {source: width}), guidance_tokens=M or cmtf=True")
             return None
