@@ -44,12 +44,13 @@ def test_table5_matches_gmacs_and_shares_runs(done):
         c = cells[label]
         assert c["knob"] in ("keep_ratio", "tome_r")
         assert abs(c["gmacs_at_init"] - target) / target < 0.1, (label, c["gmacs_at_init"], target)
-    # the dtc cell of Table 5 is the tau = 150 cell of Table 4 and the full model of Table 7: one run
+    # the dtc cell of Table 5 is the cell of Table 4 at the default's tau (20, clustering='image-soft')
+    # and the full model of Table 7: one run
     t4 = {c["key"]: c for c in _record(done, "table4")["cells"]}
     t7 = {c["label"]: c for c in _record(done, "table7")["cells"]}
     dtc_run = cells["AdaptiVision (DTC)"]["runs"][0]["run_dir"]
-    assert t4[150.0]["runs"][0]["run_dir"] == dtc_run == t7["+DTC+AFA"]["runs"][0]["run_dir"]
-    assert t4[1.0]["runs"][0]["run_dir"] != dtc_run
+    assert t4[20.0]["runs"][0]["run_dir"] == dtc_run == t7["+DTC+AFA"]["runs"][0]["run_dir"]
+    assert t4[150.0]["runs"][0]["run_dir"] != dtc_run and t4[1.0]["runs"][0]["run_dir"] != dtc_run
 
 
 def test_dtc_levers_record_every_lever_and_record_only_trains_nothing(done, tmp_path):
