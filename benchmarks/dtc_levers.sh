@@ -23,3 +23,7 @@ fi
 "$AV" experiment run dtc-confirm --seeds 2 --scale default --out "$OUT/default"
 "$AV" experiment run dtc-levers --seeds 2 --out "$OUT/small"
 "$AV" report "$OUT/small/dtc-levers" "$OUT/default/dtc-confirm" --out "$OUT/report-dtc"
+"$AV" experiment run dtc-where --seeds 2 --scale default --out "$OUT/default"
+# the records behind docs/results.md: one summary.json per run, no weights
+for e in dtc-confirm dtc-where; do "$PY" benchmarks/commit_records.py "$OUT/default/$e" benchmarks/results/dtc/default; done
+"$PY" benchmarks/commit_records.py "$OUT/small/dtc-levers" benchmarks/results/dtc/small
