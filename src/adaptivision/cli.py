@@ -235,7 +235,8 @@ def main(argv=None) -> int:
     x.add_argument("--seeds", type=int, default=1)
     x.add_argument("--scale", default="small", choices=SCALES,
                    help="smoke: a few steps (CI); small: 1 epoch on 10k images; default: the default job "
-                        "(2 epochs, all images); paper: configs/<dataset>.yaml")
+                        "(2 epochs, all images); full: the same trained to plateau (10 epochs); "
+                        "paper: configs/<dataset>.yaml")
     x.add_argument("--out", default="experiments", help="runs and records go here (shared by experiments)")
     x.add_argument("--record-only", action="store_true", dest="record_only",
                    help="train nothing: record the runs finished so far (a report of a partial experiment)")

@@ -26,7 +26,7 @@ from ..guidance import MODES
 from ..profile import profile
 from ..train import TrainConfig, engine
 from . import knobs
-from .registry import BUDGETS, SCALES, Cell, Experiment, get
+from .registry import BUDGETS, FULL_EPOCHS, SCALES, Cell, Experiment, get
 
 SMALL_MODELS = {"fashion-mnist": "adaptivision_nano_patch4_28", "cifar10": "adaptivision_nano_patch4_32",
                 "cifar100": "adaptivision_nano_patch4_32"}
@@ -37,15 +37,15 @@ def base_config(scale: str, dataset: str, data_dir: Optional[str], epochs: Optio
                 overrides: Optional[list] = None) -> TrainConfig:
     """The recipe of a scale: ``smoke`` (CI: a few steps), ``small`` (this CPU: minutes per run,
     1 epoch on 10k images), ``default`` (the README's default job: 2 epochs on every training
-    image, the whole test set), ``paper`` (configs/<dataset>.yaml: the paper's recipe, GPUs)."""
+    image, the whole test set), ``full`` (the same recipe trained to plateau: ``FULL_EPOCHS``), ``paper`` (configs/<dataset>.yaml: the paper's recipe, GPUs)."""
     if scale == "paper":
         path = CONFIG_DIR / f"{dataset}.yaml"
         if not path.is_file():
             raise FileNotFoundError(f"no paper-scale config {path} for dataset {dataset!r}")
         cfg = TrainConfig.build(str(path), overrides)
-    elif scale == "default":
+    elif scale in ("default", "full"):
         cfg = TrainConfig.build(None, overrides, model=SMALL_MODELS.get(dataset, "adaptivision_small_patch16_224"),
-                                dataset=dataset)
+                                dataset=dataset, **({"epochs": FULL_EPOCHS} if scale == "full" else {}))
     elif scale in ("small", "smoke"):
         cfg = TrainConfig.build(None, overrides, model=SMALL_MODELS.get(dataset, "adaptivision_small_patch16_224"),
                                 dataset=dataset, epochs=1, limit_train=10000, limit_eval=5000)
@@ -266,7 +266,7 @@ class Runner:
     def scaling(self) -> list:
         """Theorem 1: GMACs and measured time per image as the image grows; the K range stays that
         of the base size, so AdaptiVision's attention does not grow with the image."""
-        sizes = {"smoke": [28, 56], "small": [28, 56, 84, 112, 168], "paper": [224, 320, 448, 640]}[self.scale]
+        sizes = {"smoke": [28, 56], "paper": [224, 320, 448, 640]}.get(self.scale, [28, 56, 84, 112, 168])
         base = timm.create_model(self.base.model)
         c, h, _ = base.pretrained_cfg["input_size"]
         n0 = base.patch_embed.num_patches
