@@ -1,4 +1,8 @@
-"""With condensation, AFA and CMTF off the model is exactly a timm ViT (DESIGN.md §2)."""
+"""With condensation, AFA and CMTF off the model is exactly a timm ViT (DESIGN.md §2); the
+forward path computes what it computed before its redesign (issue 12)."""
+import json
+
+import forward_cases
 import pytest
 import timm
 import torch
@@ -46,3 +50,19 @@ def test_adaptivision_reuses_every_vit_weight_name():
     assert not AdaptiVision(embed_dim=192, depth=12, num_heads=3, condense_at=None).dtc
     assert vit_keys <= ours
     assert all(k.startswith(("dtc.", "cmtf.")) or ".modulator." in k for k in ours - vit_keys)
+
+
+@pytest.mark.parametrize("case", [c[0] for c in forward_cases.CASES])
+def test_forward_outputs_are_those_before_the_redesign(case):
+    """Issue 12 promised the same outputs after the forward-path redesign: every registered model
+    and every reduction, eval / seeded train / dense, against the snapshot of the old code."""
+    with open(forward_cases.GOLDEN) as f:
+        want = json.load(f)["cases"][case]
+    name, model, kwargs, mode = next(c for c in forward_cases.CASES if c[0] == case)
+    got = forward_cases.outputs(name, model, kwargs, mode)
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        tol = 1e-4 if key == "grad" else 1e-5  # a sum of ~1e5 gradient entries
+        flat = torch.tensor(value, dtype=torch.float64).flatten().tolist()
+        assert torch.tensor(got[key], dtype=torch.float64).flatten().tolist() == pytest.approx(
+            flat, rel=tol, abs=1e-5), f"{case}: {key}"
