@@ -173,16 +173,15 @@ def test_multi_stage_condensation_and_unpooling():
 
 def test_skip_unpooling_by_hand():
     """unpool='skip': Z_rec = Z_pre + A (S - S_0), stage by stage, the last stage first."""
-    from adaptivision.models.adaptivision import _Group
-    model = tiny_model(unpool="skip", afa=False, cmtf=False).eval()
+    from adaptivision.layers.tokens import Group, unpool
     g = torch.Generator().manual_seed(0)
     z0, z1 = torch.randn(1, 4, 3, generator=g), torch.randn(1, 2, 3, generator=g)   # tokens before each stage
     s0, s1 = torch.randn(1, 2, 3, generator=g), torch.randn(1, 1, 3, generator=g)   # super-tokens right after
     a0 = torch.tensor([[[1., 0.], [1., 0.], [0., 1.], [0., 1.]]])                    # 4 patches -> 2 clusters
     a1 = torch.tensor([[[1.], [1.]]])                                                # 2 -> 1
     x = torch.cat([torch.full((1, 1, 3), 7.0), torch.randn(1, 1, 3, generator=g)], 1)  # [CLS] + 1 token
-    grp = _Group(torch.arange(1), x, None, [a0, a1], skips=[(z0, s0), (z1, s1)])
-    out = model._unpool_skip(grp, norm=False)                                       # (1, 1+4, 3)
+    grp = Group(torch.arange(1), x, None, (a0, a1), skips=((z0, s0), (z1, s1)))
+    out = unpool(grp, "skip", num_prefix=1)                                          # (1, 1+4, 3)
     level1 = z1 + (x[:, 1:] - s1)                                                    # both stage-1 tokens
     want = z0 + a0 @ (level1 - s0)
     assert torch.allclose(out[:, 1:], want) and torch.equal(out[:, :1], x[:, :1])
@@ -224,10 +223,7 @@ def test_unpooling_is_exact_with_one_cluster_per_patch():
     with torch.no_grad():
         tokens = model._pos_embed(model.patch_embed(x))[:, 1:]                  # (2, 16, 32)
         model.dtc["0"].init_centroids(tokens[0])                                 # centroids = image 0's tokens
-        groups = None
-        for _, groups in model._trunk(x[:1], last=0):  # noqa: B007
-            pass
-        a = groups[0].assign[0]                                                  # (1, 16, 16)
+        a = model.forward_tokens(x[:1], last=0).groups[0].assign[0]              # (1, 16, 16)
         assert torch.allclose(a.sum(-1), torch.ones(1, 16))
         s, _ = __import__("adaptivision").layers.condense(tokens[:1], a, torch.ones(1, 16))
         assert torch.allclose(a @ s, tokens[:1], atol=1e-5)

@@ -2,12 +2,12 @@
 forward path computes what it computed before its redesign (issue 12)."""
 import json
 
-import forward_cases
 import pytest
 import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+import forward_cases
 from adaptivision import AdaptiVision
 
 # timm.create_model drops None-valued kwargs, so "off" is spelled False through timm

@@ -80,9 +80,11 @@ def test_tome_avg_pool_is_timms_plain_mean():
     model = tiny_model(reduction="tome", tome_r=2, class_token=False, global_pool="avg").eval()
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
-        feats = model.forward_features(x)                                          # (2, 16 - 4*2, 32)
-        assert feats.shape[1] == 8 and model._feat_mass is not None
-        assert torch.allclose(model.forward_head(feats, pre_logits=True), model.fc_norm(feats.mean(1)), atol=1e-6)
+        out = model.forward_tokens(x)
+        feats = out.features                                                       # (2, 16 - 4*2, 32)
+        assert feats.shape[1] == 8 and out.mass is not None
+        pooled = model.forward_head(feats, pre_logits=True, mass=out.mass)
+        assert torch.allclose(pooled, model.fc_norm(feats.mean(1)), atol=1e-6)
 
 
 def test_evit_fused_token_is_the_attention_weighted_mean_of_the_dropped():

@@ -30,20 +30,17 @@ def clustering(model, x: torch.Tensor, block: Optional[int] = None, guidance=Non
                          f"{len(model.blocks)}, got {block}")
     H, W = model.patch_embed.dynamic_feat_size(x.shape[-2:])
     out: list = [None] * x.shape[0]
-    for i, groups in model._trunk(x, guidance, patch_weights, last=block - 1):
-        if i != block - 1:
-            continue
-        blk = model.blocks[block]
-        for grp in groups:
-            a = grp.assign[0]                                                        # (b, N, K) first stage
-            m = None
-            if isinstance(blk, AFABlock):
-                u, v = blk.attn.modulator(blk.norm1(grp.x), grp.mass)                # (b, R, T)
-                m = modulation_matrix(u, v)                                          # (b, T, T)
-            for j, idx in enumerate(grp.index.tolist()):
-                out[idx] = dict(labels=a[j].argmax(-1).view(H, W).cpu().numpy(), k=a.shape[-1],
-                                m=None if m is None else m[j].cpu().numpy())
-    model._cluster_terms = []
+    tokens = model.forward_tokens(x, guidance, patch_weights, last=block - 1)  # groups entering ``block``
+    blk = model.blocks[block]
+    for grp in tokens.groups:
+        a = grp.assign[0]                                                            # (b, N, K) first stage
+        m = None
+        if isinstance(blk, AFABlock):
+            u, v = blk.attn.modulator(blk.norm1(grp.x), grp.mass)                    # (b, R, T)
+            m = modulation_matrix(u, v)                                              # (b, T, T)
+        for j, idx in enumerate(grp.index.tolist()):
+            out[idx] = dict(labels=a[j].argmax(-1).view(H, W).cpu().numpy(), k=a.shape[-1],
+                            m=None if m is None else m[j].cpu().numpy())
     return out
 
 

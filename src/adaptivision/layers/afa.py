@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from timm.layers import Attention, trunc_normal_
 from timm.models.vision_transformer import Block
 
+from .tokens import Context, Group
+
 
 class ModulationPredictor(nn.Module):
     """``f_m`` of eq. 5: pooled tokens ``G`` (B, D) -> ``u, v`` (B, R, T_max)."""
@@ -156,6 +158,11 @@ class AFABlock(Block):
             return self.norm2(x + self.drop_path2(self.ls2(self.mlp(x))))
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask, is_causal, mass=mass)))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+    def forward_group(self, grp: Group, ctx: Context) -> Group:
+        """The trunk's protocol (:mod:`.tokens`): AFA's f_m sees each token's mass."""
+        return grp.replace(x=self(grp.x, grp.log_mass, mass=grp.mass))
 
 
 def make_afa_block(block: Block, max_tokens: int, rank: int = 1, hidden: Optional[int] = None,

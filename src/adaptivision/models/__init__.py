@@ -1,5 +1,6 @@
 """Model assembly and timm registration (importing this registers ``adaptivision_*`` with timm)."""
-from .adaptivision import AdaptiVision
+from . import registry  # noqa: F401  (registers the models with timm)
+from .adaptivision import AdaptiVision, TokenOutput
 from .from_timm import from_timm
 
-__all__ = ["AdaptiVision", "from_timm"]
+__all__ = ["AdaptiVision", "TokenOutput", "from_timm"]

@@ -1,69 +1,52 @@
 """AdaptiVision: a timm ``VisionTransformer`` with DTC, AFA and CMTF (paper section 3).
 
-Data flow (DESIGN.md §1):
+Data flow (DESIGN.md §1; docs/model.md, "Data flow"):
 
     patch embed + pos embed (eq. 1) -> blocks[:c] (plain ViT) -> DTC (eqs. 2-3, per-image K)
     -> [CMTF (eqs. 8-10)] -> blocks[c:] with AFA (eqs. 4-7) on K+1 tokens -> norm -> head (eq. 11)
 
-Images of one batch may get different K. They are grouped by K and each group runs through
-the remaining blocks as one dense batch (no padding, so fewer tokens really cost less); the
-results are put back in input order. An image's output does not depend on its batch-mates.
+The trunk is one loop over blocks: before block i the stages registered at i (a baseline's,
+DTC's, CMTF's, in that order) map token groups to token groups, then the block does
+(:mod:`adaptivision.layers.tokens`). Images of one batch may get different K; each group of
+equal K runs as one dense batch (no padding, so fewer tokens really cost less) and the results
+are put back in input order. An image's output does not depend on its batch-mates. A forward
+keeps nothing on the model: what the objective, pooling and unpooling need is returned
+(:class:`TokenOutput`).
 """
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import List, Optional, Union
 
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
-from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from timm.models.vision_transformer import VisionTransformer
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelOptions
-from ..layers import AFABlock, CrossModalTokenFusion, DynamicTokenClustering, make_afa_block
-from ..reduction import (
-    EViTBlock,
-    ImportanceStage,
-    PolicyBlock,
-    RandomKeep,
-    ReducingBlock,
-    ToMeBlock,
-    convert_block,
-    gather_tokens,
-    keep_assignment,
-)
+from ..layers import make_afa_block
+from ..layers.stages import ClusterStage, FusionStage
+from ..layers.tokens import Context, Group, assemble, run_block, unpool
+from ..reduction import ATTACH
 
-__all__ = ["AdaptiVision"]
+__all__ = ["AdaptiVision", "TokenOutput"]
 
 _VIT_ARGS = set(inspect.signature(VisionTransformer.__init__).parameters) - {"self"}
 
 
-class _Group:
-    """Images of one batch that currently have the same number of tokens."""
+@dataclass
+class TokenOutput:
+    """What one forward of the trunk returns (nothing of it stays on the model)."""
 
-    __slots__ = ("index", "x", "mass", "assign", "skips", "bias", "policy")
-
-    def __init__(self, index, x, mass, assign, prop_attn: bool = False, policy=None, skips=None):
-        self.index = index    # (b,) positions in the input batch
-        self.x = x            # (b, P+T, D) tokens, prefix ([CLS]) first
-        self.mass = mass      # (b, P+T) patches per token; None = 1 everywhere (before condensation)
-        self.assign = assign  # one assignment (b, N_in, K) per reduction passed, for unpooling
-        # per entry of assign: (tokens before, super-tokens right after) a DTC stage, for
-        # unpool='skip'; None where not recorded (baselines, or no dense outputs requested)
-        self.skips = skips if skips is not None else [None] * len(assign)
-        self.policy = policy  # (b, N) DynamicViT's training-time keep mask (reduction='importance')
-        self.set_bias(prop_attn)
-
-    def set_bias(self, prop_attn: bool) -> None:
-        # ToMe's proportional attention: + log(mass) on the keys; constant until the next reduction
-        # clamped: a cluster that received no mass at all (sharp tau) must not give log(0), whose
-        # gradient is NaN; at 1e-6 it is simply ignored by attention
-        self.bias = (self.mass.clamp_min(1e-6).log()[:, None, None, :].to(self.x.dtype)  # (b, 1, 1, T)
-                     if prop_attn and self.mass is not None else None)
+    features: torch.Tensor            # (B, P+T_max, D) after the final norm, zero-padded per image
+    mass: Optional[torch.Tensor]      # (B, P+T_max) patches per token (0 on padding); None = dense
+    num_clusters: torch.Tensor        # (B, DTC stages) K of each image
+    cluster_terms: list               # (zs, mu, tau) per group and DTC stage: eq. 14's inputs
+    aux_loss: Optional[torch.Tensor]  # the baseline's own training term (DynamicViT's ratio loss)
+    groups: List[Group]               # the last block's token groups (assignments, for unpooling / pictures)
 
 
 class AdaptiVision(VisionTransformer):
@@ -89,20 +72,21 @@ class AdaptiVision(VisionTransformer):
             raise ValueError("norm='post' applies to AFA blocks: it needs afa=True and condense_at set.")
 
         self.dtc = nn.ModuleDict({
-            str(st["block"]): DynamicTokenClustering(
+            str(st["block"]): ClusterStage(
                 D, st["k_min"], st["k_max"], opts.k_step, opts.tau, opts.iters, opts.normalize,
                 opts.complexity, opts.dynamic, opts.budget_jitter, opts.stat_momentum, opts.assign_norm,
-                st["k_mid"], opts.centers, opts.assign == "hard")
-            for st in stages})
+                st["k_mid"], opts.centers, opts.assign == "hard", stage=s, num_prefix=P)
+            for s, st in enumerate(stages)})
         if opts.afa and stages:  # blocks after the first condensation attend over K+P tokens
             for i in range(stages[0]["block"], len(self.blocks)):
                 k_max = [st["k_max"] for st in stages if st["block"] <= i][-1]
                 make_afa_block(self.blocks[i], P + k_max, opts.afa_rank, opts.afa_hidden, opts.norm == "post")
         heads = self.blocks[0].attn.num_heads
         qkv_bias = self.blocks[0].attn.qkv.bias is not None
-        self.cmtf = nn.ModuleDict({str(i): CrossModalTokenFusion(D, heads, opts.gate, qkv_bias)
-                                   for i in self.opts.cmtf_at})
-        self.reducer = self._build_baseline(self.opts, D, P)
+        self.cmtf = nn.ModuleDict({str(i): FusionStage(D, heads, opts.gate, qkv_bias) for i in self.opts.cmtf_at})
+        # a baseline's stages before blocks (its reducing blocks are converted in place)
+        attach = ATTACH.get(self.opts.reduction)
+        self.reducer = nn.ModuleDict(attach(self.blocks, self.opts, D, P) if attach else {})
         # proportional attention where tokens stand for several patches by construction
         self.prop_attn = self.opts.prop_attn and self.opts.reduction in ("dtc", "tome")
         self.unpool = self.opts.unpool  # dense outputs only (forward_intermediates)
@@ -120,31 +104,8 @@ class AdaptiVision(VisionTransformer):
             self.guidance_tokens = nn.Parameter(torch.zeros(opts.guidance_tokens, D))
             trunc_normal_(self.guidance_tokens, std=0.02)
         self.align_head = nn.Linear(D, opts.align_dim) if opts.align_dim else None
-        self.last_num_clusters: Optional[torch.Tensor] = None  # (B, stages) K of each image, last forward
-        self._feat_mass: Optional[torch.Tensor] = None
-        self._cluster_terms: list = []
-        self._reduction_losses: list = []
-        self._track = False  # build assignments of the baselines too (dense outputs)
-        self._seeding = False  # init_clusters is running: DTC stages seed their centroids
-
-    def _build_baseline(self, opts: ModelOptions, D: int, P: int) -> nn.ModuleDict:
-        """Stages (before a block) or converted blocks of the baseline ``opts.reduction``."""
-        stages = nn.ModuleDict()
-        at = opts.reduce_blocks
-        if opts.reduction == "random":
-            stages[str(at[0])] = RandomKeep(opts.keep_ratio)
-        elif opts.reduction == "importance":
-            for s, b in enumerate(at):
-                stages[str(b)] = ImportanceStage(D, opts.keep_ratio, s)
-            for blk in self.blocks[at[0]:]:  # later attention must honour the training-time mask
-                convert_block(blk, PolicyBlock)
-        elif opts.reduction == "evit":
-            for b in at:
-                convert_block(self.blocks[b], EViTBlock, keep_ratio=opts.keep_ratio, num_prefix=P)
-        elif opts.reduction == "tome":
-            for b in at:
-                convert_block(self.blocks[b], ToMeBlock, r=opts.tome_r, num_prefix=P)
-        return stages
+        # K of each image in the last forward: for inspection only, nothing reads it back
+        self.last_num_clusters: Optional[torch.Tensor] = None
 
     # --- timm interface -------------------------------------------------------------------------
     @torch.jit.ignore
@@ -223,205 +184,91 @@ class AdaptiVision(VisionTransformer):
             raise ValueError(f"{what} width {g.shape[-1]} != guidance_dim {expected} of this model")
         return proj(g.to(self.pos_embed.dtype))                                     # (B, M, D)
 
-    def _trunk(self, x: torch.Tensor, guidance=None, patch_weights=None, last: Optional[int] = None):
-        """Run embedding and blocks; yields ``(block index, groups)`` after each block."""
-        B = x.shape[0]
+    def stages_before(self, i: int) -> list:
+        """The stages that run before block ``i``: a baseline's, DTC's, CMTF's, in this order."""
+        return [d[str(i)] for d in (self.reducer, self.dtc, self.cmtf) if str(i) in d]
+
+    def _blocks(self, x: torch.Tensor, ctx: Context, last: Optional[int] = None):
+        """Embedding, then each block with its stages; yields ``(block index, groups)``."""
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))    # (B, P+N, D)
-        g = self.embed_guidance(guidance, B)                                        # (B, M, D) or None
-        groups = [_Group(torch.arange(B, device=x.device), x, None, [])]
-        self.last_num_clusters = torch.zeros(B, len(self.dtc), dtype=torch.long, device=x.device)
-        self._cluster_terms, self._reduction_losses = [], []
-        for i, blk in enumerate(self.blocks):
-            if last is not None and i > last:
-                break
-            if str(i) in self.reducer:
-                groups = [self._baseline_stage(self.reducer[str(i)], grp) for grp in groups]
-            if str(i) in self.dtc:
-                stage = list(self.dtc).index(str(i))
-                groups = self._condense(self.dtc[str(i)], stage, groups, patch_weights if stage == 0 else None)
-            if str(i) in self.cmtf and g is not None:
-                for grp in groups:
-                    grp.x = self.cmtf[str(i)](grp.x, g[grp.index])
-            for grp in groups:
-                self._run_block(blk, grp)
+        groups = [Group(torch.arange(x.shape[0], device=x.device), x)]
+        for i, blk in enumerate(self.blocks[: None if last is None else last + 1]):
+            for stage in self.stages_before(i):
+                groups = stage.forward_groups(groups, ctx)
+            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+                groups = [checkpoint(run_block, blk, grp, ctx, use_reentrant=False) for grp in groups]
+            else:
+                groups = [run_block(blk, grp, ctx) for grp in groups]
             yield i, groups
 
-    def _condense(self, dtc: DynamicTokenClustering, stage: int, groups: List[_Group],
-                  weights: Optional[torch.Tensor]) -> List[_Group]:
-        P = self.num_prefix_tokens
-        if self._seeding:  # init_clusters: seed the centroids from these tokens (k-means++)
-            dtc.init_centroids(torch.cat([grp.x[:, P:].reshape(-1, self.embed_dim) for grp in groups]))
-        out = []
-        for grp in groups:
-            prefix, z = grp.x[:, :P], grp.x[:, P:]                                   # (b, P, D), (b, N, D)
-            mass = grp.mass[:, P:] if grp.mass is not None else z.new_ones(z.shape[:2], dtype=torch.float32)
-            w = weights[grp.index] if weights is not None else None                  # (b, N) or None
-            ks = dtc.num_clusters(z, w)                                              # (b,)
-            self.last_num_clusters[grp.index, stage] = ks
-            plan = self._plan(dtc, ks, z.shape[1])
-            seeds = dtc.seed_points(z, max(k for k, _ in plan))                     # (b, K_max) or None
-            for k, sel in plan:  # one dense batch per K
-                def pick(t, sel=sel):
-                    return t if sel is None or t is None else t[sel]
-                s, m, a, zs, mu = dtc(pick(z), pick(mass), k, pick(w), pick(seeds))
-                x = torch.cat([pick(prefix), s], dim=1)                              # (b_k, P+K, D)
-                m = torch.cat([m.new_ones(m.shape[0], P), m], dim=1)                 # (b_k, P+K)
-                # earlier stages' records follow the rows this K group keeps
-                assign = [pick(t) for t in grp.assign] + [a]
-                skips = [t and (pick(t[0]), pick(t[1])) for t in grp.skips]
-                skips.append((pick(z), s) if self._track else None)                 # for unpool='skip'
-                out.append(_Group(pick(grp.index), x, m, assign, self.prop_attn, skips=skips))
-                self._cluster_terms.append((zs, mu, dtc.tau))
-        return out
+    def _context(self, x: torch.Tensor, guidance=None, patch_weights=None, **flags) -> Context:
+        B = x.shape[0]
+        return Context(B, self.num_prefix_tokens, self.embed_guidance(guidance, B), patch_weights,
+                       prop_attn=self.prop_attn,
+                       num_clusters=torch.zeros(B, len(self.dtc), dtype=torch.long, device=x.device), **flags)
 
-    @staticmethod
-    def _plan(dtc: DynamicTokenClustering, ks: torch.Tensor, n: int) -> list:
-        """[(K, rows of the group or None for all)]. Fixed K needs no look at ``ks`` (no host
-        sync), which keeps ``torch.compile`` graphs whole and makes ONNX export possible."""
-        if not dtc.dynamic:
-            return [(min(dtc.fixed_k if dtc.fixed_k is not None else dtc.k_max, n), None)]
-        values = torch.unique(ks).tolist()
-        if len(values) == 1:
-            return [(values[0], None)]
-        return [(k, torch.nonzero(ks == k).squeeze(1)) for k in values]
-
-    def _baseline_stage(self, stage: nn.Module, grp: _Group) -> _Group:
-        """A baseline's reduction before a block: random or DynamicViT pruning."""
-        P = self.num_prefix_tokens
-        prefix, z = grp.x[:, :P], grp.x[:, P:]                                       # (b, P, D), (b, N, D)
-        if isinstance(stage, ImportanceStage) and self.training:  # mask, don't drop (DynamicViT)
-            policy = grp.policy if grp.policy is not None else z.new_ones(z.shape[:2])
-            grp.policy, loss = stage.train_policy(z, policy)                         # (b, N)
-            grp.mass = torch.cat([grp.policy.new_ones(len(grp.policy), P), grp.policy], 1).float()
-            self._reduction_losses.append(loss)
-            return grp
-        idx = stage(z) if isinstance(stage, RandomKeep) else stage.keep_index(z)    # (b, K)
-        x = torch.cat([prefix, gather_tokens(z, idx)], dim=1)                        # (b, P+K, D)
-        mass = None if grp.mass is None else torch.cat([grp.mass[:, :P], grp.mass[:, P:].gather(1, idx)], 1)
-        assign = grp.assign + [keep_assignment(idx, z.shape[1])] if self._track else grp.assign
-        skips = grp.skips + [None] * (len(assign) - len(grp.assign))  # no skip for baselines
-        return _Group(grp.index, x, mass, assign, self.prop_attn, skips=skips)
-
-    def _run_block(self, blk: nn.Module, grp: _Group) -> None:
-        """One block on one group, in place (a reducing block also changes its mass and length)."""
-        kw = {}
-        if isinstance(blk, (AFABlock, ReducingBlock)):
-            kw["mass"] = grp.mass
-        elif isinstance(blk, PolicyBlock) and grp.policy is not None:
-            kw["policy"] = torch.cat([grp.policy.new_ones(len(grp.policy), self.num_prefix_tokens), grp.policy], 1)
-        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            out = checkpoint(blk, grp.x, grp.bias, use_reentrant=False, **kw)
-        else:
-            out = blk(grp.x, grp.bias, **kw)
-        if isinstance(blk, ReducingBlock):
-            grp.x, grp.mass, a = out
-            if a is not None:
-                grp.assign.append(a)
-                grp.skips.append(None)
-            grp.set_bias(self.prop_attn)
-        else:
-            grp.x = out
-
-    def _assemble(self, groups: List[_Group], batch: int) -> torch.Tensor:
-        """Groups -> one (B, P+T_max, D) tensor in input order; shorter rows are zero-padded and
-        their mass (kept in ``self._feat_mass``) is 0, so mass-weighted pooling ignores them."""
-        if len(groups) == 1 and groups[0].mass is None:
-            self._feat_mass = None
-            return groups[0].x
-        T = max(grp.x.shape[1] for grp in groups)
-        ref = groups[0].x
-        x = ref.new_zeros(batch, T, ref.shape[-1])                                  # (B, P+T_max, D)
-        mass = torch.zeros(batch, T, device=ref.device)                            # (B, P+T_max)
-        for grp in groups:
-            t = grp.x.shape[1]
-            x[grp.index, :t] = grp.x
-            mass[grp.index, :t] = grp.mass if grp.mass is not None else 1.0
-        self._feat_mass = mass
-        return x
-
-    def forward_features(self, x: torch.Tensor, guidance: Optional[torch.Tensor] = None,
-                         patch_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Tokens after the final norm: (B, P+T, D), zero-padded where images have fewer tokens.
+    def forward_tokens(self, x: torch.Tensor, guidance=None, patch_weights: Optional[torch.Tensor] = None,
+                       last: Optional[int] = None, **flags) -> TokenOutput:
+        """The trunk up to block ``last`` (default: all) and the final norm, with everything the
+        objective, pooling, unpooling and pictures need (:class:`TokenOutput`).
 
         guidance: (M, Dg) or (B, M, Dg) guidance tokens for CMTF (skipped when None).
         patch_weights: (B, N) per-patch saliency for ``complexity='saliency'`` and weighted means.
         """
-        groups = []
-        for _, groups in self._trunk(x, guidance, patch_weights):  # noqa: B007 (we need the last)
+        ctx = self._context(x, guidance, patch_weights, **flags)
+        groups: List[Group] = []
+        for _, groups in self._blocks(x, ctx, last):  # noqa: B007 (we need the last)
             pass
-        for grp in groups:
-            grp.x = self.norm(grp.x)
-        return self._assemble(groups, x.shape[0])
+        self.last_num_clusters = ctx.num_clusters.detach()
+        feats, mass = assemble([grp.replace(x=self.norm(grp.x)) for grp in groups], x.shape[0])
+        aux = sum(ctx.aux_losses) / len(ctx.aux_losses) if ctx.aux_losses else None
+        return TokenOutput(feats, mass, ctx.num_clusters, ctx.cluster_terms, aux, groups)
 
-    def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
-        """Eq. 11's Pool: [CLS], or the mass-weighted mean of the super-tokens for ``'avg'``."""
-        pool_type = self.global_pool if pool_type is None else pool_type
-        mass = self._feat_mass
-        # ToMe's reference pools with timm's plain mean of the merged tokens
-        if pool_type == "avg" and mass is not None and mass.shape == x.shape[:2] and self.opts.reduction != "tome":
+    def forward_features(self, x: torch.Tensor, guidance: Optional[torch.Tensor] = None,
+                         patch_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Tokens after the final norm: (B, P+T, D), zero-padded where images have fewer tokens
+        (their mass: :meth:`forward_tokens`)."""
+        return self.forward_tokens(x, guidance, patch_weights).features
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False, mass: Optional[torch.Tensor] = None):
+        """timm's head. Eq. 11's Pool is [CLS], or for ``global_pool='avg'`` with ``mass`` (from
+        :meth:`forward_tokens`) the mass-weighted mean of the super-tokens: the tokens are
+        re-weighted by ``mass / mean mass`` so that timm's plain mean becomes that weighted mean.
+        ToMe's reference pools with the plain mean of the merged tokens."""
+        if self.global_pool == "avg" and mass is not None and self.opts.reduction != "tome":
             P = self.num_prefix_tokens
             m = mass[:, P:].to(x.dtype).unsqueeze(-1)                                # (B, T, 1)
-            return (x[:, P:] * m).sum(1) / m.sum(1).clamp_min(1e-6)                  # (B, D)
-        return super().pool(x, pool_type)
+            w = m * (m.shape[1] / m.sum(1, keepdim=True).clamp_min(1e-6))            # (B, T, 1) mean 1
+            x = torch.cat([x[:, :P], x[:, P:] * w], dim=1)                           # (B, P+T, D)
+        return super().forward_head(x, pre_logits)
 
     def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor] = None,
                 patch_weights: Optional[torch.Tensor] = None, return_aux: bool = False):
         """Logits (B, classes); with ``return_aux`` also the inputs of the objective's extra terms:
         ``cluster`` (eq. 14 terms), ``pooled`` (z_out after LayerNorm), ``align`` (its projection
-        for eq. 15, or None) and ``num_clusters`` (B, stages)."""
-        feats = self.forward_features(x, guidance, patch_weights)
-        pooled = self.forward_head(feats, pre_logits=True)                          # (B, D)
+        for eq. 15, or None), ``num_clusters`` (B, stages) and ``reduction`` (a baseline's term)."""
+        out = self.forward_tokens(x, guidance, patch_weights)
+        pooled = self.forward_head(out.features, pre_logits=True, mass=out.mass)    # (B, D)
         logits = self.head(pooled)                                                  # (B, classes)
-        terms, self._cluster_terms = self._cluster_terms, []  # don't keep the graph alive on self
-        red, self._reduction_losses = self._reduction_losses, []
         if not return_aux:
             return logits
-        aux = dict(cluster=terms, pooled=pooled, num_clusters=self.last_num_clusters,
-                   align=self.align_head(pooled) if self.align_head is not None else None,
-                   reduction=sum(red) / len(red) if red else None)  # DynamicViT's ratio loss
-        return logits, aux
+        return logits, dict(cluster=out.cluster_terms, pooled=pooled, num_clusters=out.num_clusters,
+                            align=self.align_head(pooled) if self.align_head is not None else None,
+                            reduction=out.aux_loss)
 
     # --- dense outputs ------------------------------------------------------------------------
-    def _unpool(self, groups: List[_Group], batch: int, norm: bool) -> torch.Tensor:
-        """Super-tokens back on the patch grid: ``Z_rec = A_1 A_2 ... S`` -> (B, P+N, D)."""
-        P = self.num_prefix_tokens
-        rows = []
+    def _unpool(self, groups: List[Group], batch: int, norm: bool) -> torch.Tensor:
+        """Every group's tokens on the patch grid, (B, P+N, D) in input order."""
+        out = None
         for grp in groups:
-            if self.unpool == "skip" and any(t is not None for t in grp.skips):
-                rows.append((grp.index, self._unpool_skip(grp, norm)))
-                continue
-            y = self.norm(grp.x) if norm else grp.x
-            patches = y[:, P:]                                                       # (b, K, D)
-            if grp.assign:
-                a = grp.assign[0]
-                for nxt in grp.assign[1:]:
-                    a = a @ nxt                                                      # (b, N, K_last)
-                patches = (a.to(y.dtype) @ patches)                                  # (b, N, D)
-            rows.append((grp.index, torch.cat([y[:, :P], patches], dim=1)))
-        out = rows[0][1].new_empty(batch, *rows[0][1].shape[1:])
-        for index, r in rows:
-            out[index] = r
+            skip = self.unpool == "skip" and any(s is not None for s in grp.skips)
+            if norm and not skip:  # plain unpooling copies normed super-tokens
+                grp = grp.replace(x=self.norm(grp.x))
+            y = unpool(grp, self.unpool, self.num_prefix_tokens)                     # (b, P+N, D)
+            y = self.norm(y) if norm and skip else y
+            out = y.new_empty(batch, *y.shape[1:]) if out is None else out
+            out[grp.index] = y
         return out
-
-    def _unpool_skip(self, grp: _Group, norm: bool) -> torch.Tensor:
-        """Each patch keeps its own features from before the stage and receives what its cluster
-        learned since: ``Z_rec = Z_pre + A (S - S_0)`` per stage, last stage first (Hourglass's
-        token reconstruction keeps per-patch detail the same way). With K = N and A = I it is
-        the dense computation's residual stream; plain unpooling where no skip was recorded."""
-        P = self.num_prefix_tokens
-        patches = grp.x[:, P:]                                                       # (b, K, D)
-        for a, skip in zip(reversed(grp.assign), reversed(grp.skips), strict=True):
-            a = a.to(patches.dtype)                                                  # (b, N, K)
-            patches = a @ patches if skip is None else skip[0] + a @ (patches - skip[1])  # (b, N, D)
-        y = torch.cat([grp.x[:, :P], patches], dim=1)                               # (b, P+N, D)
-        return self.norm(y) if norm else y
-
-    def _set_track(self, on: bool) -> None:
-        """Baselines build their (one-hot) assignments only when dense outputs need them."""
-        self._track = on
-        for blk in self.blocks:
-            if isinstance(blk, ReducingBlock):
-                blk.track = on
 
     def forward_intermediates(
             self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
@@ -436,16 +283,13 @@ class AdaptiVision(VisionTransformer):
         B, _, height, width = x.shape
         P = self.num_prefix_tokens
         inters, prefixes, groups = [], [], []
-        self._set_track(True)
-        try:
-            for i, groups in self._trunk(x, guidance, patch_weights, max_index if stop_early else None):
-                if i in take_indices:
-                    y = self._unpool(groups, B, norm)                               # (B, P+N, D)
-                    prefixes.append(y[:, :P])
-                    inters.append(y[:, P:])
-        finally:
-            self._set_track(False)
-        self._cluster_terms = []
+        ctx = self._context(x, guidance, patch_weights, dense=True)
+        for i, groups in self._blocks(x, ctx, max_index if stop_early else None):
+            if i in take_indices:
+                y = self._unpool(groups, B, norm)                                   # (B, P+N, D)
+                prefixes.append(y[:, :P])
+                inters.append(y[:, P:])
+        self.last_num_clusters = ctx.num_clusters.detach()
         if output_fmt == "NCHW":
             H, W = self.patch_embed.dynamic_feat_size((height, width))
             inters = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in inters]
@@ -453,21 +297,15 @@ class AdaptiVision(VisionTransformer):
             inters = list(zip(inters, prefixes, strict=True))
         if intermediates_only:
             return inters
-        for grp in groups:
-            grp.x = self.norm(grp.x)
-        return self._assemble(groups, B), inters
+        return assemble([grp.replace(x=self.norm(grp.x)) for grp in groups], B)[0], inters
 
     # --- budgets ------------------------------------------------------------------------------
     def init_clusters(self, images: torch.Tensor, **forward_kwargs) -> None:
         """Seed every DTC stage's centroids by k-means++ on these images' tokens, each stage on
         the tokens that reach it (a fresh model has fixed random centroids, the same in every
         process). Call it before wrapping the model in DDP, with the same images on every rank."""
-        self._seeding = True
-        try:
-            with torch.no_grad():
-                self.forward_features(images, **forward_kwargs)
-        finally:
-            self._seeding = False
+        with torch.no_grad():
+            self.forward_tokens(images, seeding=True, **forward_kwargs)
 
     @torch.no_grad()
     def set_token_budget(self, images: Optional[torch.Tensor] = None, mean_k: Optional[float] = None,
@@ -534,102 +372,3 @@ class AdaptiVision(VisionTransformer):
             return best[0]
         finally:
             self.train(was_training)
-
-
-# --- registration ------------------------------------------------------------------------------
-def _cfg(**kwargs) -> dict:
-    return {
-        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
-        "crop_pct": 0.9, "interpolation": "bicubic", "fixed_input_size": True,
-        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj", "classifier": "head", "license": "apache-2.0", **kwargs,
-    }
-
-
-_FMNIST = dict(num_classes=10, input_size=(1, 28, 28), mean=(0.2860,), std=(0.3530,), crop_pct=1.0)
-_CIFAR = dict(num_classes=10, input_size=(3, 32, 32), mean=(0.4914, 0.4822, 0.4465),
-              std=(0.2470, 0.2435, 0.2616), crop_pct=1.0)
-
-default_cfgs = generate_default_cfgs({
-    "adaptivision_tiny_patch16_224.untrained": _cfg(),
-    "adaptivision_small_patch16_224.untrained": _cfg(),
-    "adaptivision_base_patch16_224.untrained": _cfg(),
-    "adaptivision_nano_patch4_28.untrained": _cfg(**_FMNIST),
-    "adaptivision_nano_patch4_32.untrained": _cfg(**_CIFAR),
-    "adaptivision_tiny_patch2_28.untrained": _cfg(**_FMNIST),
-    "adaptivision_small_patch2_28.untrained": _cfg(**_FMNIST),
-    "adaptivision_tiny_patch2_32.untrained": _cfg(**_CIFAR),
-    "adaptivision_small_patch2_32.untrained": _cfg(**_CIFAR),
-})
-
-_SIZES = {"nano": dict(embed_dim=96, depth=6, num_heads=3),  # trains on 2 CPU cores in minutes
-          "tiny": dict(embed_dim=192, depth=12, num_heads=3),
-          "small": dict(embed_dim=384, depth=12, num_heads=6),
-          "base": dict(embed_dim=768, depth=12, num_heads=12)}
-
-
-def _create(variant: str, pretrained: bool = False, **kwargs) -> AdaptiVision:
-    out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
-        AdaptiVision, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    )
-
-
-# 224² models: an average image at 128 of 196 super-tokens (the paper's 3.1 GMACs for the small
-# size), with room down to 32 so that one checkpoint also serves aggressive budgets (<= 1.3 GMACs)
-_RANGE_224 = dict(k_min=32, k_mid=128)
-
-
-def _make(size: str, patch: int, img: int, pretrained: bool, kwargs: dict) -> AdaptiVision:
-    args = dict(patch_size=patch, img_size=img, **_SIZES[size])
-    if img == 224 and not {"k_min", "k_max", "k_mid", "condense_at", "img_size", "patch_size"} & set(kwargs):
-        args.update(_RANGE_224)
-    return _create(f"adaptivision_{size}_patch{patch}_{img}", pretrained=pretrained, **dict(args, **kwargs))
-
-
-@register_model
-def adaptivision_tiny_patch16_224(pretrained: bool = False, **kwargs) -> AdaptiVision:
-    return _make("tiny", 16, 224, pretrained, kwargs)
-
-
-@register_model
-def adaptivision_small_patch16_224(pretrained: bool = False, **kwargs) -> AdaptiVision:
-    return _make("small", 16, 224, pretrained, kwargs)
-
-
-@register_model
-def adaptivision_base_patch16_224(pretrained: bool = False, **kwargs) -> AdaptiVision:
-    return _make("base", 16, 224, pretrained, kwargs)
-
-
-@register_model
-def adaptivision_nano_patch4_28(pretrained: bool = False, **kwargs) -> AdaptiVision:
-    return _make("nano", 4, 28, pretrained, kwargs)
-
-
-@register_model
-def adaptivision_nano_patch4_32(pretrained: bool = False, **kwargs) -> AdaptiVision:
-    return _make("nano", 4, 32, pretrained, kwargs)
-
-
-@register_model
-def adaptivision_tiny_patch2_28(pretrained: bool = False, **kwargs) -> AdaptiVision:
-    return _make("tiny", 2, 28, pretrained, kwargs)
-
-
-@register_model
-def adaptivision_small_patch2_28(pretrained: bool = False, **kwargs) -> AdaptiVision:
-    return _make("small", 2, 28, pretrained, kwargs)
-
-
-@register_model
-def adaptivision_tiny_patch2_32(pretrained: bool = False, **kwargs) -> AdaptiVision:
-    return _make("tiny", 2, 32, pretrained, kwargs)
-
-
-@register_model
-def adaptivision_small_patch2_32(pretrained: bool = False, **kwargs) -> AdaptiVision:
-    return _make("small", 2, 32, pretrained, kwargs)

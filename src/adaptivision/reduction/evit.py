@@ -11,7 +11,15 @@ import math
 
 import torch
 
-from .common import ReducingBlock, attention_output, gather_tokens, keep_assignment, qkv_heads, sdpa
+from .common import (
+    ReducingBlock,
+    attention_output,
+    convert_block,
+    gather_tokens,
+    keep_assignment,
+    qkv_heads,
+    sdpa,
+)
 
 
 def fuse_inattentive(x: torch.Tensor, mass: torch.Tensor, cls_attn: torch.Tensor, keep: int, num_prefix: int = 1):
@@ -41,15 +49,22 @@ class EViTBlock(ReducingBlock):
         cls_attn = logits.softmax(-1)[:, :, 0, self.num_prefix:].mean(1)             # (B, N)
         return out, cls_attn
 
-    def reduce(self, x, mass, cls_attn):
+    def reduce(self, x, mass, cls_attn, track):
         N = x.shape[1] - self.num_prefix
         keep = max(1, math.ceil(self.keep_ratio * N))
         if keep >= N:
             return x, mass, None
         x, mass, keep_idx, drop_idx = fuse_inattentive(x, mass, cls_attn, keep, self.num_prefix)
         assign = None
-        if self.track:
+        if track:
             assign = keep_assignment(keep_idx, N, extra=1)                            # (B, N, keep+1)
             rows = torch.arange(x.shape[0], device=x.device).unsqueeze(1)
             assign[rows, drop_idx, keep] = 1.0  # dropped patches live on in the fused token
         return x, mass, assign
+
+
+def attach(blocks, opts, dim: int, num_prefix: int) -> dict:
+    """reduction='evit': the blocks ``opts.reduce_blocks`` keep the attended patches and fuse the rest."""
+    for b in opts.reduce_blocks:
+        convert_block(blocks[b], EViTBlock, keep_ratio=opts.keep_ratio, num_prefix=num_prefix)
+    return {}

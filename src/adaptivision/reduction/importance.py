@@ -16,7 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
-from .common import attention_output, qkv_heads
+from ..layers.tokens import Context, Group
+from .common import attention_output, convert_block, keep_tokens, qkv_heads
 
 
 class KeepScorePredictor(nn.Module):
@@ -64,6 +65,20 @@ class ImportanceStage(nn.Module):
         k = self.num_keep(z.shape[1])
         return logp[..., 0].topk(k, dim=1).indices.sort(dim=1)[0]                   # (B, K)
 
+    def forward_groups(self, groups: list[Group], ctx: Context) -> list[Group]:
+        return [self._group(grp, ctx) for grp in groups]
+
+    def _group(self, grp: Group, ctx: Context) -> Group:
+        P = ctx.num_prefix
+        z = grp.x[:, P:]                                                             # (b, N, D)
+        if not self.training:
+            return keep_tokens(grp, self.keep_index(z), ctx)
+        # training: mask, don't drop (DynamicViT); the mask reaches later attention as the policy
+        policy = grp.policy if grp.policy is not None else z.new_ones(z.shape[:2])
+        policy, loss = self.train_policy(z, policy)                                  # (b, N)
+        ctx.aux_losses.append(loss)
+        return grp.replace(policy=policy, mass=torch.cat([policy.new_ones(len(policy), P), policy], 1).float())
+
 
 def policy_attention(attn, x: torch.Tensor, policy: torch.Tensor, bias: Optional[torch.Tensor] = None,
                      eps: float = 1e-6) -> torch.Tensor:
@@ -93,3 +108,18 @@ class PolicyBlock(Block):
             return super().forward(x, attn_mask)
         x = x + self.drop_path1(self.ls1(policy_attention(self.attn, self.norm1(x), policy, attn_mask)))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+    def forward_group(self, grp: Group, ctx: Context) -> Group:
+        policy = None
+        if grp.policy is not None:  # the prefix is never pruned
+            policy = torch.cat([grp.policy.new_ones(len(grp.policy), ctx.num_prefix), grp.policy], 1)  # (b, P+N)
+        return grp.replace(x=self(grp.x, grp.log_mass, policy=policy))
+
+
+def attach(blocks, opts, dim: int, num_prefix: int) -> dict:
+    """reduction='importance': a predictor stage before each of ``opts.reduce_blocks``; every later
+    block honours the training-time keep mask."""
+    at = opts.reduce_blocks
+    for blk in blocks[at[0]:]:
+        convert_block(blk, PolicyBlock)
+    return {str(b): ImportanceStage(dim, opts.keep_ratio, s) for s, b in enumerate(at)}

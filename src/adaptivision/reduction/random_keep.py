@@ -7,6 +7,9 @@ import math
 import torch
 import torch.nn as nn
 
+from ..layers.tokens import Context, Group
+from .common import keep_tokens
+
 
 class RandomKeep(nn.Module):
     """Chooses which patches survive. In evaluation the draw is seeded, so results repeat."""
@@ -27,3 +30,11 @@ class RandomKeep(nn.Module):
             g = torch.Generator().manual_seed(self.seed)
             noise = torch.rand(B, N, generator=g).to(z.device)
         return noise.argsort(dim=1)[:, : self.num_keep(N)].sort(dim=1)[0]           # (B, K)
+
+    def forward_groups(self, groups: list[Group], ctx: Context) -> list[Group]:
+        return [keep_tokens(grp, self(grp.x[:, ctx.num_prefix:]), ctx) for grp in groups]
+
+
+def attach(blocks, opts, dim: int, num_prefix: int) -> dict:
+    """reduction='random': one stage before the first of ``opts.reduce_blocks``."""
+    return {str(opts.reduce_blocks[0]): RandomKeep(opts.keep_ratio)}

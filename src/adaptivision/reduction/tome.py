@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .common import ReducingBlock, attention_output, qkv_heads, sdpa
+from .common import ReducingBlock, attention_output, convert_block, qkv_heads, sdpa
 
 
 def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int = 1):
@@ -66,15 +66,22 @@ class ToMeBlock(ReducingBlock):
         q, k, v = qkv_heads(self.attn, x)                                            # (B, H, T, d)
         return attention_output(self.attn, sdpa(self.attn, q, k, v, bias)), k.mean(1)  # metric (B, T, d)
 
-    def reduce(self, x, mass, metric):
+    def reduce(self, x, mass, metric, track):
         merge = bipartite_soft_matching(metric, self.r, self.num_prefix)
         m = mass.unsqueeze(-1)                                                       # (B, T, 1)
         new_mass = merge(m)                                                          # (B, T-r, 1)
         x = merge(x * m.to(x.dtype)) / new_mass.to(x.dtype)                          # size-weighted mean
         assign: Optional[torch.Tensor] = None
-        if self.track:  # where each input patch went: merge the identity
+        if track:  # where each input patch went: merge the identity
             B, T_in = mass.shape
             eye = torch.eye(T_in, device=x.device).expand(B, -1, -1)                 # (B, T_in, T_in)
             P = self.num_prefix
             assign = merge(eye).transpose(1, 2)[:, P:, P:]                            # (B, N_in, N_out)
         return x, new_mass.squeeze(-1), assign
+
+
+def attach(blocks, opts, dim: int, num_prefix: int) -> dict:
+    """reduction='tome': every block of ``opts.reduce_blocks`` merges ``opts.tome_r`` tokens."""
+    for b in opts.reduce_blocks:
+        convert_block(blocks[b], ToMeBlock, r=opts.tome_r, num_prefix=num_prefix)
+    return {}

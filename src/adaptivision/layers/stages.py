@@ -1,0 +1,71 @@
+"""DTC and CMTF as trunk stages: the layers of ``dtc.py`` / ``cmtf.py`` (the paper's equations) plus
+``forward_groups``, the protocol of :mod:`.tokens`. Subclasses, so state-dict names stay
+``dtc.<block>.*`` / ``cmtf.<block>.*``."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from .cmtf import CrossModalTokenFusion
+from .dtc import DynamicTokenClustering
+from .tokens import Context, Group
+
+
+class ClusterStage(DynamicTokenClustering):
+    """Eqs. 2-3 on every group: per-image K, then one dense batch per K (no padding, so fewer
+    tokens really cost less); an image's clusters do not depend on its batch-mates."""
+
+    def __init__(self, *args, stage: int, num_prefix: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stage, self.num_prefix = stage, num_prefix  # which DTC stage (column of num_clusters)
+
+    def forward_groups(self, groups: List[Group], ctx: Context) -> List[Group]:
+        P = self.num_prefix
+        if ctx.seeding:  # init_clusters: seed the centroids from these tokens (k-means++)
+            self.init_centroids(torch.cat([grp.x[:, P:].reshape(-1, grp.x.shape[-1]) for grp in groups]))
+        weights = ctx.patch_weights if self.stage == 0 else None
+        out = []
+        for grp in groups:
+            z = grp.x[:, P:]                                                         # (b, N, D)
+            w = weights[grp.index] if weights is not None else None                  # (b, N) or None
+            ks = self.num_clusters(z, w)                                             # (b,)
+            ctx.num_clusters[grp.index, self.stage] = ks
+            plan = self.plan(ks, z.shape[1])
+            seeds = self.seed_points(z, max(k for k, _ in plan))                     # (b, K_max) or None
+            for k, sel in plan:
+                out.append(self._condense_group(grp.rows(sel), k, w if sel is None or w is None else w[sel],
+                                                seeds if sel is None or seeds is None else seeds[sel], ctx))
+        return out
+
+    def _condense_group(self, grp: Group, k: int, w, seeds, ctx: Context) -> Group:
+        P = self.num_prefix
+        z = grp.x[:, P:]                                                             # (b, N, D)
+        mass = grp.mass[:, P:] if grp.mass is not None else z.new_ones(z.shape[:2], dtype=torch.float32)
+        s, m, a, zs, mu = self(z, mass, k, w, seeds)                                 # (b, K, D), (b, K), (b, N, K)
+        ctx.cluster_terms.append((zs, mu, self.tau))
+        return grp.replace(x=torch.cat([grp.x[:, :P], s], dim=1),                    # (b, P+K, D)
+                           mass=torch.cat([m.new_ones(m.shape[0], P), m], dim=1),    # (b, P+K)
+                           assign=grp.assign + (a,),
+                           skips=grp.skips + (((z, s) if ctx.dense else None),),     # for unpool='skip'
+                           prop_attn=ctx.prop_attn)
+
+    def plan(self, ks: torch.Tensor, n: int) -> list:
+        """[(K, rows of the group or None for all)]. Fixed K needs no look at ``ks`` (no host
+        sync), which keeps ``torch.compile`` graphs whole and makes ONNX export possible."""
+        if not self.dynamic:
+            return [(min(self.fixed_k if self.fixed_k is not None else self.k_max, n), None)]
+        values = torch.unique(ks).tolist()
+        if len(values) == 1:
+            return [(values[0], None)]
+        return [(k, torch.nonzero(ks == k).squeeze(1)) for k in values]
+
+
+class FusionStage(CrossModalTokenFusion):
+    """Eqs. 8-10 on every group, with each image's own guidance tokens; skipped without guidance."""
+
+    def forward_groups(self, groups: List[Group], ctx: Context) -> List[Group]:
+        g: Optional[torch.Tensor] = ctx.guidance                                     # (B, M, D) or None
+        if g is None:
+            return groups
+        return [grp.replace(x=self(grp.x, g[grp.index])) for grp in groups]

@@ -1,0 +1,116 @@
+"""The one protocol of the trunk: token groups in, token groups out (docs/model.md, "Data flow").
+
+Images of one batch may hold different numbers of tokens (per-image K), so the trunk carries a
+list of :class:`Group` s, each a dense batch of images with the same length. Every stage that
+changes tokens (DTC, CMTF, the baselines' pruning) has ``forward_groups(groups, ctx) -> groups``;
+every block has ``forward_group(group, ctx) -> group`` (a plain timm ``Block`` is run by
+:func:`run_block`). Groups are values: a stage returns new ones and never edits its input, so
+gradient checkpointing can re-run a block on the same group. What a forward records for the
+objective, the pooling, unpooling and pictures goes into the :class:`Context` that the model
+returns, never onto a module.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class Group:
+    """Images of one batch that currently have the same number of tokens."""
+
+    index: torch.Tensor                   # (b,) positions in the input batch
+    x: torch.Tensor                       # (b, P+T, D) tokens, prefix ([CLS]) first
+    mass: Optional[torch.Tensor] = None   # (b, P+T) patches per token; None = 1 everywhere (dense)
+    assign: tuple = ()                    # one (b, N_in, N_out) assignment per reduction passed (unpooling)
+    skips: tuple = ()                     # per assign: (tokens before, super-tokens after) a DTC stage, or None
+    policy: Optional[torch.Tensor] = None  # (b, N) DynamicViT's training-time keep mask
+    prop_attn: bool = False               # add log(mass) to the attention logits (ToMe's proportional attention)
+    log_mass: Optional[torch.Tensor] = field(init=False, default=None)  # (b, 1, 1, T) that bias, or None
+
+    def __post_init__(self):
+        # clamped: a cluster that received no mass at all (sharp tau) must not give log(0), whose
+        # gradient is NaN; at 1e-6 it is simply ignored by attention
+        if self.prop_attn and self.mass is not None:
+            bias = self.mass.clamp_min(1e-6).log()[:, None, None, :].to(self.x.dtype)  # (b, 1, 1, T)
+            object.__setattr__(self, "log_mass", bias)
+
+    def replace(self, **changes) -> "Group":
+        return dataclasses.replace(self, **changes)
+
+    def rows(self, sel: Optional[torch.Tensor]) -> "Group":
+        """The images ``sel`` (indices into this group) of it; all of it for None."""
+        if sel is None:
+            return self
+
+        def pick(t):
+            return None if t is None else t[sel]
+        return self.replace(index=self.index[sel], x=self.x[sel], mass=pick(self.mass), policy=pick(self.policy),
+                            assign=tuple(a[sel] for a in self.assign),
+                            skips=tuple(s and (s[0][sel], s[1][sel]) for s in self.skips))
+
+
+@dataclass
+class Context:
+    """One forward's inputs beside the tokens, and what it records (returned to the caller)."""
+
+    batch: int
+    num_prefix: int
+    guidance: Optional[torch.Tensor] = None       # (B, M, D) embedded guidance tokens for CMTF
+    patch_weights: Optional[torch.Tensor] = None  # (B, N) per-patch saliency for the first DTC stage
+    dense: bool = False                           # record assignments (and skips) for unpooling
+    seeding: bool = False                         # DTC stages seed their centroids from these tokens
+    prop_attn: bool = False
+    num_clusters: Optional[torch.Tensor] = None   # (B, stages) K of each image at each DTC stage
+    cluster_terms: list = field(default_factory=list)  # (zs, mu, tau) per group and stage: eq. 14's inputs
+    aux_losses: list = field(default_factory=list)     # the baselines' own training terms (DynamicViT's ratio)
+
+
+def run_block(blk: nn.Module, grp: Group, ctx: Context) -> Group:
+    """One block on one group: blocks of this package take groups; a plain timm ``Block`` takes
+    the tokens and, as its attention mask, the proportional-attention bias."""
+    step = getattr(blk, "forward_group", None)
+    if step is not None:
+        return step(grp, ctx)
+    return grp.replace(x=blk(grp.x, grp.log_mass))
+
+
+def assemble(groups: list, batch: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Groups -> one (B, P+T_max, D) tensor in input order and its mass (B, P+T_max), or None
+    before any reduction; shorter rows are zero-padded with mass 0, so mass-weighted pooling
+    ignores them."""
+    if len(groups) == 1 and groups[0].mass is None:
+        return groups[0].x, None
+    T = max(grp.x.shape[1] for grp in groups)
+    ref = groups[0].x
+    x = ref.new_zeros(batch, T, ref.shape[-1])                                       # (B, P+T_max, D)
+    mass = torch.zeros(batch, T, device=ref.device)                                  # (B, P+T_max)
+    for grp in groups:
+        t = grp.x.shape[1]
+        x[grp.index, :t] = grp.x
+        mass[grp.index, :t] = grp.mass if grp.mass is not None else 1.0
+    return x, mass
+
+
+def unpool(grp: Group, mode: str, num_prefix: int) -> torch.Tensor:
+    """A group's tokens back on the patch grid, (b, P+N, D): ``Z_rec = A_1 A_2 ... S``; with
+    ``mode='skip'`` each patch keeps its own features from before each DTC stage and receives
+    what its cluster learned since, ``Z_rec = Z_pre + A (S - S_0)``, last stage first (Hourglass's
+    token reconstruction keeps per-patch detail the same way; with K = N and A = I it is the dense
+    residual stream). Plain unpooling where no skip was recorded (the baselines)."""
+    P = num_prefix
+    patches = grp.x[:, P:]                                                           # (b, K, D)
+    if mode == "skip" and any(s is not None for s in grp.skips):
+        for a, skip in zip(reversed(grp.assign), reversed(grp.skips), strict=True):
+            a = a.to(patches.dtype)                                                  # (b, N, K)
+            patches = a @ patches if skip is None else skip[0] + a @ (patches - skip[1])  # (b, N, D)
+    elif grp.assign:
+        a = grp.assign[0]
+        for nxt in grp.assign[1:]:
+            a = a @ nxt                                                              # (b, N, K_last)
+        patches = a.to(patches.dtype) @ patches                                      # (b, N, D)
+    return torch.cat([grp.x[:, :P], patches], dim=1)                                 # (b, P+N, D)

@@ -1,0 +1,106 @@
+"""timm registration of the AdaptiVision family (``timm.create_model('adaptivision_small_patch16_224')``)."""
+from __future__ import annotations
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import checkpoint_filter_fn
+
+from .adaptivision import AdaptiVision
+
+
+def _cfg(**kwargs) -> dict:
+    return {
+        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
+        "crop_pct": 0.9, "interpolation": "bicubic", "fixed_input_size": True,
+        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj", "classifier": "head", "license": "apache-2.0", **kwargs,
+    }
+
+
+_FMNIST = dict(num_classes=10, input_size=(1, 28, 28), mean=(0.2860,), std=(0.3530,), crop_pct=1.0)
+_CIFAR = dict(num_classes=10, input_size=(3, 32, 32), mean=(0.4914, 0.4822, 0.4465),
+              std=(0.2470, 0.2435, 0.2616), crop_pct=1.0)
+
+default_cfgs = generate_default_cfgs({
+    "adaptivision_tiny_patch16_224.untrained": _cfg(),
+    "adaptivision_small_patch16_224.untrained": _cfg(),
+    "adaptivision_base_patch16_224.untrained": _cfg(),
+    "adaptivision_nano_patch4_28.untrained": _cfg(**_FMNIST),
+    "adaptivision_nano_patch4_32.untrained": _cfg(**_CIFAR),
+    "adaptivision_tiny_patch2_28.untrained": _cfg(**_FMNIST),
+    "adaptivision_small_patch2_28.untrained": _cfg(**_FMNIST),
+    "adaptivision_tiny_patch2_32.untrained": _cfg(**_CIFAR),
+    "adaptivision_small_patch2_32.untrained": _cfg(**_CIFAR),
+})
+
+_SIZES = {"nano": dict(embed_dim=96, depth=6, num_heads=3),  # trains on 2 CPU cores in minutes
+          "tiny": dict(embed_dim=192, depth=12, num_heads=3),
+          "small": dict(embed_dim=384, depth=12, num_heads=6),
+          "base": dict(embed_dim=768, depth=12, num_heads=12)}
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs) -> AdaptiVision:
+    out_indices = kwargs.pop("out_indices", 3)
+    return build_model_with_cfg(
+        AdaptiVision, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **kwargs,
+    )
+
+
+# 224² models: an average image at 128 of 196 super-tokens (the paper's 3.1 GMACs for the small
+# size), with room down to 32 so that one checkpoint also serves aggressive budgets (<= 1.3 GMACs)
+_RANGE_224 = dict(k_min=32, k_mid=128)
+
+
+def _make(size: str, patch: int, img: int, pretrained: bool, kwargs: dict) -> AdaptiVision:
+    args = dict(patch_size=patch, img_size=img, **_SIZES[size])
+    if img == 224 and not {"k_min", "k_max", "k_mid", "condense_at", "img_size", "patch_size"} & set(kwargs):
+        args.update(_RANGE_224)
+    return _create(f"adaptivision_{size}_patch{patch}_{img}", pretrained=pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def adaptivision_tiny_patch16_224(pretrained: bool = False, **kwargs) -> AdaptiVision:
+    return _make("tiny", 16, 224, pretrained, kwargs)
+
+
+@register_model
+def adaptivision_small_patch16_224(pretrained: bool = False, **kwargs) -> AdaptiVision:
+    return _make("small", 16, 224, pretrained, kwargs)
+
+
+@register_model
+def adaptivision_base_patch16_224(pretrained: bool = False, **kwargs) -> AdaptiVision:
+    return _make("base", 16, 224, pretrained, kwargs)
+
+
+@register_model
+def adaptivision_nano_patch4_28(pretrained: bool = False, **kwargs) -> AdaptiVision:
+    return _make("nano", 4, 28, pretrained, kwargs)
+
+
+@register_model
+def adaptivision_nano_patch4_32(pretrained: bool = False, **kwargs) -> AdaptiVision:
+    return _make("nano", 4, 32, pretrained, kwargs)
+
+
+@register_model
+def adaptivision_tiny_patch2_28(pretrained: bool = False, **kwargs) -> AdaptiVision:
+    return _make("tiny", 2, 28, pretrained, kwargs)
+
+
+@register_model
+def adaptivision_small_patch2_28(pretrained: bool = False, **kwargs) -> AdaptiVision:
+    return _make("small", 2, 28, pretrained, kwargs)
+
+
+@register_model
+def adaptivision_tiny_patch2_32(pretrained: bool = False, **kwargs) -> AdaptiVision:
+    return _make("tiny", 2, 32, pretrained, kwargs)
+
+
+@register_model
+def adaptivision_small_patch2_32(pretrained: bool = False, **kwargs) -> AdaptiVision:
+    return _make("small", 2, 32, pretrained, kwargs)
