@@ -20,10 +20,10 @@ import timm
 import torch
 
 import adaptivision  # noqa: F401
+from adaptivision import budget
 from adaptivision.data.datasets import fashion_mnist
 from adaptivision.data.mosaic import MOSAIC_CLASSES, FashionMosaics
 from adaptivision.dense import Segmenter, evaluate_segmenter, train_segmenter
-from adaptivision.experiments import knobs
 from adaptivision.experiments.report import plot_curves
 
 BACKBONES = {"dense": dict(reduction="none"), "adaptivision": dict(cmtf=False, clustering="paper"),
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
         model = train(name, train_ds, a.steps, a.batch, a.seed, print, a.lr)
         for b in BUDGETS[name]:
             if b is not None:
-                knobs.set_knob(model.backbone, b)
+                budget.set_knob(model.backbone, b)
             miou, gmacs = evaluate(model, test_ds)
             rows.append(dict(backbone=name, knob=b, gmacs=gmacs, miou=miou))
             print(f"[{name}] knob {b}: {gmacs:.4f} GMACs, mIoU {miou:.2f}")

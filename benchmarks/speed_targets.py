@@ -18,8 +18,8 @@ import sys
 import timm
 
 import adaptivision  # noqa: F401
+from adaptivision import budget
 from adaptivision.benchmark import benchmark, build, mixed_batch, to_markdown
-from adaptivision.experiments import knobs
 from adaptivision.profile import profile
 
 
@@ -30,7 +30,7 @@ def specs_for(av: str, dense: str, size: int, aggressive: float) -> list:
     n = model.patch_embed.num_patches
     k = int(round(prof["mean_k"][0] / 8) * 8)  # a K the default k_step allows
     tome = timm.create_model(av, reduction="tome")
-    r, _ = knobs.match_gmacs(tome.eval(), x, prof["gmacs"])
+    r, _ = budget.match_gmacs(tome.eval(), x, prof["gmacs"])
     return [dense, av, f"{av}:k={k}", f"{av}:reduction=random:keep_ratio={k / n:.4f}",
             f"{av}:reduction=tome:tome_r={r}", f"{av}:gmacs={aggressive}"]
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import statistics
 import time
@@ -23,29 +22,10 @@ from typing import Optional
 
 import timm
 import torch
-import yaml
 
+from .budget import apply_budget, parse_spec
 from .profile import profile
 from .train.checkpoint import load_weights
-
-BUDGET_KEYS = ("gmacs", "mean_k", "bias", "k")
-
-
-def parse_spec(spec: str) -> tuple[str, dict, dict]:
-    """``NAME[:key=value...]`` -> (name, model kwargs, budget)."""
-    name, *opts = spec.split(":")
-    kwargs, budget = {}, {}
-    for opt in opts:
-        key, sep, value = opt.partition("=")
-        if not sep or not key:
-            raise ValueError(f"model spec {spec!r}: expected NAME:key=value, got {opt!r}")
-        (budget if key in BUDGET_KEYS else kwargs)[key] = yaml.safe_load(value)
-    for key, v in budget.items():  # nan would calibrate to nothing and be silently ignored
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ValueError(f"model spec {spec!r}: {key}={v!r} is not a finite number")
-    if len(budget) > 1:
-        raise ValueError(f"model spec {spec!r}: give one budget of {', '.join(BUDGET_KEYS)}")
-    return name, kwargs, budget
 
 
 def mixed_batch(batch: int, chans: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -79,25 +59,8 @@ def build(spec: str, img_size: Optional[int], images: torch.Tensor, checkpoint: 
                 model(images)
         apply_budget(model.eval(), budget, images)
     elif budget:
-        raise ValueError(f"{spec}: a budget needs an AdaptiVision model with DTC")
+        raise ValueError(f"{spec}: a budget needs an AdaptiVision model with DTC (condense_at set)")
     return model.eval(), budget
-
-
-def apply_budget(model: torch.nn.Module, budget: dict, images: torch.Tensor, **forward_kwargs) -> None:
-    """``{'k': 64}``: one fixed K for every image; ``{'gmacs'|'mean_k'|'bias': v}``: calibrate
-    the per-image budget on ``images`` (:meth:`AdaptiVision.set_token_budget`; ``forward_kwargs``:
-    the guidance the model is evaluated with)."""
-    if not budget:
-        return
-    if not getattr(model, "dtc", None):
-        raise ValueError("a token budget needs an AdaptiVision model with DTC (condense_at set)")
-    if "k" in budget:
-        dtc = next(iter(model.dtc.values()))
-        if not dtc.k_min <= int(budget["k"]) <= dtc.k_max:
-            raise ValueError(f"k={budget['k']} is outside this model's range [{dtc.k_min}, {dtc.k_max}]")
-        dtc.dynamic, dtc.fixed_k = False, int(budget["k"])
-    else:
-        model.set_token_budget(images, **{k: float(v) for k, v in budget.items()}, **forward_kwargs)
 
 
 def _autocast(amp, device: torch.device):

@@ -7,6 +7,7 @@ import sys
 
 import torch
 
+from .budget import apply_budget, parse_budget
 from .experiments.registry import EXPERIMENTS, SCALES
 
 
@@ -44,10 +45,7 @@ def _eval(args) -> int:
         raise ValueError(f"--guidance-mode {args.guidance_mode}: {args.checkpoint} was trained without guidance")
     budget = None
     if args.budget:
-        from .benchmark import parse_spec
-        _, _, budget = parse_spec("model:" + args.budget)
-        if not budget:
-            raise ValueError(f"--budget {args.budget!r}: expected gmacs=, mean_k=, bias= or k=")
+        budget = parse_budget(args.budget)
     if args.data_dir is not None:
         cfg.data_dir = args.data_dir
     if args.dataset is not None and args.dataset != cfg.dataset:
@@ -56,7 +54,6 @@ def _eval(args) -> int:
     model.to(d.device)
     ds = build_eval_dataset(cfg, model, args.dataset, args.data_dir)
     if budget:  # calibrated on the first evaluation images, then fixed for the whole set
-        from .benchmark import apply_budget
         from .data import collate_skip as _collate
         xb, _, _ = _collate([ds[i] for i in range(min(256, len(ds)))])
         xb = xb.to(d.device)
@@ -164,10 +161,7 @@ def _segment(args) -> int:
 
     from .dense import run as seg
     if args.checkpoint:
-        budget = None
-        if args.budget:
-            key, _, value = args.budget.partition("=")
-            budget = {key: yaml.safe_load(value)}
+        budget = parse_budget(args.budget) if args.budget else None
         print(json.dumps(seg.evaluate(args.checkpoint, args.data_dir, args.eval_size, budget), indent=1))
         return 0
     kwargs = {}

@@ -7,33 +7,12 @@ stays dynamic.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
-
-@contextlib.contextmanager
-def fixed_k(model: nn.Module, k: Optional[int]):
-    """Temporarily run every DTC stage of ``model`` with one K (the first stage gets ``k``,
-    later stages keep their own fixed K or k_max)."""
-    stages = list(getattr(model, "dtc", {}).values()) if hasattr(model, "dtc") else []
-    saved = [(s.dynamic, s.fixed_k) for s in stages]
-    try:
-        for i, s in enumerate(stages):
-            if k is not None and i == 0:
-                if not s.k_min <= k <= s.k_max:
-                    raise ValueError(f"fixed_k={k} is outside the model's range [{s.k_min}, {s.k_max}]")
-                s.fixed_k = int(k)
-            elif s.dynamic and s.fixed_k is None:
-                raise ValueError("ONNX export needs one K per DTC stage: pass fixed_k= (first stage) or build "
-                                 "the model with dynamic=False")
-            s.dynamic = False
-        yield model
-    finally:
-        for s, (dyn, fk) in zip(stages, saved, strict=True):
-            s.dynamic, s.fixed_k = dyn, fk
+from .budget import fixed_k
 
 
 def export_onnx(model: nn.Module, path: str, k: Optional[int] = None, batch: int = 2,

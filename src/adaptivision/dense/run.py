@@ -12,6 +12,7 @@ from typing import Callable, Optional
 import timm
 import torch
 
+from ..budget import apply_budget
 from ..train.checkpoint import load_weights, save_weights
 from .segmenter import Segmenter
 from .train import evaluate_segmenter, train_segmenter
@@ -84,10 +85,5 @@ def evaluate(checkpoint: str, data_dir: Optional[str] = None, eval_size: Optiona
     load_weights(seg, checkpoint)
     _, ev, classes = datasets(spec["dataset"], data_dir, spec["img_size"], eval_size)
     if budget:
-        from ..benchmark import apply_budget
-        from ..experiments.knobs import set_knob
-        if "tome_r" in budget or "keep_ratio" in budget:
-            set_knob(seg.backbone, next(iter(budget.values())))
-        else:
-            apply_budget(seg.backbone.eval(), budget, torch.stack([ev[i][0] for i in range(min(64, len(ev)))]))
+        apply_budget(seg.backbone.eval(), budget, torch.stack([ev[i][0] for i in range(min(64, len(ev)))]))
     return evaluate_segmenter(seg, ev, len(classes))

@@ -20,12 +20,12 @@ from typing import Callable, Optional
 import timm
 import torch
 
+from .. import budget
 from ..config import CLUSTERING, ModelOptions
 from ..data import collate_skip
 from ..guidance import MODES
 from ..profile import profile
 from ..train import TrainConfig, engine
-from . import knobs
 from .registry import BUDGETS, FULL_EPOCHS, SCALES, Cell, Experiment, get
 
 SMALL_MODELS = {"fashion-mnist": "adaptivision_nano_patch4_28", "cifar10": "adaptivision_nano_patch4_32",
@@ -134,7 +134,7 @@ class Runner:
             ref.setdefault("clustering", "paper")
             dtc = engine.create_model(dict(spec, kwargs=ref))
             self._dtc_gmacs = profile(dtc, x)["gmacs"]
-        knob, gmacs = knobs.match_gmacs(model, x, self._dtc_gmacs)
+        knob, gmacs = budget.match_gmacs(model, x, self._dtc_gmacs)
         name = "tome_r" if kwargs.get("reduction") == "tome" else "keep_ratio"
         return dict(kwargs, **{name: knob}), dict(knob=name, knob_value=knob, matched_to=self._dtc_gmacs,
                                                   gmacs_at_init=gmacs)
@@ -231,8 +231,8 @@ class Runner:
             model, cfg, guide = self._load(run["run_dir"])
             run["points"] = []
             for b in BUDGETS.get(red, []):
-                value = knobs.tome_r(model, b) if red == "tome" else b
-                knobs.set_knob(model, value)
+                value = budget.tome_r(model, b) if red == "tome" else b
+                budget.set_knob(model, value)
                 res = self._eval(model, cfg, guide=guide)
                 run["points"].append(dict(knob=value, gmacs=res["gmacs"], top1=res["top1"], top5=res["top5"]))
                 self.log(f"[figure1a] {entry['label']} seed {run['seed']} knob {value}: "

@@ -26,6 +26,7 @@ from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.checkpoint import checkpoint
 
+from .. import budget
 from ..config import ModelOptions
 from ..layers import make_afa_block
 from ..layers.stages import ClusterStage, FusionStage
@@ -307,68 +308,8 @@ class AdaptiVision(VisionTransformer):
         with torch.no_grad():
             self.forward_tokens(images, seeding=True, **forward_kwargs)
 
-    @torch.no_grad()
     def set_token_budget(self, images: Optional[torch.Tensor] = None, mean_k: Optional[float] = None,
                          gmacs: Optional[float] = None, bias: Optional[float] = None, **forward_kwargs) -> float:
-        """Set the inference budget of the first DTC stage; returns the bias it chose.
-
-        ``bias``: set the knob directly. ``mean_k``: mean K over ``images``. ``gmacs``: mean GMACs
-        per image over ``images`` (measured with :func:`adaptivision.profile`). With
-        ``dynamic=False`` the knob is the fixed K itself.
-        """
-        if sum(v is not None for v in (mean_k, gmacs, bias)) != 1:
-            raise ValueError("set_token_budget takes exactly one of mean_k=, gmacs=, bias=")
-        if not self.dtc:
-            raise ValueError("this model has no DTC stage (condense_at=None): there is no token budget")
-        dtc = next(iter(self.dtc.values()))
-        if bias is not None:
-            dtc.budget_bias = float(bias)
-            return dtc.budget_bias
-        if images is None:
-            raise ValueError("set_token_budget(mean_k=|gmacs=) calibrates on a batch: pass images=")
-        if mean_k is not None and not dtc.k_min <= mean_k <= dtc.k_max:
-            raise ValueError(f"mean_k={mean_k} is outside this model's range [{dtc.k_min}, {dtc.k_max}]")
-        from ..profile import profile  # late import: profile imports the layers, not the model
-
-        was_training = self.training
-        self.eval()
-        try:
-            if not dtc.dynamic:  # the knob is K itself: pick the allowed K closest to the request
-                step = dtc.k_step
-                cands = sorted({dtc.k_min, dtc.k_max, *range(-(-dtc.k_min // step) * step, dtc.k_max + 1, step)})
-
-                def cost(k):
-                    dtc.fixed_k = k
-                    return float(k) if mean_k is not None else profile(self, images, **forward_kwargs)["gmacs"]
-                target = mean_k if mean_k is not None else gmacs
-                dtc.fixed_k = min(cands, key=lambda k: abs(cost(k) - target))
-                return float(dtc.fixed_k)
-            if mean_k is not None:
-                dtc.budget_bias = 0.0
-                self.forward_features(images, **forward_kwargs)
-                score = dtc.last_score
-
-                def measure(b):
-                    return dtc.k_from_score(score, b).float().mean().item()
-                target = mean_k
-            else:
-                def measure(b):
-                    dtc.budget_bias = b
-                    return profile(self, images, **forward_kwargs)["gmacs"]
-                target = gmacs
-            lo, hi, best = -20.0, 20.0, None
-            for _ in range(30 if mean_k is not None else 12):  # 40 / 2**12 ~ 0.01 in bias
-                mid = (lo + hi) / 2
-                val = measure(mid)
-                if best is None or abs(val - target) < abs(best[1] - target):
-                    best = (mid, val)
-                lo, hi = (mid, hi) if val < target else (lo, mid)
-            if gmacs is not None and abs(best[1] - gmacs) > 0.05 * gmacs:  # never a silent miss
-                lo_g, hi_g = measure(-20.0), measure(20.0)
-                dtc.budget_bias = 0.0
-                raise ValueError(f"gmacs={gmacs} is out of this model's reach on these images: its K range "
-                                 f"[{dtc.k_min}, {dtc.k_max}] gives {lo_g:.4g} to {hi_g:.4g} GMACs")
-            dtc.budget_bias = best[0]
-            return best[0]
-        finally:
-            self.train(was_training)
+        """Set the inference budget of the first DTC stage by ``bias``, ``mean_k`` or ``gmacs``
+        over ``images``; returns the knob chosen (:func:`adaptivision.budget.set_token_budget`)."""
+        return budget.set_token_budget(self, images, mean_k, gmacs, bias, **forward_kwargs)
