@@ -1,4 +1,5 @@
-"""One budget module (issue 12): parse a budget, apply it to any model, match GMACs by one search."""
+"""One budget module and one timing module (issue 12): parse a budget, apply it to any model, match
+GMACs by one search; one meaning of amp."""
 import pytest
 import timm
 import torch
@@ -52,3 +53,17 @@ def test_apply_budget_sets_the_baselines_knobs_and_refuses_dense():
         budget.apply_budget(dense, {"gmacs": 0.02}, torch.zeros(2, 1, 28, 28))
     with pytest.raises(ValueError, match="no budget knob"):
         budget.apply_budget(dense, {"tome_r": 3}, None)
+
+
+def test_one_meaning_of_amp():
+    """timing.resolve_amp is the one place that says what ``amp`` means (issue 12: the two
+    autocast helpers disagreed on 'auto' on CPU)."""
+    from adaptivision.timing import resolve_amp
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [resolve_amp(a, cpu) for a in ("auto", True, False, None, "none", "bf16")] == [
+        "none", "bf16", "none", "none", "none", "bf16"]
+    assert [resolve_amp(a, cuda) for a in ("auto", True, "fp16", "bf16")] == ["fp16", "fp16", "fp16", "bf16"]
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        resolve_amp("fp16", cpu)
+    with pytest.raises(ValueError, match="Invalid value for 'amp'"):
+        resolve_amp("fp8", cpu)

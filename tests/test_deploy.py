@@ -104,7 +104,7 @@ def test_benchmark_train_times_real_updates(tmp_path):
     """--train times forward + backward + optimizer step: the step really changes the weights."""
     import timm
 
-    from adaptivision.benchmark import train_step
+    from adaptivision.timing import train_step
     model = timm.create_model("adaptivision_nano_patch4_28", embed_dim=32, depth=2, num_heads=2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     train_step(model, torch.randn(4, 1, 28, 28))(None)

@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import statistics
-import time
 from typing import Optional
 
 import timm
@@ -25,6 +24,7 @@ import torch
 
 from .budget import apply_budget, parse_spec
 from .profile import profile
+from .timing import time_models, train_step
 from .train.checkpoint import load_weights
 
 
@@ -61,64 +61,6 @@ def build(spec: str, img_size: Optional[int], images: torch.Tensor, checkpoint: 
     elif budget:
         raise ValueError(f"{spec}: a budget needs an AdaptiVision model with DTC (condense_at set)")
     return model.eval(), budget
-
-
-def _autocast(amp, device: torch.device):
-    """amp: False/'none' (fp32), True/'auto' (fp16 on CUDA, bf16 on CPU), 'bf16' or 'fp16'."""
-    if amp in (False, None, "none"):
-        return contextlib.nullcontext()
-    if amp in (True, "auto"):
-        amp = "fp16" if device.type == "cuda" else "bf16"
-    return torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16)
-
-
-def train_step(model: torch.nn.Module, x: torch.Tensor, amp=False):
-    """A closure that runs one training update of ``model`` on ``x``: forward (in training mode,
-    with the auxiliary terms AdaptiVision returns), cross-entropy, backward, AdamW step."""
-    from .models import AdaptiVision
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    y = torch.arange(x.shape[0], device=x.device) % model.num_classes
-    aux = isinstance(model, AdaptiVision)
-
-    def step(_):
-        with _autocast(amp, x.device):
-            out = model(x, return_aux=True)[0] if aux else model(x)
-            loss = torch.nn.functional.cross_entropy(out.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return step
-
-
-def time_models(models: list, x: torch.Tensor, warmup: int = 3, rounds: int = 15, amp=False,
-                steps: Optional[list] = None) -> list:
-    """Per-batch seconds of each model, interleaved: round r times every model once.
-    ``steps``: one callable per model to time instead of its inference forward (training)."""
-    dev = x.device
-    run = dict(zip(map(id, models), steps, strict=True)) if steps else {}
-
-    def once(m):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        if id(m) in run:
-            run[id(m)](x)
-        else:
-            with _autocast(amp, dev), torch.inference_mode():
-                m(x)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
-
-    for _ in range(warmup):
-        for m in models:
-            once(m)
-    times = [[] for _ in models]
-    for _ in range(rounds):
-        for i, m in enumerate(models):
-            times[i].append(once(m))
-    return times
 
 
 def benchmark(specs: list, img_size: Optional[int] = None, batch_size: int = 64, device: str = "cpu",

@@ -25,6 +25,7 @@ from ..config import CLUSTERING, ModelOptions
 from ..data import collate_skip
 from ..guidance import MODES
 from ..profile import profile
+from ..timing import time_models
 from ..train import TrainConfig, engine
 from .registry import BUDGETS, FULL_EPOCHS, SCALES, Cell, Experiment, get
 
@@ -280,24 +281,13 @@ class Runner:
                 model = timm.create_model(self.base.model, img_size=size, **kwargs).eval()
                 x = torch.randn(batch, c, size, size)
                 prof = profile(model, x)
-                times = _time(model, x, 3 if self.scale == "smoke" else 7)
+                times = time_models([model], x, warmup=1, rounds=3 if self.scale == "smoke" else 7)[0]
                 entry["points"].append(dict(img_size=size, tokens=model.patch_embed.num_patches, gmacs=prof["gmacs"],
                                             ms_per_image=1e3 * statistics.median(times) / batch))
                 self.log(f"[theorem1] {cell.label} {size}px: {prof['gmacs']:.4f} GMACs, "
                          f"{entry['points'][-1]['ms_per_image']:.2f} ms/image")
             entries.append(entry)
         return entries
-
-
-@torch.inference_mode()
-def _time(model, x, repeats: int) -> list:
-    model(x)
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        model(x)
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def run_experiment(name: str, out: str = "experiments", scale: str = "small", dataset: str = "fashion-mnist",

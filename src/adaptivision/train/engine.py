@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import random
-import statistics
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -35,6 +34,7 @@ from ..models import AdaptiVision
 from ..objective import AdaptiVisionLoss
 from ..profile import profile
 from ..provenance import provenance
+from ..timing import autocast, resolve_amp, throughput
 from .checkpoint import (
     CheckpointManager,
     load_pretrained,
@@ -177,12 +177,6 @@ def eval_loader(ds, cfg: TrainConfig, d: Dist) -> DataLoader:
 
 
 # --- evaluation and measurement ---------------------------------------------------------------------
-def _autocast(amp: str, device: torch.device):
-    if amp == "none":
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, d: Dist, amp: str = "none",
              class_indices: Optional[list] = None, guide: Optional[Guidance] = None,
@@ -198,7 +192,7 @@ def evaluate(model: nn.Module, loader: DataLoader, d: Dist, amp: str = "none",
         if x is None:
             continue
         x, y = x.to(d.device), y.to(d.device)
-        with _autocast(amp, d.device):
+        with autocast(amp, d.device):
             logits = model(x, **guidance_kwargs(guide, x, guidance_mode)).float()
         if idx is not None:
             logits = logits[:, idx]
@@ -215,18 +209,6 @@ def evaluate(model: nn.Module, loader: DataLoader, d: Dist, amp: str = "none",
 
 
 @torch.inference_mode()
-def throughput(model: nn.Module, input_size: tuple, batch: int, device: torch.device,
-               warmup: int = 3, repeats: int = 10, amp: str = "none") -> dict:
-    """timm-benchmark style: inference mode, warm-up, fixed batch; median images/s of repeats."""
-    from ..benchmark import time_models  # late: benchmark imports the train package
-    model.eval()
-    x = torch.randn(batch, *input_size, device=device)
-    times = time_models([model], x, warmup, repeats, amp)[0]
-    med = statistics.median(times)
-    return dict(img_per_s=batch / med, batch=batch, repeats=repeats,
-                spread=(batch / max(times), batch / min(times)))
-
-
 def measure(model: nn.Module, images: torch.Tensor, batch: int, device: torch.device, repeats: int = 10,
             guide: Optional[Guidance] = None) -> dict:
     """Params (M), mean GMACs over ``images`` (each with its own K, CMTF counted with the
@@ -242,14 +224,6 @@ def measure(model: nn.Module, images: torch.Tensor, batch: int, device: torch.de
 # --- training -----------------------------------------------------------------------------------------
 class NonFiniteLoss(FloatingPointError):
     pass
-
-
-def _resolve_amp(cfg: TrainConfig, device: torch.device) -> str:
-    if cfg.amp == "auto":  # bf16 autocast measured 7x slower than fp32 on this CPU kind: off on CPU
-        return "fp16" if device.type == "cuda" else "none"
-    if cfg.amp == "fp16" and device.type != "cuda":
-        raise ValueError("amp='fp16' needs a CUDA device; use amp='bf16' or 'none' on CPU")
-    return cfg.amp
 
 
 def train_phase(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bool = False,
@@ -311,7 +285,7 @@ def train_phase(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bo
                                    warmup_lr=cfg.warmup_lr, warmup_epochs=warmup,
                                    decay_epochs=max(cfg.epochs / 3, 1), step_on_epochs=False,
                                    updates_per_epoch=updates_per_epoch)
-    amp = _resolve_amp(cfg, d.device)
+    amp = resolve_amp(cfg.amp, d.device)
     scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
     mixup = (Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
                    num_classes=num_classes) if (cfg.mixup or cfg.cutmix) else None)
@@ -368,7 +342,7 @@ def train_phase(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bo
             if mixup is not None:
                 x, target = mixup(x, y)
             gin = guide(x, y, train=True) if guide is not None else None  # (of the mixed images, under mixup)
-            with _autocast(amp, d.device):
+            with autocast(amp, d.device):
                 out = net(x, return_aux=True, **(gin.model_kwargs() if gin else {})) if returns_aux else net(x)
                 logits, aux = out if returns_aux else (out, None)
                 terms = criterion(logits.float(), target, aux, gin.align_targets if gin else None, y)
