@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from adaptivision.checkpoint import load_weights
 from adaptivision.cli import main
 from adaptivision.train import TrainConfig, engine
-from adaptivision.train.checkpoint import load_weights
 from fixtures import make_fmnist
 
 TINY = "model_kwargs={embed_dim: 32, depth: 2, num_heads: 2}"
@@ -194,7 +194,7 @@ def test_an_existing_run_is_never_overwritten(fmnist, tmp_path, capsys):
 
 def test_a_run_directory_in_use_is_refused(fmnist, tmp_path, capsys):
     """A second train into a directory that a running job holds stops at once and writes nothing."""
-    from adaptivision.train.checkpoint import run_lock
+    from adaptivision.checkpoint import run_lock
     args = ["train", "--data-dir", fmnist, "--output", str(tmp_path), "--name", "busy", "--epochs", "1",
             "compare_dense=false", *QUICK]
     with run_lock(str(tmp_path / "busy")):

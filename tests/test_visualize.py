@@ -7,8 +7,8 @@ import timm
 import torch
 from PIL import Image
 
+from adaptivision.checkpoint import save_weights
 from adaptivision.cli import main
-from adaptivision.train.checkpoint import save_weights
 from adaptivision.visualize import clustering
 from conftest import textured_and_flat, tiny_model
 from fixtures import make_fmnist

@@ -9,6 +9,7 @@ from .config import ModelOptions
 from .models import AdaptiVision, from_timm
 from .objective import AdaptiVisionLoss, align_loss, cluster_loss
 from .profile import profile
+from .version import __version__
 
-__version__ = "0.1.0"
-__all__ = ["AdaptiVision", "AdaptiVisionLoss", "ModelOptions", "align_loss", "cluster_loss", "from_timm", "profile"]
+__all__ = ["AdaptiVision", "AdaptiVisionLoss", "ModelOptions", "__version__", "align_loss", "cluster_loss", "from_timm",
+           "profile"]

@@ -23,9 +23,9 @@ import timm
 import torch
 
 from .budget import apply_budget, parse_spec
+from .checkpoint import load_weights
 from .profile import profile
 from .timing import time_models, train_step
-from .train.checkpoint import load_weights
 
 
 def mixed_batch(batch: int, chans: int, size: int, seed: int = 0) -> torch.Tensor:

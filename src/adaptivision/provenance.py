@@ -14,7 +14,7 @@ from typing import Optional
 import timm
 import torch
 
-from . import __version__
+from .version import __version__
 
 
 def git_commit() -> Optional[str]:

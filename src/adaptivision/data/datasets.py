@@ -24,6 +24,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from ..config import unknown_key_error
+
 DATASETS = ("fashion-mnist", "cifar10", "cifar100", "tinyimagenet", "imagenet", "chestxray",
             "imagenet-a", "imagenet-r", "folder")
 FMNIST_DEBIAN = "/usr/share/datasets/fashion-mnist"
@@ -238,7 +240,6 @@ def build_dataset(name: str, root: Optional[str], train: bool, transform: Option
         if train:
             raise ValueError(f"{name} is an evaluation-only data set")
         return imagenet_subset(name, root, transform, mode, strict)
-    from ..config import unknown_key_error
     raise unknown_key_error(name, DATASETS, "dataset")
 
 

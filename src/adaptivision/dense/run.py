@@ -11,9 +11,13 @@ from typing import Callable, Optional
 
 import timm
 import torch
+from torch.utils.data import Subset
 
 from ..budget import apply_budget
-from ..train.checkpoint import load_weights, save_weights
+from ..checkpoint import load_weights, save_weights
+from ..data.datasets import fashion_mnist
+from ..data.mosaic import MOSAIC_CLASSES, FashionMosaics
+from ..data.segmentation import build_segmentation
 from .segmenter import Segmenter
 from .train import evaluate_segmenter, train_segmenter
 
@@ -24,14 +28,9 @@ DEFAULTS = {"mosaic": ("adaptivision_nano_patch4_28", 56), "ade20k": ("adaptivis
 def datasets(name: str, data_dir: Optional[str], img_size: int, eval_size: Optional[int]):
     """(train, eval, classes) for a segmentation data set."""
     if name == "mosaic":
-        from ..data.datasets import fashion_mnist
-        from ..data.mosaic import MOSAIC_CLASSES, FashionMosaics
         tr = FashionMosaics(fashion_mnist(data_dir, train=True), length=100_000, canvas=img_size, seed=1)
         ev = FashionMosaics(fashion_mnist(data_dir, train=False), length=eval_size or 500, canvas=img_size, seed=2)
         return tr, ev, MOSAIC_CLASSES
-    from torch.utils.data import Subset
-
-    from ..data.segmentation import build_segmentation
     tr = build_segmentation(name, data_dir, True, img_size)
     ev = build_segmentation(name, data_dir, False, img_size)
     classes = ev.classes

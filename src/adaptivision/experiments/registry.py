@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ..config import unknown_key_error
+
 SCALES = ("smoke", "small", "default", "full", "paper")
 FULL_EPOCHS = 10  # the plateau scale (issue 14): the dense nano ViT gains < 0.3 points over its last two epochs
 
@@ -142,6 +144,5 @@ BUDGETS = {"dtc": [-4.0, -2.0, 0.0, 2.0, 4.0], "tome": [0.2, 0.4, 0.6, 0.8, 1.0]
 
 def get(name: str) -> Experiment:
     if name not in EXPERIMENTS:
-        from ..config import unknown_key_error
         raise unknown_key_error(name, EXPERIMENTS, "experiment")
     return EXPERIMENTS[name]

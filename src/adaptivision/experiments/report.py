@@ -8,6 +8,12 @@ import os
 import statistics
 from typing import Optional
 
+import torch
+from timm.data import resolve_data_config
+
+from ..train.engine import build_eval_dataset, guidance_kwargs, load_for_eval, load_guidance
+from ..visualize import visualize
+
 MISSING = "—"
 
 
@@ -163,11 +169,6 @@ def _pictures(rec: dict, exp_dir: str, out: str, name: str, notes: list, num: in
             if not os.path.isfile(ckpt):
                 continue
             try:
-                import torch
-                from timm.data import resolve_data_config
-
-                from ..train.engine import build_eval_dataset, guidance_kwargs, load_for_eval, load_guidance
-                from ..visualize import visualize
                 model, cfg = load_for_eval(ckpt)
                 ds = build_eval_dataset(cfg, model)
                 xs = torch.stack([ds[i][0] for i in range(min(num, len(ds)))])

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import yaml
 
-from ..config import unknown_key_error
+from ..config import ModelOptions, unknown_key_error
 from ..data.datasets import DATASETS
 from ..guidance.provider import parse_sources
 
@@ -130,7 +130,6 @@ class TrainConfig:
         check(self.limit_train is None or self.limit_train >= 1, "limit_train", "None or >= 1")
         check(self.limit_eval is None or self.limit_eval >= 1, "limit_eval", "None or >= 1")
         check(isinstance(self.model_kwargs, dict), "model_kwargs", "a mapping")
-        from ..config import ModelOptions
         defaults = {f.name: f.default for f in fields(ModelOptions)}
         for k, v in self.model_kwargs.items():
             # timm.create_model drops None-valued arguments: `condense_at: null` would silently mean

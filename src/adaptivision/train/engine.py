@@ -28,14 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
-from ..data.datasets import build_dataset, collate_skip
-from ..guidance import Guidance, class_embeddings, parse_sources
-from ..models import AdaptiVision
-from ..objective import AdaptiVisionLoss
-from ..profile import profile
-from ..provenance import provenance
-from ..timing import autocast, resolve_amp, throughput
-from .checkpoint import (
+from ..checkpoint import (
     CheckpointManager,
     load_pretrained,
     load_weights,
@@ -45,6 +38,13 @@ from .checkpoint import (
     save_weights,
     set_rng_state,
 )
+from ..data.datasets import build_dataset, collate_skip
+from ..guidance import Guidance, class_embeddings, parse_sources
+from ..models import AdaptiVision
+from ..objective import AdaptiVisionLoss
+from ..profile import profile
+from ..provenance import provenance
+from ..timing import autocast, resolve_amp, throughput
 from .config import TrainConfig
 
 DENSE_KWARGS = dict(condense_at=False, afa=False, cmtf=False)

@@ -23,6 +23,8 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from .models.from_timm import is_added
+
 
 def _atomic(path: str, write) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
@@ -80,8 +82,6 @@ def load_pretrained(model: nn.Module, path: str) -> list:
     AdaptiVision adds (DTC, AFA's f_m, CMTF) start fresh, and a classifier of another size is
     left out (timm does the same). Anything else that does not fit raises, naming the keys.
     Returns notes on what was not loaded."""
-    from ..models.from_timm import is_added  # late: the model package is not needed to save weights
-
     state, own, notes = read_weights(path), model.state_dict(), []
     head = sorted(k for k in state if k.startswith("head.") and k in own and state[k].shape != own[k].shape)
     if head:
