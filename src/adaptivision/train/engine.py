@@ -12,7 +12,7 @@ import os
 import random
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import timm
@@ -226,9 +226,47 @@ class NonFiniteLoss(FloatingPointError):
     pass
 
 
-def train_phase(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bool = False,
-                stop_after: Optional[int] = None, log=print) -> Optional[dict]:
-    """Train one model into ``run_dir``; returns its results, or None if stopped early."""
+@dataclass
+class Session:
+    """Everything one training run holds (built by :func:`setup`, advanced by the loop of :func:`fit`)."""
+
+    cfg: TrainConfig
+    d: Dist
+    run_dir: str
+    dense: bool
+    log: Callable
+    model: nn.Module
+    net: nn.Module                      # the model, or its DDP wrapper
+    spec: dict
+    guide: Optional[Guidance]
+    eval_ds: object
+    sampler: DistributedSampler
+    loader: DataLoader
+    optimizer: torch.optim.Optimizer
+    sched: object
+    scaler: Optional[torch.amp.GradScaler]
+    amp: str
+    mixup: Optional[Mixup]
+    criterion: AdaptiVisionLoss
+    ema: Optional[ModelEmaV3]
+    ckpt: CheckpointManager
+    writer: object
+    updates_per_epoch: int
+    start_epoch: int = 0
+    num_updates: int = 0
+    best: float = -1.0
+
+    @property
+    def name(self) -> str:
+        return "dense" if self.dense else "model"
+
+    @property
+    def metrics_path(self) -> str:
+        return os.path.join(self.run_dir, "metrics.jsonl")
+
+
+def setup(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bool = False, log=print) -> Session:
+    """Data, model (seeded centroids), optimizer, schedule, AMP, EMA, loss, resumed state, DDP."""
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)  # timm's Mixup / CutMix draw from numpy's global generator
@@ -290,11 +328,10 @@ def train_phase(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bo
     mixup = (Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
                    num_classes=num_classes) if (cfg.mixup or cfg.cutmix) else None)
     base = SoftTargetCrossEntropy() if mixup else nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    # every AdaptiVision model returns its auxiliary terms: DTC's cluster terms, and the training loss
-    # of a baseline (DynamicViT's ratio loss with reduction='importance'), whatever the reduction
-    returns_aux = isinstance(model, AdaptiVision)
-    # the dense comparison has no clustering and no guidance: its objective is the task loss
-    criterion = AdaptiVisionLoss(cfg.lambda_cluster if returns_aux and model.dtc else 0.0,
+    # one objective for every model: every AdaptiVision model returns its auxiliary terms (DTC's
+    # cluster terms, a baseline's own loss such as DynamicViT's ratio loss); the dense comparison
+    # has no clustering and no guidance, and its aux is None
+    criterion = AdaptiVisionLoss(cfg.lambda_cluster if isinstance(model, AdaptiVision) and model.dtc else 0.0,
                                  cfg.lambda_align if guide else 0.0,
                                  cfg.align_temperature,
                                  cfg.detach_tokens, base)
@@ -314,104 +351,141 @@ def train_phase(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bo
     net = DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
                                   find_unused_parameters=bool(guide is not None and cfg.guidance_dropout > 0)) \
         if d.world > 1 else model
-    writer = _tensorboard(run_dir) if d.main else None
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    epochs_run, t_train = 0, 0.0
-    result = None
-    epoch_bar = tqdm(range(start_epoch, cfg.epochs), desc=f"{'dense' if dense else 'model'} epochs",
+    return Session(cfg, d, run_dir, dense, log, model, net, spec, guide, eval_ds, sampler, loader, optimizer, sched,
+                   scaler, amp, mixup, criterion, ema, ckpt, _tensorboard(run_dir) if d.main else None,
+                   updates_per_epoch, start_epoch, num_updates, best)
+
+
+def forward_loss(s: Session, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The objective, computed the same way for every model: logits and eq. 12's terms."""
+    target = y
+    if s.mixup is not None:
+        x, target = s.mixup(x, y)
+    gin = s.guide(x, y, train=True) if s.guide is not None else None  # (of the mixed images, under mixup)
+    returns_aux = isinstance(s.model, AdaptiVision)
+    with autocast(s.amp, s.d.device):
+        out = s.net(x, return_aux=True, **(gin.model_kwargs() if gin else {})) if returns_aux else s.net(x)
+        logits, aux = out if returns_aux else (out, None)
+        terms = s.criterion(logits.float(), target, aux, gin.align_targets if gin else None, y)
+    return logits, terms
+
+
+def _update(s: Session, epoch: int, step: int) -> None:
+    """One optimizer update (after ``accum_steps`` backward passes): clip / check, step, schedule, EMA."""
+    cfg, optimizer, scaler = s.cfg, s.optimizer, s.scaler
+    if scaler and cfg.clip_grad:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(s.model.parameters(), cfg.clip_grad)
+    elif not scaler:  # (the fp16 scaler skips inf steps by design) a NaN gradient would
+        # poison the weights while the loss can stay finite: stop before the update
+        gnorm = nn.utils.clip_grad_norm_(s.model.parameters(), cfg.clip_grad or float("inf"))
+        if not torch.isfinite(gnorm):
+            _stop_non_finite("non-finite gradient", epoch, step, s.model, s.ckpt, s.d)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    s.num_updates += 1
+    if s.sched is not None:
+        s.sched.step_update(s.num_updates)
+    if s.ema is not None:
+        s.ema.update(s.model, step=s.num_updates)
+
+
+def train_one_epoch(s: Session, epoch: int) -> dict:
+    """One pass over the training set; returns images seen, correct, skipped and the seconds."""
+    cfg, d = s.cfg, s.d
+    s.sampler.set_epoch(epoch)
+    s.net.train()
+    t0 = time.perf_counter()
+    seen = correct = skipped = 0
+    loss_avg = None
+    bar = tqdm(s.loader, desc=f"{s.name} epoch {epoch + 1}/{cfg.epochs}",
+               disable=not d.main, mininterval=2, position=1, leave=False, dynamic_ncols=True)
+    s.optimizer.zero_grad(set_to_none=True)
+    for step, (x, y, skip) in enumerate(bar):
+        skipped += skip
+        if x is None:
+            continue
+        x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+        if cfg.budget_warmup > 0 and isinstance(s.model, AdaptiVision):
+            set_budget_warmup(s.model, cfg, s.num_updates / s.updates_per_epoch)
+        logits, terms = forward_loss(s, x, y)
+        loss = terms["loss"]
+        if not torch.isfinite(loss):
+            _stop_non_finite(f"non-finite loss ({loss.item()})", epoch, step, s.model, s.ckpt, d)
+        (s.scaler.scale(loss / cfg.accum_steps) if s.scaler else loss / cfg.accum_steps).backward()
+        if (step + 1) % cfg.accum_steps == 0:
+            _update(s, epoch, step)
+        seen += len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
+        if d.main and (step % cfg.log_every == 0 or step == len(s.loader) - 1):
+            rate = seen * d.world / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{loss_avg:.3f}", acc=f"{100 * correct / max(seen, 1):.1f}", img_s=f"{rate:.0f}")
+            rec = dict(kind="step", epoch=epoch, step=step, updates=s.num_updates, loss=loss.item(),
+                       lr=s.optimizer.param_groups[0]["lr"], img_per_s=rate,
+                       **{k: v.item() for k, v in terms.items() if k != "loss"})
+            _log_metrics(s.metrics_path, s.writer, rec, s.num_updates)
+    if cfg.budget_warmup > 0 and isinstance(s.model, AdaptiVision):  # evaluate at the budget reached now
+        set_budget_warmup(s.model, cfg, epoch + 1)
+    return dict(seen=seen, correct=correct, skipped=skipped, seconds=time.perf_counter() - t0)
+
+
+def validate(s: Session) -> dict:
+    """The evaluation set on the unwrapped model (or its EMA): DDP's forward broadcasts buffers,
+    and ranks may hold unequal evaluation shards."""
+    return evaluate(s.ema.module if s.ema is not None else s.model, eval_loader(s.eval_ds, s.cfg, s.d), s.d,
+                    s.amp, getattr(s.eval_ds, "class_indices", None), s.guide)
+
+
+def end_epoch(s: Session, epoch: int, stats: dict, ev: dict) -> None:
+    """Log the epoch and save its checkpoint (rank 0)."""
+    seen, correct, skipped = _all_sum([stats["seen"], stats["correct"], stats["skipped"]], s.d)
+    rec = dict(kind="epoch", epoch=epoch, train_top1=100 * correct / max(seen, 1), train_skipped=int(skipped),
+               epoch_seconds=stats["seconds"], **{f"eval_{k}": v for k, v in ev.items()})
+    if not s.d.main:
+        return
+    _log_metrics(s.metrics_path, s.writer, rec, epoch + 1)
+    s.log(f"{s.name} epoch {epoch + 1}/{s.cfg.epochs}: eval top-1 {ev['top1']:.2f}% top-5 {ev['top5']:.2f}% "
+          f"({stats['seconds']:.0f}s, {skipped + ev['skipped']} unreadable images skipped)")
+    is_best = ev["top1"] > s.best
+    s.best = max(s.best, ev["top1"])
+    state = dict(epoch=epoch, num_updates=s.num_updates, best_top1=s.best, rng=rng_state(),
+                 optimizer=s.optimizer.state_dict(), eval=ev)
+    if s.scaler is not None:
+        state["scaler"] = s.scaler.state_dict()
+    if s.ema is not None:
+        state["ema"] = s.ema.module.state_dict()
+    s.ckpt.save(f"epoch-{epoch + 1:04d}", s.model, state, is_best)
+
+
+def fit(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bool = False,
+        stop_after: Optional[int] = None, log=print) -> Optional[dict]:
+    """Train one model into ``run_dir`` (setup, then per epoch: train, validate, checkpoint);
+    returns its results, or None if stopped after ``stop_after`` epochs of this call."""
+    s = setup(cfg, run_dir, dense, d, resume, log)
+    t_train, result = 0.0, None
+    epoch_bar = tqdm(range(s.start_epoch, cfg.epochs), desc=f"{s.name} epochs",
                      disable=not d.main, position=0, leave=False, dynamic_ncols=True)
-    for epoch in epoch_bar:
+    for epochs_run, epoch in enumerate(epoch_bar):
         if stop_after is not None and epochs_run >= stop_after:
             return None
-        sampler.set_epoch(epoch)
-        net.train()
-        t0 = time.perf_counter()
-        seen = correct = skipped = 0
-        loss_avg = None
-        bar = tqdm(loader, desc=f"{'dense' if dense else 'model'} epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not d.main, mininterval=2, position=1, leave=False, dynamic_ncols=True)
-        optimizer.zero_grad(set_to_none=True)
-        for step, (x, y, skip) in enumerate(bar):
-            skipped += skip
-            if x is None:
-                continue
-            x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
-            if cfg.budget_warmup > 0 and returns_aux:
-                set_budget_warmup(model, cfg, num_updates / updates_per_epoch)
-            target = y
-            if mixup is not None:
-                x, target = mixup(x, y)
-            gin = guide(x, y, train=True) if guide is not None else None  # (of the mixed images, under mixup)
-            with autocast(amp, d.device):
-                out = net(x, return_aux=True, **(gin.model_kwargs() if gin else {})) if returns_aux else net(x)
-                logits, aux = out if returns_aux else (out, None)
-                terms = criterion(logits.float(), target, aux, gin.align_targets if gin else None, y)
-            loss = terms["loss"]
-            if not torch.isfinite(loss):
-                _stop_non_finite(f"non-finite loss ({loss.item()})", epoch, step, model, ckpt, d)
-            (scaler.scale(loss / cfg.accum_steps) if scaler else loss / cfg.accum_steps).backward()
-            if (step + 1) % cfg.accum_steps == 0:
-                if scaler and cfg.clip_grad:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-                elif not scaler:  # (the fp16 scaler skips inf steps by design) a NaN gradient would
-                    # poison the weights while the loss can stay finite: stop before the update
-                    gnorm = nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad or float("inf"))
-                    if not torch.isfinite(gnorm):
-                        _stop_non_finite("non-finite gradient", epoch, step, model, ckpt, d)
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                num_updates += 1
-                if sched is not None:
-                    sched.step_update(num_updates)
-                if ema is not None:
-                    ema.update(model, step=num_updates)
-            seen += len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
-            if d.main and (step % cfg.log_every == 0 or step == len(loader) - 1):
-                rate = seen * d.world / (time.perf_counter() - t0)
-                bar.set_postfix(loss=f"{loss_avg:.3f}", acc=f"{100 * correct / max(seen, 1):.1f}", img_s=f"{rate:.0f}")
-                rec = dict(kind="step", epoch=epoch, step=step, updates=num_updates, loss=loss.item(),
-                           lr=optimizer.param_groups[0]["lr"], img_per_s=rate,
-                           **{k: v.item() for k, v in terms.items() if k != "loss"})
-                _log_metrics(metrics_path, writer, rec, num_updates)
-        if cfg.budget_warmup > 0 and returns_aux:  # evaluate at the budget reached at this epoch's end
-            set_budget_warmup(model, cfg, epoch + 1)
-        t_epoch = time.perf_counter() - t0
-        t_train += t_epoch
-        epochs_run += 1
-        # the unwrapped model: DDP's forward broadcasts buffers, and ranks may hold unequal eval shards
-        ev = evaluate(ema.module if ema is not None else model, eval_loader(eval_ds, cfg, d), d, amp,
-                      getattr(eval_ds, "class_indices", None), guide)
-        seen, correct, skipped = _all_sum([seen, correct, skipped], d)
-        rec = dict(kind="epoch", epoch=epoch, train_top1=100 * correct / max(seen, 1), train_skipped=int(skipped),
-                   epoch_seconds=t_epoch, **{f"eval_{k}": v for k, v in ev.items()})
+        stats = train_one_epoch(s, epoch)
+        t_train += stats["seconds"]
+        ev = validate(s)
+        end_epoch(s, epoch, stats, ev)
         if d.main:
-            _log_metrics(metrics_path, writer, rec, epoch + 1)
             epoch_bar.set_postfix(eval_top1=f"{ev['top1']:.2f}")
-            log(f"{'dense' if dense else 'model'} epoch {epoch + 1}/{cfg.epochs}: eval top-1 {ev['top1']:.2f}% "
-                f"top-5 {ev['top5']:.2f}% ({t_epoch:.0f}s, {skipped + ev['skipped']} unreadable images skipped)")
-            is_best = ev["top1"] > best
-            best = max(best, ev["top1"])
-            state = dict(epoch=epoch, num_updates=num_updates, best_top1=best, rng=rng_state(),
-                         optimizer=optimizer.state_dict(), eval=ev)
-            if scaler is not None:
-                state["scaler"] = scaler.state_dict()
-            if ema is not None:
-                state["ema"] = ema.module.state_dict()
-            ckpt.save(f"epoch-{epoch + 1:04d}", model, state, is_best)
-        result = dict(spec=spec, eval=ev, best_top1=best, train_seconds=t_train, epochs=cfg.epochs)
-    if writer is not None:
-        writer.close()
+        result = dict(spec=s.spec, eval=ev, best_top1=s.best, train_seconds=t_train, epochs=cfg.epochs)
+    if s.writer is not None:
+        s.writer.close()
     if result is None:  # everything was already done: report the saved state
-        st = ckpt.load_state(ckpt.latest()[0])
-        result = dict(spec=spec, eval=st["eval"], best_top1=st["best_top1"], train_seconds=None, epochs=cfg.epochs)
-    result["model"], result["guide"] = model, guide
+        st = s.ckpt.load_state(s.ckpt.latest()[0])
+        result = dict(spec=s.spec, eval=st["eval"], best_top1=st["best_top1"], train_seconds=None, epochs=cfg.epochs)
+    result["model"], result["guide"] = s.model, s.guide
     return result
 
 
@@ -512,7 +586,7 @@ def _run_phases(cfg: TrainConfig, run_dir: str, d: Dist, resume, stop_after, log
         phases.append(("dense", True))
     for label, dense in phases:
         sub = run_dir if not dense else os.path.join(run_dir, "dense")
-        r = train_phase(cfg, sub, dense, d, resume=bool(resume), stop_after=stop_after, log=log)
+        r = fit(cfg, sub, dense, d, resume=bool(resume), stop_after=stop_after, log=log)
         if r is None:
             return dict(stopped=True, run_dir=run_dir)
         results[label] = r
