@@ -1,14 +1,19 @@
 """With condensation, AFA and CMTF off the model is exactly a timm ViT (DESIGN.md §2); the
 forward path computes what it computed before its redesign (issue 12)."""
+import copy
+import inspect
 import json
 
 import pytest
 import timm
 import torch
-from timm.models.vision_transformer import VisionTransformer
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
 
 import forward_cases
 from adaptivision import AdaptiVision
+from adaptivision.layers import make_afa_block
+from adaptivision.reduction import EViTBlock, PolicyBlock, ToMeBlock, convert_block
 
 # timm.create_model drops None-valued kwargs, so "off" is spelled False through timm
 OFF = dict(condense_at=False, afa=False, cmtf=False)
@@ -66,3 +71,47 @@ def test_forward_outputs_are_those_before_the_redesign(case):
         flat = torch.tensor(value, dtype=torch.float64).flatten().tolist()
         assert torch.tensor(got[key], dtype=torch.float64).flatten().tolist() == pytest.approx(
             flat, rel=tol, abs=1e-5), f"{case}: {key}"
+
+
+def _timm_block(gated: bool) -> Block:
+    """A timm Block with every option the shared attention adaptation must honour: q/k norm,
+    the norm before the projection, LayerScale and (timm >= 1.0.28) the output gate."""
+    torch.manual_seed(0)
+    kwargs = dict(qk_norm=True, init_values=0.5)
+    if "scale_attn_norm" in inspect.signature(Block.__init__).parameters:
+        kwargs["scale_attn_norm"] = True
+    blk = Block(32, 4, qkv_bias=True, **kwargs).eval()
+    if gated:
+        blk.attn.gate = torch.nn.Linear(32, 32)
+    with torch.no_grad():  # norms away from identity, so that skipping one would show
+        for name, p in blk.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    return blk
+
+
+GATED = [False, True] if hasattr(Attention(8, 2), "gate") else [False]
+
+
+@pytest.mark.parametrize("gated", GATED)
+@pytest.mark.parametrize("neutral", ["afa-explicit", "afa-sdpa", "tome-r0", "evit-keep1", "dynamicvit-keep-all"])
+def test_every_adapted_block_equals_timms_at_its_neutral_setting(neutral, gated):
+    """One adaptation of timm's attention (layers/attention.py) serves AFA and the baselines; at
+    the setting where each changes nothing it must give timm's Block output exactly (issue 12)."""
+    ref = _timm_block(gated)
+    blk = copy.deepcopy(ref)
+    x = torch.randn(3, 10, 32)
+    with torch.no_grad():
+        want = ref(x)
+        if neutral.startswith("afa"):
+            make_afa_block(blk, max_tokens=10)  # v = 0 at init: M = 1
+            blk.attn.impl = neutral.split("-")[1]
+            got = blk(x, mass=torch.rand(3, 10) + 0.5)
+        elif neutral == "tome-r0":
+            got = convert_block(blk, ToMeBlock, r=0, num_prefix=1)(x)[0]
+        elif neutral == "evit-keep1":
+            got = convert_block(blk, EViTBlock, keep_ratio=1.0, num_prefix=1)(x)[0]
+        else:
+            got = convert_block(blk, PolicyBlock)(x, policy=torch.ones(3, 10))
+    tol = 1e-5 if neutral != "dynamicvit-keep-all" else 1e-4  # its masked softmax adds eps / T
+    assert torch.allclose(got, want, atol=tol), (got - want).abs().max()

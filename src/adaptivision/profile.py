@@ -17,6 +17,7 @@ import torch.nn as nn
 from timm.layers import Attention
 
 from .layers import AdaptiveFocusAttention, CrossModalTokenFusion, DynamicTokenClustering
+from .layers.attention import attn_width
 from .reduction import EViTBlock, ReducingBlock, ToMeBlock
 
 
@@ -32,14 +33,14 @@ def module_macs(m: nn.Module, args: tuple, kwargs: dict, out) -> int:
         return m.attention_macs(B, T)
     if isinstance(m, Attention):  # QK^T and AV
         B, T = args[0].shape[:2]
-        return 2 * B * T * T * m.attn_dim
+        return 2 * B * T * T * attn_width(m)
     if isinstance(m, ReducingBlock):  # it calls its attention's layers, not its forward
         B, T = args[0].shape[:2]
-        macs = 2 * B * T * T * m.attn.attn_dim
+        macs = 2 * B * T * T * attn_width(m.attn)
         if isinstance(m, ToMeBlock):  # bipartite matching: cosine scores of the two halves
             macs += B * (T // 2) * (T - T // 2) * m.attn.head_dim
         if isinstance(m, EViTBlock):  # [CLS] attention row, all heads
-            macs += B * T * m.attn.attn_dim
+            macs += B * T * attn_width(m.attn)
         return macs
     if isinstance(m, CrossModalTokenFusion):
         (s, g) = args[:2]

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from timm.layers import Attention, trunc_normal_
 from timm.models.vision_transformer import Block
 
+from .attention import attention_inputs, attention_output, attn_width
 from .tokens import Context, Group
 
 
@@ -87,11 +88,7 @@ class AdaptiveFocusAttention(Attention):
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
                 mass: Optional[torch.Tensor] = None) -> torch.Tensor:
-        B, T, _ = x.shape
-        H, d = self.num_heads, self.head_dim
-        gate = self.gate(x).sigmoid() if self.gate is not None else None
-        q, k, v = self.qkv(x).reshape(B, T, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, d)
-        q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v, gate = attention_inputs(self, x)                                   # 3 x (B, H, T, d)
         u, w = self.modulator(x, mass)                                              # (B, R, T) each
         if _use_sdpa(self.impl, q):
             # Q~ = [Q, u_1∘Q, ..., u_R∘Q], K~ = [K, v_1∘K, ...], so that Q~K~^T = (QK^T) ⊙ M
@@ -102,10 +99,7 @@ class AdaptiveFocusAttention(Attention):
                 dropout_p=self.attn_drop.p if self.training else 0.0)               # (B, H, T, d)
         else:
             out = self._explicit_chunked(q, k, v, u, w, attn_mask, is_causal)       # (B, H, T, d)
-        out = self.norm(out.transpose(1, 2).reshape(B, T, self.attn_dim))           # (B, T, H*d)
-        if gate is not None:
-            out = out * gate
-        return self.proj_drop(self.proj(out))
+        return attention_output(self, out, gate)                                    # (B, T, D)
 
     CHUNK_ELEMENTS = 3 * 2 ** 19  # logits per chunk (6 MiB fp32): cache-sized, measured best on CPU
 
@@ -143,7 +137,7 @@ class AdaptiveFocusAttention(Attention):
 
     def attention_macs(self, batch: int, tokens: int) -> int:
         """Multiply-accumulates of the attention products: Q~K~^T is (R+1) x QK^T, plus AV."""
-        return (self.modulator.rank + 2) * batch * tokens * tokens * self.attn_dim
+        return (self.modulator.rank + 2) * batch * tokens * tokens * attn_width(self)
 
 
 class AFABlock(Block):

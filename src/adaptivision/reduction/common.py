@@ -12,30 +12,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import Block
 
 from ..layers.tokens import Context, Group
-
-
-def qkv_heads(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v (B, H, T, d) of a timm ``Attention``, with its q/k norms applied."""
-    B, T, _ = x.shape
-    q, k, v = attn.qkv(x).reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    return attn.q_norm(q), attn.k_norm(k), v
-
-
-def attention_output(attn: Attention, out: torch.Tensor) -> torch.Tensor:
-    """(B, H, T, d) attention values -> the block's attention branch output (B, T, D)."""
-    B, H, T, d = out.shape
-    out = attn.norm(out.transpose(1, 2).reshape(B, T, H * d))
-    return attn.proj_drop(attn.proj(out))
-
-
-def sdpa(attn: Attention, q, k, v, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale,
-                                          dropout_p=attn.attn_drop.p if attn.training else 0.0)
 
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -11,15 +11,8 @@ import math
 
 import torch
 
-from .common import (
-    ReducingBlock,
-    attention_output,
-    convert_block,
-    gather_tokens,
-    keep_assignment,
-    qkv_heads,
-    sdpa,
-)
+from ..layers.attention import attention_inputs, attention_output, sdpa
+from .common import ReducingBlock, convert_block, gather_tokens, keep_assignment
 
 
 def fuse_inattentive(x: torch.Tensor, mass: torch.Tensor, cls_attn: torch.Tensor, keep: int, num_prefix: int = 1):
@@ -41,8 +34,8 @@ class EViTBlock(ReducingBlock):
     keep_ratio: float = 0.7
 
     def attend(self, x, bias):
-        q, k, v = qkv_heads(self.attn, x)                                            # (B, H, T, d)
-        out = attention_output(self.attn, sdpa(self.attn, q, k, v, bias))
+        q, k, v, gate = attention_inputs(self.attn, x)                               # (B, H, T, d)
+        out = attention_output(self.attn, sdpa(self.attn, q, k, v, bias), gate)
         logits = (q[:, :, :1] * self.attn.scale) @ k.transpose(-1, -2)               # (B, H, 1, T)
         if bias is not None:
             logits = logits + bias

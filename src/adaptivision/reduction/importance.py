@@ -16,8 +16,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
+from ..layers.attention import attention_inputs, attention_output
 from ..layers.tokens import Context, Group
-from .common import attention_output, convert_block, keep_tokens, qkv_heads
+from .common import convert_block, keep_tokens
 
 
 class KeepScorePredictor(nn.Module):
@@ -84,7 +85,7 @@ def policy_attention(attn, x: torch.Tensor, policy: torch.Tensor, bias: Optional
                      eps: float = 1e-6) -> torch.Tensor:
     """DynamicViT's masked softmax: keys with policy 0 get no attention (except from
     themselves), and the gradient reaches the policy. x (B, T, D), policy (B, T)."""
-    q, k, v = qkv_heads(attn, x)                                                     # (B, H, T, d)
+    q, k, v, gate = attention_inputs(attn, x)                                        # (B, H, T, d)
     logits = (q * attn.scale) @ k.transpose(-2, -1)                                  # (B, H, T, T)
     if bias is not None:
         logits = logits + bias
@@ -96,7 +97,7 @@ def policy_attention(attn, x: torch.Tensor, policy: torch.Tensor, bias: Optional
     w = (logits - logits.amax(-1, keepdim=True)).exp() * p
     w = (w + eps / T) / (w.sum(-1, keepdim=True) + eps)                              # (B, H, T, T)
     out = attn.attn_drop(w.to(v.dtype)) @ v                                          # (B, H, T, d)
-    return attention_output(attn, out)
+    return attention_output(attn, out, gate)
 
 
 class PolicyBlock(Block):

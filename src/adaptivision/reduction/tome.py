@@ -15,7 +15,8 @@ from typing import Optional
 
 import torch
 
-from .common import ReducingBlock, attention_output, convert_block, qkv_heads, sdpa
+from ..layers.attention import attention_inputs, attention_output, sdpa
+from .common import ReducingBlock, convert_block
 
 
 def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int = 1):
@@ -63,8 +64,8 @@ class ToMeBlock(ReducingBlock):
     r: int = 0
 
     def attend(self, x, bias):
-        q, k, v = qkv_heads(self.attn, x)                                            # (B, H, T, d)
-        return attention_output(self.attn, sdpa(self.attn, q, k, v, bias)), k.mean(1)  # metric (B, T, d)
+        q, k, v, gate = attention_inputs(self.attn, x)                               # (B, H, T, d)
+        return attention_output(self.attn, sdpa(self.attn, q, k, v, bias), gate), k.mean(1)  # metric (B, T, d)
 
     def reduce(self, x, mass, metric, track):
         merge = bipartite_soft_matching(metric, self.r, self.num_prefix)
