@@ -62,7 +62,10 @@ def test_forward_outputs_are_those_before_the_redesign(case):
     """Issue 12 promised the same outputs after the forward-path redesign: every registered model
     and every reduction, eval / seeded train / dense, against the snapshot of the old code."""
     with open(forward_cases.GOLDEN) as f:
-        want = json.load(f)["cases"][case]
+        record = json.load(f)
+    if record["timm"] != timm.__version__:  # initialisation draws differ between timm releases
+        pytest.skip(f"the snapshot was recorded with timm {record['timm']}, this is {timm.__version__}")
+    want = record["cases"][case]
     name, model, kwargs, mode = next(c for c in forward_cases.CASES if c[0] == case)
     got = forward_cases.outputs(name, model, kwargs, mode)
     assert got.keys() == want.keys()
