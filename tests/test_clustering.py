@@ -43,7 +43,7 @@ def test_hard_assignment_is_one_hot_forward_and_soft_backward():
 
 
 def test_per_image_centres_are_tokens_of_the_image_and_no_slot_starts_empty():
-    dtc = DynamicTokenClustering(8, 2, 6, k_step=1, centers="fps", hard=True, iters=0, assign_norm=False)
+    dtc = DynamicTokenClustering(8, k_min=2, k_max=6, k_step=1, centers="fps", hard=True, iters=0, assign_norm=False)
     z = torch.randn(4, 12, 8)
     s, m, a, zs, mu = dtc(z, torch.ones(4, 12), 6)
     assert mu.shape == (4, 6, 8)
@@ -58,7 +58,7 @@ def test_kmeans_steps_reduce_the_within_cluster_distance():
     z = torch.randn(2, 40, 8)
     costs = []
     for iters in (0, 1, 3):
-        dtc = DynamicTokenClustering(8, 2, 8, centers="fps", hard=True, iters=iters, assign_norm=False)
+        dtc = DynamicTokenClustering(8, k_min=2, k_max=8, centers="fps", hard=True, iters=iters, assign_norm=False)
         _, _, a, zs, mu = dtc(z, torch.ones(2, 40), 8)
         centre = torch.einsum("bnk,bnd->bkd", a, zs) / a.sum(1).unsqueeze(-1)  # the super-token in z space
         costs.append((a * torch.cdist(zs, centre).pow(2)).sum().item())

@@ -43,17 +43,40 @@ def test_second_stage_must_fit_in_the_first():
     with pytest.raises(ValueError, match="'k_max'"):
         tiny_model(condense_at=[0, 2], k_min=[4, 2], k_max=[16, 8])
     m = tiny_model(condense_at=[0, 2], k_min=[8, 2], k_max=[16, 8])
-    assert [s["k_max"] for s in m.opts.stages] == [16, 8]
+    assert [s.k_max for s in m.opts.stages] == [16, 8]
 
 
 def test_defaults_put_small_at_two_thirds_of_the_patches():
     m = timm.create_model("adaptivision_small_patch16_224")
     st = m.opts.stages[0]
-    assert (st["k_min"], st["k_mid"], st["k_max"]) == (32, 128, 196)
-    assert abs(st["k_mid"] / 196 - 2 / 3) < 0.02
+    assert (st.k_min, st.k_mid, st.k_max) == (32, 128, 196)
+    assert abs(st.k_mid / 196 - 2 / 3) < 0.02
     # the K of an average image (score 0) is k_mid; the sigmoid still spans [k_min, k_max]
     dtc = m.dtc["0"]
     k = dtc.k_from_score(torch.tensor([-30.0, 0.0, 30.0]), 0.0).tolist()
     assert k == [32, 128, 192]  # on the k_step = 8 grid (196 is not on it)
     # a user-chosen range gets the generic default: mid-range, no offset
     assert timm.create_model("adaptivision_small_patch16_224", k_max=150).dtc["0"].k_mid is None
+
+
+def test_layers_check_their_own_arguments_and_take_them_by_keyword():
+    """Issue 12: a layer built outside ModelOptions still refuses impossible values, and options
+    are passed by name (no positional k_min / k_max / num_heads to swap by accident)."""
+    from adaptivision.layers import CrossModalTokenFusion, DynamicTokenClustering, ModulationPredictor
+    from adaptivision.reduction import ImportanceStage, RandomKeep
+    with pytest.raises(TypeError):
+        DynamicTokenClustering(8, 2, 6)
+    with pytest.raises(TypeError):
+        CrossModalTokenFusion(8, 2)
+    for bad in (dict(k_min=0, k_max=4), dict(k_min=5, k_max=4), dict(k_min=2, k_max=4, k_mid=4),
+                dict(k_min=2, k_max=4, tau=0.0), dict(k_min=2, k_max=4, complexity="sharpness")):
+        with pytest.raises(ValueError):
+            DynamicTokenClustering(8, **bad)
+    dtc = DynamicTokenClustering(8, k_min=2, k_max=4)
+    dtc.complexity = "sharpness"  # changed after construction: named, not read as 'saliency'
+    with pytest.raises(ValueError, match="complexity"):
+        dtc.complexity_score(torch.randn(1, 4, 8))
+    for build in (lambda: ModulationPredictor(8, max_tokens=4, rank=0), lambda: RandomKeep(keep_ratio=0.0),
+                  lambda: ImportanceStage(8, keep_ratio=1.5, stage=0)):
+        with pytest.raises(ValueError):
+            build()

@@ -254,7 +254,7 @@ def test_cluster_loss_does_not_collapse_with_detached_tokens():
 
 
 def test_saliency_complexity_is_the_weighted_variance():
-    dtc = DynamicTokenClustering(8, 2, 4, complexity="saliency", assign_norm=False)
+    dtc = DynamicTokenClustering(8, k_min=2, k_max=4, complexity="saliency", assign_norm=False)
     z, w = torch.randn(2, 5, 8), torch.tensor([[0.0, 0, 1, 1, 0], [1, 1, 1, 1, 1]])
     c = dtc.complexity_score(z, w)
     assert torch.allclose(c[0], z[0, 2:4].var(0, unbiased=False).mean())  # only the salient patches count

@@ -119,10 +119,10 @@ def test_eq9_cross_attention_by_hand():
 def test_eq10_paper_gate_and_gated_residual():
     torch.manual_seed(0)
     s, g = torch.randn(2, 3, 8), torch.randn(2, 4, 8)
-    paper = CrossModalTokenFusion(8, 2, gate="paper")
+    paper = CrossModalTokenFusion(8, num_heads=2, gate="paper")
     a = paper.cross_attention(s, g)
     assert torch.allclose(paper(s, g), s + torch.sigmoid(paper.w_g(a)), atol=1e-6)
-    gated = CrossModalTokenFusion(8, 2, gate="gated")
+    gated = CrossModalTokenFusion(8, num_heads=2, gate="gated")
     assert torch.equal(gated(s, g), s)                     # W_o = 0: starts as the identity
     with torch.no_grad():
         gated.w_o.weight.normal_()

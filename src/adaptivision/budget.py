@@ -82,11 +82,11 @@ def first_dtc(model: nn.Module):
 
 def set_knob(model: nn.Module, value: float) -> None:
     """DTC: the budget bias; ToMe: r per block; random/importance/EViT: the keep ratio."""
-    red = reduction_of(model)
-    if red == "dtc":
+    method = reduction_of(model)
+    if method == "dtc":
         first_dtc(model).budget_bias = float(value)
         return
-    if red == "none":
+    if method == "none":
         raise ValueError("reduction='none' has no budget knob")
     for m in model.modules():
         if isinstance(m, ToMeBlock):
@@ -162,11 +162,11 @@ def set_token_budget(model: nn.Module, images: Optional[torch.Tensor] = None, me
 def match_gmacs(model: nn.Module, images: torch.Tensor, target: float) -> tuple[float, float]:
     """Set the knob of ``model`` (any reduction) so that its mean GMACs on ``images`` are closest
     to ``target``. Returns (knob, gmacs). GMACs fall as ToMe's r rises and rise with the others."""
-    red = reduction_of(model)
-    if red == "dtc":
+    method = reduction_of(model)
+    if method == "dtc":
         knob = set_token_budget(model, images, gmacs=target)
         return knob, profile(model, images)["gmacs"]
-    if red == "tome":
+    if method == "tome":
         best = None
         for r in range(0, model.patch_embed.num_patches // 2 + 1):
             set_knob(model, r)

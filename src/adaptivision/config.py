@@ -47,6 +47,16 @@ CLUSTERING = {"paper": dict(centers="learned", assign="soft", iters=0, tau=150.0
               "image-soft": dict(centers="fps", assign="soft", iters=2, tau=20.0)}
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One DTC stage, resolved against the backbone: before block ``block``, K in [k_min, k_max]."""
+
+    block: int
+    k_min: int
+    k_max: int
+    k_mid: Optional[int] = None  # first stage: K of an average image at budget bias 0
+
+
 @dataclass
 class ModelOptions:
     """AdaptiVision-specific model options (the ViT ones go to timm's ``VisionTransformer``).
@@ -139,6 +149,8 @@ class ModelOptions:
         _check(0 < self.keep_ratio <= 1, "keep_ratio", self.keep_ratio, "a float in (0, 1]")
         _check(self.tome_r >= 0, "tome_r", self.tome_r, "an integer >= 0")
         ours = self.reduction == "dtc"
+        # cmtf=False given explicitly: guidance may steer DTC alone (its patch weights), by design
+        self.cmtf_off_by_request = self.cmtf is not None and not self.cmtf
         for name in ("afa", "cmtf"):
             v = getattr(self, name)
             _check(ours or not v, name, v, f"False with reduction={self.reduction!r} (it acts on DTC's "
@@ -209,7 +221,7 @@ class ModelOptions:
             if s == 0 and self.k_mid is not None:
                 k_mid = int(self.k_mid)
                 _check(k_min < k_mid < k_max, "k_mid", self.k_mid, f"k_min < k_mid < k_max ({k_min}, {k_max})")
-            self.stages.append(dict(block=c, k_min=k_min, k_max=k_max, k_mid=k_mid))
+            self.stages.append(Stage(block=c, k_min=k_min, k_max=k_max, k_mid=k_mid))
             n_in = k_min  # the next stage must fit the smallest K this one can produce
 
         cm = _as_list(self.cmtf_at)

@@ -227,12 +227,12 @@ class Runner:
 
     def budget_sweep(self, entry: dict) -> None:
         """Figure 1(a): every trained model of the cell at each budget of its method."""
-        red = (entry["kwargs"] or {}).get("reduction", "dtc")
+        method = (entry["kwargs"] or {}).get("reduction", "dtc")
         for run in entry["runs"]:
             model, cfg, guide = self._load(run["run_dir"])
             run["points"] = []
-            for b in BUDGETS.get(red, []):
-                value = budget.tome_r(model, b) if red == "tome" else b
+            for b in BUDGETS.get(method, []):
+                value = budget.tome_r(model, b) if method == "tome" else b
                 budget.set_knob(model, value)
                 res = self._eval(model, cfg, guide=guide)
                 run["points"].append(dict(knob=value, gmacs=res["gmacs"], top1=res["top1"], top5=res["top5"]))

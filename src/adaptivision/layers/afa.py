@@ -29,8 +29,10 @@ from .tokens import Context, Group
 class ModulationPredictor(nn.Module):
     """``f_m`` of eq. 5: pooled tokens ``G`` (B, D) -> ``u, v`` (B, R, T_max)."""
 
-    def __init__(self, dim: int, max_tokens: int, rank: int = 1, hidden: Optional[int] = None):
+    def __init__(self, dim: int, *, max_tokens: int, rank: int = 1, hidden: Optional[int] = None):
         super().__init__()
+        if max_tokens < 1 or rank < 1 or (hidden is not None and hidden < 1):
+            raise ValueError(f"Invalid max_tokens={max_tokens!r}, rank={rank!r} or hidden={hidden!r}; allowed: >= 1.")
         hidden = hidden or max(dim // 4, 8)
         self.max_tokens, self.rank = max_tokens, rank
         self.fc1 = nn.Linear(dim, hidden)
@@ -170,5 +172,5 @@ def make_afa_block(block: Block, max_tokens: int, rank: int = 1, hidden: Optiona
     block.__class__ = AFABlock
     block.post_norm = post_norm
     block.attn.__class__ = AdaptiveFocusAttention
-    block.attn.modulator = ModulationPredictor(dim, max_tokens, rank, hidden).to(ref.device, ref.dtype)
+    block.attn.modulator = ModulationPredictor(dim, max_tokens=max_tokens, rank=rank, hidden=hidden).to(ref.device, ref.dtype)
     return block

@@ -15,7 +15,7 @@ from timm.layers import trunc_normal_
 
 
 class CrossModalTokenFusion(nn.Module):
-    def __init__(self, dim: int, num_heads: int, gate: str = "gated", qkv_bias: bool = True):
+    def __init__(self, dim: int, *, num_heads: int, gate: str = "gated", qkv_bias: bool = True):
         super().__init__()
         if gate not in ("gated", "paper"):
             raise ValueError(f"Invalid value for 'gate': {gate!r}; allowed: 'gated' or 'paper'.")

@@ -115,12 +115,19 @@ def kmeans_pp(points: torch.Tensor, k: int, generator: Optional[torch.Generator]
 class DynamicTokenClustering(nn.Module):
     """Soft k-means condensation with per-image K (one DTC stage)."""
 
-    def __init__(self, dim: int, k_min: int, k_max: int, k_step: int = 8, tau: float = 150.0,
+    def __init__(self, dim: int, *, k_min: int, k_max: int, k_step: int = 8, tau: float = 150.0,
                  iters: int = 0, normalize: bool = True, complexity: str = "variance",
                  dynamic: bool = True, budget_jitter: float = 1.0, stat_momentum: float = 0.1,
                  assign_norm: bool = True, k_mid: Optional[int] = None, centers: str = "learned",
                  hard: bool = False):
         super().__init__()
+        if not 1 <= k_min <= k_max:
+            raise ValueError(f"Invalid K range [{k_min}, {k_max}]; allowed: 1 <= k_min <= k_max.")
+        if k_mid is not None and not k_min < k_mid < k_max:
+            raise ValueError(f"Invalid value for 'k_mid': {k_mid!r}; allowed: k_min < k_mid < k_max ({k_min}, {k_max}).")
+        if not tau > 0 or iters < 0 or k_step < 1:
+            raise ValueError(f"Invalid tau={tau!r}, iters={iters!r} or k_step={k_step!r}; allowed: tau > 0, "
+                             "iters >= 0, k_step >= 1.")
         if centers not in ("learned", "fps"):
             raise ValueError(f"Invalid value for 'centers': {centers!r}; allowed: 'learned' or 'fps'.")
         if complexity not in ("variance", "entropy", "saliency"):
@@ -163,7 +170,7 @@ class DynamicTokenClustering(nn.Module):
                 f"iters={self.iters}, centers={self.centers}, hard={self.hard}, complexity={self.complexity}, "
                 f"dynamic={self.dynamic}")
 
-    def space(self, z: torch.Tensor) -> torch.Tensor:
+    def assignment_space(self, z: torch.Tensor) -> torch.Tensor:
         """The space in which distances are measured (float32).
 
         ``assign_norm``: LayerNorm'd tokens scaled to the paper's DeiT-S width, so every token has
@@ -181,7 +188,7 @@ class DynamicTokenClustering(nn.Module):
         Per-image centres (``centers='fps'``) have nothing to seed."""
         if self.centroids is None:
             return
-        pts = self.space(tokens.reshape(-1, self.dim))
+        pts = self.assignment_space(tokens.reshape(-1, self.dim))
         pts = pts[torch.isfinite(pts).all(1)]  # a NaN image must not poison every centroid
         if pts.shape[0] < self.k_max:
             raise ValueError(f"init_clusters: {pts.shape[0]} finite tokens for {self.k_max} centroids: "
@@ -195,13 +202,16 @@ class DynamicTokenClustering(nn.Module):
     # --- per-image K ------------------------------------------------------------------------
     def complexity_score(self, z: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Raw complexity ``c`` per image, (B,). z: (B, N, D); weights: (B, N) saliency or None."""
-        zs = self.space(z)                                                           # (B, N, D)
+        zs = self.assignment_space(z)                                                           # (B, N, D)
         if self.complexity == "variance":
             return zs.var(dim=1, unbiased=False).mean(-1)
         if self.complexity == "entropy":
             a, _ = soft_assign(zs, self.centroids, self.tau)                         # (B, N, K_max)
             p = a.mean(1)                                                            # (B, K_max) cluster usage
             return -(p * p.clamp_min(1e-12).log()).sum(-1)
+        if self.complexity != "saliency":
+            raise ValueError(f"Invalid value for 'complexity': {self.complexity!r}; allowed: 'variance', "
+                             "'entropy' or 'saliency'.")
         # 'saliency': the saliency-weighted variance. Missing guidance (no weights) degrades to
         # uniform weights, i.e. the plain variance score, so a model trained with saliency still runs.
         w = weights.float().clamp_min(0) if weights is not None else zs.new_ones(zs.shape[:2])
@@ -252,7 +262,7 @@ class DynamicTokenClustering(nn.Module):
         """Farthest-point indices (B, k) of each image's tokens z (B, N, D), or None with learned
         centroids. FPS prefixes are nested, so one call at the largest K of a batch serves every
         group of it (``forward(seeds=idx[rows, :K])``): one sequential loop per batch, not per K."""
-        return None if self.centroids is not None else farthest_points(self.space(z), k)
+        return None if self.centroids is not None else farthest_points(self.assignment_space(z), k)
 
     def initial_centers(self, zs: torch.Tensor, k: int, seeds: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The nested prefix of the learned centroids (K, D), or each image's own farthest-point
@@ -273,7 +283,7 @@ class DynamicTokenClustering(nn.Module):
         ``m`` (B, K) their mass, ``a`` (B, N, K) assignment (for unpooling ``Z_rec = a @ s``),
         and ``zs`` (B, N, D), ``mu`` ((K, D) or (B, K, D)), the points and centroids of eq. 14.
         """
-        zs = self.space(z)                                                           # (B, N, D)
+        zs = self.assignment_space(z)                                                           # (B, N, D)
         mu = self.initial_centers(zs, k, seeds)                                      # (K, D) or (B, K, D)
         a = assign(zs, mu, self.tau, self.hard)                                      # (B, N, K)
         for _ in range(self.iters):  # differentiable k-means steps, per image

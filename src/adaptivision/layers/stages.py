@@ -1,11 +1,12 @@
 """DTC and CMTF as trunk stages: the layers of ``dtc.py`` / ``cmtf.py`` (the paper's equations) plus
-``forward_groups``, the protocol of :mod:`.tokens`. Subclasses, so state-dict names stay
-``dtc.<block>.*`` / ``cmtf.<block>.*``."""
+``forward_groups``, the protocol of :mod:`.tokens`; and CMTF's guidance projection. Subclasses,
+so state-dict names stay ``dtc.<block>.*`` / ``cmtf.<block>.*``."""
 from __future__ import annotations
 
 from typing import List, Optional
 
 import torch
+import torch.nn as nn
 
 from .cmtf import CrossModalTokenFusion
 from .dtc import DynamicTokenClustering
@@ -69,3 +70,27 @@ class FusionStage(CrossModalTokenFusion):
         if g is None:
             return groups
         return [grp.replace(x=self(grp.x, g[grp.index])) for grp in groups]
+
+
+def embed_source(embed: nn.Module, name: Optional[str], g: torch.Tensor, batch: int, width: int,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """One guidance source's raw tokens (M, Dg) or (B, M, Dg) -> (B, M, D) through its projection
+    (``embed``: one projection, or a ModuleDict by source name); errors name the source."""
+    what = "guidance" if name is None else f"guidance[{name!r}]"
+    if isinstance(embed, nn.ModuleDict):
+        if name not in embed:
+            raise ValueError(f"unknown guidance source {name!r}; this model was built for {sorted(embed)}")
+        proj = embed[name]
+    elif name is not None:
+        raise ValueError(f"this model takes one guidance tensor, not named sources (got {name!r}); "
+                         "build it with guidance_dim={name: width} for several sources")
+    else:
+        proj = embed
+    if g.dim() == 2:
+        g = g.unsqueeze(0).expand(batch, -1, -1)
+    if g.dim() != 3 or g.shape[0] != batch:
+        raise ValueError(f"{what} must be (M, Dg) or (B={batch}, M, Dg), got {tuple(g.shape)}")
+    expected = proj.in_features if isinstance(proj, nn.Linear) else width
+    if g.shape[-1] != expected:
+        raise ValueError(f"{what} width {g.shape[-1]} != guidance_dim {expected} of this model")
+    return proj(g.to(dtype))                                                         # (B, M, D)

@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from .. import budget
 from ..config import ModelOptions
 from ..layers import make_afa_block
-from ..layers.stages import ClusterStage, FusionStage
+from ..layers.stages import ClusterStage, FusionStage, embed_source
 from ..layers.tokens import Context, Group, assemble, run_block, unpool
 from ..reduction import ATTACH
 
@@ -60,9 +60,7 @@ class AdaptiVision(VisionTransformer):
 
     def __init__(self, **kwargs):
         opts, vit_kwargs = ModelOptions.split_kwargs(kwargs, _VIT_ARGS)
-        cmtf_off = opts.cmtf is not None and not opts.cmtf  # asked for, not defaulted
         super().__init__(**vit_kwargs)
-        self._cmtf_off_by_request = cmtf_off
         D, P = self.embed_dim, self.num_prefix_tokens
         self.opts = opts.resolve(self.patch_embed.num_patches, len(self.blocks), D)
         stages = self.opts.stages
@@ -72,19 +70,21 @@ class AdaptiVision(VisionTransformer):
         if self.opts.norm == "post" and not (self.opts.afa and stages):
             raise ValueError("norm='post' applies to AFA blocks: it needs afa=True and condense_at set.")
 
+        o = self.opts
         self.dtc = nn.ModuleDict({
-            str(st["block"]): ClusterStage(
-                D, st["k_min"], st["k_max"], opts.k_step, opts.tau, opts.iters, opts.normalize,
-                opts.complexity, opts.dynamic, opts.budget_jitter, opts.stat_momentum, opts.assign_norm,
-                st["k_mid"], opts.centers, opts.assign == "hard", stage=s, num_prefix=P)
+            str(st.block): ClusterStage(
+                D, k_min=st.k_min, k_max=st.k_max, k_mid=st.k_mid, k_step=o.k_step, tau=o.tau, iters=o.iters,
+                normalize=o.normalize, complexity=o.complexity, dynamic=o.dynamic, budget_jitter=o.budget_jitter,
+                stat_momentum=o.stat_momentum, assign_norm=o.assign_norm, centers=o.centers,
+                hard=o.assign == "hard", stage=s, num_prefix=P)
             for s, st in enumerate(stages)})
         if opts.afa and stages:  # blocks after the first condensation attend over K+P tokens
-            for i in range(stages[0]["block"], len(self.blocks)):
-                k_max = [st["k_max"] for st in stages if st["block"] <= i][-1]
+            for i in range(stages[0].block, len(self.blocks)):
+                k_max = [st.k_max for st in stages if st.block <= i][-1]
                 make_afa_block(self.blocks[i], P + k_max, opts.afa_rank, opts.afa_hidden, opts.norm == "post")
         heads = self.blocks[0].attn.num_heads
         qkv_bias = self.blocks[0].attn.qkv.bias is not None
-        self.cmtf = nn.ModuleDict({str(i): FusionStage(D, heads, opts.gate, qkv_bias) for i in self.opts.cmtf_at})
+        self.cmtf = nn.ModuleDict({str(i): FusionStage(D, num_heads=heads, gate=opts.gate, qkv_bias=qkv_bias) for i in self.opts.cmtf_at})
         # a baseline's stages before blocks (its reducing blocks are converted in place)
         attach = ATTACH.get(self.opts.reduction)
         self.reducer = nn.ModuleDict(attach(self.blocks, self.opts, D, P) if attach else {})
@@ -147,7 +147,7 @@ class AdaptiVision(VisionTransformer):
                                               any(g is not None for g in guidance.values()))
             # cmtf=False given explicitly: guidance steers DTC only (its patch weights), by design;
             # otherwise silently ignoring the tokens would look like guidance that does nothing
-            if given and not self._cmtf_off_by_request:
+            if given and not self.opts.cmtf_off_by_request:
                 raise ValueError("guidance was passed, but this model has no Cross-Modal Token Fusion: build it "
                                  "with guidance_dim=<width> (or {source: width}), guidance_tokens=M or cmtf=True")
             return None
@@ -159,31 +159,11 @@ class AdaptiVision(VisionTransformer):
                 guidance = {next(iter(self.guidance_embed)): guidance}
             else:
                 guidance = {None: guidance}
-        tokens = [self._embed_source(name, g, batch) for name, g in (guidance or {}).items() if g is not None]
+        tokens = [embed_source(self.guidance_embed, name, g, batch, self.embed_dim, self.pos_embed.dtype)
+                  for name, g in (guidance or {}).items() if g is not None]
         if self.guidance_tokens is not None:
             tokens.append(self.guidance_tokens.unsqueeze(0).expand(batch, -1, -1))    # (B, M_learned, D)
         return torch.cat(tokens, dim=1) if tokens else None                          # (B, M, D)
-
-    def _embed_source(self, name: Optional[str], g: torch.Tensor, batch: int) -> torch.Tensor:
-        what = "guidance" if name is None else f"guidance[{name!r}]"
-        if isinstance(self.guidance_embed, nn.ModuleDict):
-            if name not in self.guidance_embed:
-                raise ValueError(f"unknown guidance source {name!r}; this model was built for "
-                                 f"{sorted(self.guidance_embed)}")
-            proj = self.guidance_embed[name]
-        elif name is not None:
-            raise ValueError(f"this model takes one guidance tensor, not named sources (got {name!r}); "
-                             "build it with guidance_dim={name: width} for several sources")
-        else:
-            proj = self.guidance_embed
-        if g.dim() == 2:
-            g = g.unsqueeze(0).expand(batch, -1, -1)
-        if g.dim() != 3 or g.shape[0] != batch:
-            raise ValueError(f"{what} must be (M, Dg) or (B={batch}, M, Dg), got {tuple(g.shape)}")
-        expected = proj.in_features if isinstance(proj, nn.Linear) else self.embed_dim
-        if g.shape[-1] != expected:
-            raise ValueError(f"{what} width {g.shape[-1]} != guidance_dim {expected} of this model")
-        return proj(g.to(self.pos_embed.dtype))                                     # (B, M, D)
 
     def stages_before(self, i: int) -> list:
         """The stages that run before block ``i``: a baseline's, DTC's, CMTF's, in this order."""

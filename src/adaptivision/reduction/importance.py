@@ -44,8 +44,10 @@ class KeepScorePredictor(nn.Module):
 class ImportanceStage(nn.Module):
     """One pruning stage. ``keep_ratio`` is the fraction of the tokens entering it that survive."""
 
-    def __init__(self, dim: int, keep_ratio: float, stage: int):
+    def __init__(self, dim: int, *, keep_ratio: float, stage: int):
         super().__init__()
+        if not 0 < keep_ratio <= 1 or stage < 0:
+            raise ValueError(f"Invalid keep_ratio={keep_ratio!r} or stage={stage!r}; allowed: keep_ratio in (0, 1], stage >= 0.")
         self.predictor = KeepScorePredictor(dim)
         self.keep_ratio, self.stage = keep_ratio, stage
 
@@ -123,4 +125,4 @@ def attach(blocks, opts, dim: int, num_prefix: int) -> dict:
     at = opts.reduce_blocks
     for blk in blocks[at[0]:]:
         convert_block(blk, PolicyBlock)
-    return {str(b): ImportanceStage(dim, opts.keep_ratio, s) for s, b in enumerate(at)}
+    return {str(b): ImportanceStage(dim, keep_ratio=opts.keep_ratio, stage=s) for s, b in enumerate(at)}

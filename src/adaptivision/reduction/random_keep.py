@@ -14,8 +14,10 @@ from .common import keep_tokens
 class RandomKeep(nn.Module):
     """Chooses which patches survive. In evaluation the draw is seeded, so results repeat."""
 
-    def __init__(self, keep_ratio: float, seed: int = 0):
+    def __init__(self, *, keep_ratio: float, seed: int = 0):
         super().__init__()
+        if not 0 < keep_ratio <= 1:
+            raise ValueError(f"Invalid value for 'keep_ratio': {keep_ratio!r}; allowed: a float in (0, 1].")
         self.keep_ratio, self.seed = keep_ratio, seed
 
     def num_keep(self, n: int) -> int:
@@ -37,4 +39,4 @@ class RandomKeep(nn.Module):
 
 def attach(blocks, opts, dim: int, num_prefix: int) -> dict:
     """reduction='random': one stage before the first of ``opts.reduce_blocks``."""
-    return {str(opts.reduce_blocks[0]): RandomKeep(opts.keep_ratio)}
+    return {str(opts.reduce_blocks[0]): RandomKeep(keep_ratio=opts.keep_ratio)}

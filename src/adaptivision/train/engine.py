@@ -361,12 +361,12 @@ def forward_loss(s: Session, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Te
     target = y
     if s.mixup is not None:
         x, target = s.mixup(x, y)
-    gin = s.guide(x, y, train=True) if s.guide is not None else None  # (of the mixed images, under mixup)
+    guided = s.guide(x, y, train=True) if s.guide is not None else None  # (of the mixed images, under mixup)
     returns_aux = isinstance(s.model, AdaptiVision)
     with autocast(s.amp, s.d.device):
-        out = s.net(x, return_aux=True, **(gin.model_kwargs() if gin else {})) if returns_aux else s.net(x)
+        out = s.net(x, return_aux=True, **(guided.model_kwargs() if guided else {})) if returns_aux else s.net(x)
         logits, aux = out if returns_aux else (out, None)
-        terms = s.criterion(logits.float(), target, aux, gin.align_targets if gin else None, y)
+        terms = s.criterion(logits.float(), target, aux, guided.align_targets if guided else None, y)
     return logits, terms
 
 
