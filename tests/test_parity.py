@@ -118,3 +118,15 @@ def test_every_adapted_block_equals_timms_at_its_neutral_setting(neutral, gated)
             got = convert_block(blk, PolicyBlock)(x, policy=torch.ones(3, 10))
     tol = 1e-5 if neutral != "dynamicvit-keep-all" else 1e-4  # its masked softmax adds eps / T
     assert torch.allclose(got, want, atol=tol), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("reduction", ["random", "evit", "importance", "tome"])
+def test_every_baseline_at_keep_everything_is_the_dense_model(reduction):
+    """Whole models at the neutral setting (keep ratio 1.0, ToMe r = 0) give the dense logits."""
+    torch.manual_seed(0)
+    dense = timm.create_model("adaptivision_nano_patch4_28", reduction="none").eval()
+    model = timm.create_model("adaptivision_nano_patch4_28", reduction=reduction, keep_ratio=1.0, tome_r=0).eval()
+    model.load_state_dict(dense.state_dict(), strict=False)  # DynamicViT's predictors are extra
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(model(x), dense(x), atol=1e-5)

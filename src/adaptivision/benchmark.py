@@ -22,7 +22,7 @@ from typing import Optional
 import timm
 import torch
 
-from .budget import apply_budget, parse_spec
+from .budget import apply_budget, parse_budget, parse_spec
 from .checkpoint import load_weights
 from .profile import profile
 from .timing import time_models, train_step
@@ -74,7 +74,7 @@ def benchmark(specs: list, img_size: Optional[int] = None, batch_size: int = 64,
     c = probe.patch_embed.proj.in_channels
     size = img_size or probe.patch_embed.img_size[0]
     x = mixed_batch(batch_size, c, size)
-    default_budget = dict([budget.split("=", 1)]) if budget else None
+    default_budget = parse_budget(budget) if budget else None
     models, rows = [], []
     for spec in specs:
         model, used = build(spec, img_size, x, checkpoint if spec.startswith("adaptivision_") else None,
