@@ -48,6 +48,9 @@ def variants(n: int) -> list:
               ("mean_k", k)) for k in (16, 24)]
     rows += [(f"fps, hard, 2 iters, after block 1, K={k}", dict(OURS, condense_at=1), k) for k in (16, 20, 24)]
     rows += [(f"fps, hard, 2 iters, after block 2, K={k}", dict(OURS, condense_at=2), k) for k in (16, 20, 24)]
+    # Hourglass (grid centres, local soft k-means; no parameters, so it runs off the shelf too)
+    rows += [(f"Hourglass {h}x{h} after block {b}", dict(reduction="hourglass", keep_ratio=h * h / n, reduce_at=b), None)
+             for b in (1, 2) for h in (4, 5, 6)]
     return rows
 
 

@@ -16,7 +16,7 @@ from adaptivision.reduction import (
 )
 from conftest import tiny_model
 
-BASELINES = ["random", "importance", "evit", "tome"]
+BASELINES = ["random", "importance", "evit", "tome", "hourglass"]
 
 
 def _tokens_per_block(model, x):
@@ -152,6 +152,7 @@ def test_tokens_removed_as_specified(reduction):
         "importance": [65, 1 + 32, 1 + 16, 1 + 8],            # before blocks 1, 2, 3 of 4
         "evit": [65, 65, 1 + 32 + 1, 1 + 17 + 1],             # after attention of blocks 1, 2, 3
         "tome": [65, 62, 59, 56],                             # 3 per block
+        "hourglass": [65, 1 + 36, 37, 37],                    # a 6 x 6 grid (round(sqrt(32))) before block 1
     }[reduction]
     assert counts == expected
 
@@ -228,3 +229,60 @@ def test_dynamicvit_policy_reaches_every_later_attention_in_training():
     for (x, _), k in seen[first:]:
         assert k["policy"].shape == x.shape[:2] and (k["policy"][:, 0] == 1).all()  # [CLS] always kept
     assert (seen[-1][1]["policy"] == 0).any()        # something was pruned, yet all tokens are still there
+
+
+def test_hourglass_window_mask_by_hand():
+    """A 4 x 4 patch grid on a 2 x 2 centre grid: window 1 lets each patch join only the cell it
+    starts in (its 2 x 2 quadrant); window 3 lets it join every centre."""
+    from adaptivision.reduction.hourglass import local_mask
+    m = local_mask(4, 2, 1, "cpu")                                                   # (16, 4)
+    cell = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]).flatten()
+    assert torch.equal(m, torch.nn.functional.one_hot(cell, 4).bool())
+    assert local_mask(4, 2, 3, "cpu").all()
+
+
+def test_hourglass_clusters_start_as_the_grid_pool_and_move_to_their_content():
+    from adaptivision.reduction.hourglass import cluster_grid
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(1, 16, 8, generator=g)
+    # no iteration (or a window of one cell): the super-tokens are the 2 x 2 quadrant means
+    quads = z.view(1, 2, 2, 2, 2, 8).permute(0, 1, 3, 2, 4, 5).reshape(1, 4, 4, 8).mean(2)  # (1, 4, 8)
+    for iters, window in ((0, 5), (5, 1)):
+        s, m, a = cluster_grid(z, 2, iters=iters, window=window)
+        assert torch.allclose(s, quads, atol=1e-5) and torch.equal(m, torch.full((1, 4), 4.0))
+    # content that does not follow the grid: column 0 is A, columns 1-3 are B; after local
+    # k-means steps the column-1 patches leave the left cells for the pure-B right cells
+    a_tok, b_tok = torch.randn(8, generator=g), torch.randn(8, generator=g)
+    grid = torch.stack([a_tok if c == 0 else b_tok for r in range(4) for c in range(4)])[None]  # (1, 16, 8)
+    grid = grid + 0.01 * torch.randn(grid.shape, generator=g)
+    _, m, a = cluster_grid(grid, 2, iters=5, tau=20.0, window=3)
+    col1 = [r * 4 + 1 for r in range(4)]
+    right = a[0, col1][:, [1, 3]].sum(-1)                                          # weight on the right cells
+    assert (right > 0.5).all(), right
+    assert torch.allclose(m.sum(), torch.tensor(16.0)) and torch.allclose(a.sum(-1), torch.ones(1, 16))
+
+
+def test_hourglass_reconstruction_gives_the_tokens_back_at_k_equal_n():
+    from adaptivision.reduction.hourglass import reconstruction
+    z = torch.randn(2, 9, 16)
+    r = reconstruction(z, z.clone(), tau=0.01, top_k=3)                             # (2, 9, 9)
+    assert torch.allclose(r, torch.eye(9).expand(2, -1, -1), atol=1e-5)
+    assert torch.allclose(r @ z, z, atol=1e-5)
+    r3 = reconstruction(z, z[:, :4], tau=1e4, top_k=3)                              # 3 of 4 kept, sum 1
+    assert torch.equal((r3 > 0).sum(-1), torch.full((2, 9), 3)) and torch.allclose(r3.sum(-1), torch.ones(2, 9))
+
+
+def test_hourglass_model_counts_its_clustering_and_keeps_a_square_grid():
+    from adaptivision import profile
+    dense = tiny_model(reduction="none", img_size=32)
+    hg = tiny_model(reduction="hourglass", keep_ratio=0.25, img_size=32)         # 64 patches -> 4 x 4
+    x = torch.randn(2, 3, 32, 32)
+    logits = hg(x)
+    assert logits.shape == (2, 5)
+    d, h = profile(dense, x)["gmacs"], profile(hg, x)["gmacs"]
+    assert h < d
+    # the clustering's own MACs are counted: (2 * 5 iterations + 1) x N x K x D per image
+    hg.reducer[str(hg.opts.reduce_blocks[0])].iters = 0
+    assert profile(hg, x)["gmacs"] == pytest.approx(h - 10 * 64 * 16 * 32 / 1e9)
+    with pytest.raises(ValueError, match="square"):
+        tiny_model(reduction="hourglass", img_size=(16, 32))(torch.randn(1, 3, 16, 32))

@@ -19,7 +19,7 @@ import torch.nn as nn
 import yaml
 
 from .profile import profile
-from .reduction import EViTBlock, ImportanceStage, RandomKeep, ToMeBlock
+from .reduction import EViTBlock, HourglassStage, ImportanceStage, RandomKeep, ToMeBlock
 
 DTC_KEYS = ("gmacs", "mean_k", "bias", "k")
 KNOB_KEYS = ("tome_r", "keep_ratio")
@@ -91,7 +91,7 @@ def set_knob(model: nn.Module, value: float) -> None:
     for m in model.modules():
         if isinstance(m, ToMeBlock):
             m.r = int(value)
-        elif isinstance(m, (EViTBlock, ImportanceStage, RandomKeep)):
+        elif isinstance(m, (EViTBlock, HourglassStage, ImportanceStage, RandomKeep)):
             m.keep_ratio = float(value)
 
 

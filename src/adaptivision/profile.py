@@ -18,7 +18,7 @@ from timm.layers import Attention
 
 from .layers import AdaptiveFocusAttention, CrossModalTokenFusion, DynamicTokenClustering
 from .layers.attention import attn_width
-from .reduction import EViTBlock, ReducingBlock, ToMeBlock
+from .reduction import EViTBlock, HourglassStage, ReducingBlock, ToMeBlock
 
 
 def module_macs(m: nn.Module, args: tuple, kwargs: dict, out) -> int:
@@ -55,6 +55,10 @@ def module_macs(m: nn.Module, args: tuple, kwargs: dict, out) -> int:
         if m.dynamic and m.complexity == "entropy":  # assignment to all K_max centroids for the score
             macs += B * N * m.k_max * D
         return macs
+    if isinstance(m, HourglassStage):  # distances and centre updates per iteration, the final mean
+        z, (s, _, _) = args[0], out
+        B, N, D = z.shape
+        return (2 * m.iters + 1) * B * N * s.shape[1] * D
     return 0
 
 
