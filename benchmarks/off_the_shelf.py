@@ -79,7 +79,14 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=10000, help="test images")
     p.add_argument("--calib", type=int, default=256, help="training images for calibration")
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--only", action="append", help="evaluate only the rows whose label contains this (repeatable) "
+                   "and merge them into the existing record in --out (each merged row names its commit)")
     args = p.parse_args(argv)
+    path = os.path.join(args.out, "off-the-shelf.json")
+    old = {}
+    if args.only and os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
     torch.manual_seed(0)
     per_run = {}
     for run in args.run:
@@ -93,20 +100,28 @@ def main(argv=None) -> int:
         loader = engine.eval_loader(ds, cfg, engine.setup_distributed("cpu"))
         n = probe.patch_embed.num_patches
         rows = []
+        done = {r["label"]: r for r in old.get("runs", {}).get(run, [])}
+        commit = provenance()["commit"]
         for label, opts, budget in variants(n):
+            if args.only and not any(s in label for s in args.only):
+                if label in done:
+                    rows.append(done[label])
+                continue
             t0 = time.time()
             model = build(vit, opts, budget, calib)
             prof = adaptivision.profile(model, images)
             ev = engine.evaluate(model, loader, engine.setup_distributed("cpu"))
             rows.append(dict(label=label, gmacs=prof["gmacs"], mean_k=(prof.get("mean_k") or [None])[0],
-                             top1=ev["top1"], images=ev["images"]))
+                             top1=ev["top1"], images=ev["images"], **({"commit": commit} if args.only else {})))
             print(f"{os.path.basename(run)} | {label:50s} | {prof['gmacs']:.4f} GMACs | K {rows[-1]['mean_k']} | "
                   f"top-1 {ev['top1']:.2f} | {time.time() - t0:.0f} s", flush=True)
         per_run[run] = rows
     os.makedirs(args.out, exist_ok=True)
-    record = dict(runs=per_run, command=" ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])),
-                  provenance=provenance())
-    with open(os.path.join(args.out, "off-the-shelf.json"), "w") as f:
+    command = " ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:]))
+    record = dict(runs=per_run, command=command, provenance=provenance())
+    if old:  # the first full run's command and provenance stay; merged rows carry their commit
+        record = dict(old, runs=per_run, merged=old.get("merged", []) + [command])
+    with open(path, "w") as f:
         json.dump(record, f, indent=1)
     with open(os.path.join(args.out, "off-the-shelf.md"), "w") as f:
         f.write(to_markdown(per_run))
