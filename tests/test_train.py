@@ -590,3 +590,29 @@ def test_image_problems_strict_one_class_and_bombs(tmp_path, capsys, monkeypatch
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     ds = build_dataset("folder", one, train=True)
     assert ds[0] is None
+
+
+def test_swin_nano_trains_and_is_counted(fmnist, tmp_path, monkeypatch):
+    """Tables 1-2's Swin-T at small scale: timm's Swin at a nano width for 28 x 28 images trains
+    through the same CLI, and its window attention is counted (GMACs near the nano ViT's)."""
+    import sys
+
+    import timm
+
+    from adaptivision import profile
+    swin = timm.create_model("swin_nano_patch2_window7_28", num_classes=10)
+    vit = timm.create_model("adaptivision_nano_patch4_28", reduction="none", num_classes=10)
+    x = torch.randn(2, 1, 28, 28)
+    swin_g = profile(swin, x)["gmacs"]
+    assert abs(swin_g / profile(vit, x)["gmacs"] - 1) < 0.1
+    # QK^T and AV in 7 x 7 windows: stage 1, 2 blocks x 4 windows at width 48; stage 2, 4 blocks x 1 at 96
+    attn = 2 * (2 * 4 * 49 * 49 * 48 + 4 * 1 * 49 * 49 * 96) / 1e9
+    monkeypatch.setattr(sys.modules["adaptivision.profile"], "WindowAttention", type("NotCounted", (), {}))
+    assert profile(swin, x)["gmacs"] == pytest.approx(swin_g - attn)
+    monkeypatch.undo()
+    rc = main(["train", "--data-dir", fmnist, "--output", str(tmp_path), "--name", "swin", "--epochs", "1",
+               "model=swin_nano_patch2_window7_28", "limit_train=32", "limit_eval=16", "batch_size=16",
+               "workers=0", "throughput_batch=4", "init_samples=16", "compare_dense=false"])
+    assert rc == 0
+    rows = json.loads((tmp_path / "swin" / "summary.json").read_text())["rows"]
+    assert rows[0]["name"] == "swin_nano_patch2_window7_28" and rows[0]["gmacs"] == pytest.approx(swin_g, rel=1e-3)

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 from timm.layers import Attention
+from timm.models.swin_transformer import WindowAttention
 
 from .layers import AdaptiveFocusAttention, CrossModalTokenFusion, DynamicTokenClustering
 from .layers.attention import attn_width
@@ -42,6 +43,9 @@ def module_macs(m: nn.Module, args: tuple, kwargs: dict, out) -> int:
         if isinstance(m, EViTBlock):  # [CLS] attention row, all heads
             macs += B * T * attn_width(m.attn)
         return macs
+    if isinstance(m, WindowAttention):  # Swin: QK^T and AV inside each window, (B * windows, N, C)
+        B, N, C = args[0].shape
+        return 2 * B * N * N * C
     if isinstance(m, CrossModalTokenFusion):
         (s, g) = args[:2]
         return m.attention_macs(s.shape[0], s.shape[1], g.shape[1])
