@@ -18,7 +18,8 @@ def done(tmp_path_factory):
     make_fmnist(data)
     out = str(root / "out")
     common = ["--scale", "smoke", "--data-dir", data, "--out", out]
-    for name in ("table5", "figure1a", "table7", "table4", "variants", "table1", "theorem1", "guidance", "dtc-levers"):
+    for name in ("table5", "figure1a", "table7", "table4", "variants", "table1", "theorem1", "guidance", "dtc-levers",
+                 "figure1bc"):
         assert main(["experiment", "run", name, *common]) == 0, name
     # Table 6: the table1 checkpoints on their own test set and on an extra evaluation set
     assert main(["experiment", "run", "table6", *common, "--eval-data", f"fashion-mnist={data}"]) == 0
@@ -78,6 +79,27 @@ def test_figure1a_points_follow_the_budget(done):
         g = [p["gmacs"] for p in pts]
         # ToMe's r removes tokens as it grows; the other knobs keep more as they grow
         assert g == sorted(g, reverse=cell["kwargs"]["reduction"] == "tome"), (cell["label"], g)
+
+
+def test_figure1bc_segments_with_every_backbone_at_its_budgets(done, tmp_path):
+    rec = _record(done, "figure1bc")
+    assert [c["kwargs"].get("reduction") for c in rec["cells"]] == ["none", "dtc", "evit", "hourglass", "tome"]
+    dense_gmacs = rec["cells"][0]["runs"][0]["points"][0]["gmacs"]
+    for cell in rec["cells"][1:]:
+        pts = cell["runs"][0]["points"]
+        assert len(pts) == 3 and all(0 <= p["miou"] <= 100 for p in pts)
+        g = [p["gmacs"] for p in pts]
+        assert g == sorted(g, reverse=cell["kwargs"]["reduction"] == "tome"), (cell["label"], g)
+        assert min(g) < dense_gmacs, cell["label"]
+    text = open(report([os.path.join(done, "figure1bc")], str(tmp_path))).read()
+    assert "| mIoU (%) |" in text and "| Hourglass | 0.3 |" in text
+    with open(tmp_path / "figure1bc.png", "rb") as f:
+        assert f.read(8) == PNG
+    # a second run trains nothing: every segmenter is found
+    common = ["--scale", "smoke", "--data-dir", os.path.join(os.path.dirname(done), "fm"), "--out", done]
+    before = os.path.getmtime(os.path.join(done, rec["cells"][0]["runs"][0]["run_dir"], "segmenter.safetensors"))
+    assert main(["experiment", "run", "figure1bc", *common]) == 0
+    assert os.path.getmtime(os.path.join(done, rec["cells"][0]["runs"][0]["run_dir"], "segmenter.safetensors")) == before
 
 
 def test_theorem1_adaptivision_cost_grows_slower_than_dense(done):

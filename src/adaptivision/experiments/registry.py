@@ -29,7 +29,7 @@ class Cell:
 class Experiment:
     name: str
     title: str
-    kind: str                        # 'train' | 'budget' | 'scaling' | 'robustness' | 'guidance'
+    kind: str                        # 'train' | 'budget' | 'scaling' | 'robustness' | 'guidance' | 'segmentation'
     cells: tuple = ()
     key: Optional[str] = None        # column named after the swept option (Table 4: tau)
     paper_datasets: tuple = ("imagenet",)
@@ -94,6 +94,23 @@ LEVER_CELLS = (
     Cell("image, soft, tau 20, after block 1, K 24", dict(IMAGE_DTC, assign="soft", tau=20.0, condense_at=1, k_mid=24)),
 )
 
+# Figure 1(b)/(c): segmentation backbones, each trained once per seed and evaluated at SEG_BUDGETS
+SEG_CELLS = (
+    Cell("ViT (dense)", {"reduction": "none"}),
+    Cell("AdaptiVision (DTC, skip unpooling)", {"reduction": "dtc", "cmtf": False, "unpool": "skip"}),
+    Cell("EViT", {"reduction": "evit"}),
+    Cell("Hourglass", {"reduction": "hourglass"}),
+    Cell("ToMe (unmerged)", {"reduction": "tome"}),
+)
+SEG_BUDGETS = {"none": [None], "dtc": [("bias", -2.0), ("bias", 0.0), ("bias", 2.0)],
+               "evit": [("keep_ratio", 0.5), ("keep_ratio", 0.7), ("keep_ratio", 0.9)],
+               "hourglass": [("keep_ratio", 0.3), ("keep_ratio", 0.5), ("keep_ratio", 0.7)],
+               "tome": [("tome_r", 4), ("tome_r", 8), ("tome_r", 12)]}
+# steps of batch 32 and test canvases of Fashion-MNIST mosaics (56 x 56) per scale
+SEG_SCALES = {"smoke": dict(steps=2, batch=4, eval_size=8), "small": dict(steps=300, batch=32, eval_size=500),
+              "default": dict(steps=900, batch=32, eval_size=500), "full": dict(steps=3000, batch=32, eval_size=1000),
+              "paper": dict(steps=80000, batch=16, eval_size=None)}
+
 EXPERIMENTS = {e.name: e for e in (
     Experiment("table1", "Table 1/2: model comparison", "train", (
         Cell("DeiT-S (timm)", {}, model="deit_small_patch16_224", scales=("paper",)),
@@ -129,6 +146,10 @@ EXPERIMENTS = {e.name: e for e in (
     Experiment("dtc-plateau", "The default-length candidates trained to plateau (--scale full)", "train",
                tuple(LEVER_CELLS[i] for i in (0, 15, 2, 1, 12, 3)),
                note="run it with --scale full; dense first, so its curve fixes the plateau epochs"),
+    Experiment("figure1bc", "Figure 1(b)/(c): segmentation mIoU vs GMACs (Fashion-MNIST mosaics; ADE20K, "
+               "Cityscapes by --dataset)", "segmentation", SEG_CELLS, paper_datasets=("ade20k", "cityscapes"),
+               note="one segmenter per backbone and seed, evaluated at several budgets; baselines unpooled "
+                    "through their assignments"),
     Experiment("theorem1", "Theorem 1: cost as the image grows (fixed K range)", "scaling", (DENSE, DTC)),
     Experiment("variants", "Paper-literal vs sound variants (DESIGN.md)", "train", (
         Cell("sound defaults", {"reduction": "dtc"}),

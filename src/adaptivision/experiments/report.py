@@ -111,8 +111,8 @@ def _guidance_table(rec: dict, exp_dir: str, notes: list) -> list:
     return lines
 
 
-def _budget(rec: dict, out: str, name: str, plots: list) -> list:
-    lines = ["| method | knob | GMACs | top-1 (%) | seeds |", "|---|---|---|---|---|"]
+def _budget(rec: dict, out: str, name: str, plots: list, metric: str = "top1", what: str = "top-1 (%)") -> list:
+    lines = [f"| method | knob | GMACs | {what} | seeds |", "|---|---|---|---|---|"]
     curves = {}
     for cell in rec["cells"]:
         by_knob: dict = {}
@@ -120,14 +120,14 @@ def _budget(rec: dict, out: str, name: str, plots: list) -> list:
             for p in run.get("points", []):
                 by_knob.setdefault(p["knob"], []).append(p)
         for knob, pts in by_knob.items():
-            lines.append(f"| {cell['label']} | {knob} | {_stat([p['gmacs'] for p in pts], 4)} | "
-                         f"{_stat([p['top1'] for p in pts])} | {len(pts)} |")
+            lines.append(f"| {cell['label']} | {MISSING if knob is None else knob} | {_stat([p['gmacs'] for p in pts], 4)} | "
+                         f"{_stat([p[metric] for p in pts])} | {len(pts)} |")
             curves.setdefault(cell["label"], []).append(
-                (statistics.fmean(p["gmacs"] for p in pts), statistics.fmean(p["top1"] for p in pts)))
+                (statistics.fmean(p["gmacs"] for p in pts), statistics.fmean(p[metric] for p in pts)))
         if not by_knob:
             lines.append(f"| {cell['label']} | {MISSING} | {MISSING} | {MISSING} | 0 |")
     if curves:
-        plots.append(plot_curves(out, name, "GMACs per image", "top-1 (%)",
+        plots.append(plot_curves(out, name, "GMACs per image", what,
                            {k: sorted(v) for k, v in curves.items()}, rec["title"]))
     return lines
 
@@ -230,6 +230,8 @@ def report(exp_dirs: list, out: str, pictures: bool = True) -> str:
                 plots += _pictures(rec, exp_dir, out, name, notes)
         elif rec["kind"] == "budget":
             md += _budget(rec, out, name, plots)
+        elif rec["kind"] == "segmentation":
+            md += _budget(rec, out, name, plots, "miou", "mIoU (%)")
         elif rec["kind"] == "scaling":
             md += _scaling(rec, out, name, plots)
         else:

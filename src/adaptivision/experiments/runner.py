@@ -23,11 +23,12 @@ import torch
 from .. import budget
 from ..config import CLUSTERING, ModelOptions
 from ..data import collate_skip
+from ..dense import run as dense_run
 from ..guidance import MODES
 from ..profile import profile
 from ..timing import time_models
 from ..train import TrainConfig, engine
-from .registry import BUDGETS, FULL_EPOCHS, SCALES, Cell, Experiment, get
+from .registry import BUDGETS, FULL_EPOCHS, SCALES, SEG_BUDGETS, SEG_SCALES, Cell, Experiment, get
 
 SMALL_MODELS = {"fashion-mnist": "adaptivision_nano_patch4_28", "cifar10": "adaptivision_nano_patch4_32",
                 "cifar100": "adaptivision_nano_patch4_32"}
@@ -169,6 +170,8 @@ class Runner:
         kind = self.exp.kind
         if kind == "scaling":
             self.record["cells"] = self.scaling()
+        elif kind == "segmentation":
+            self.record["cells"] = [self.segmentation(c) for c in self.exp.cells]
         elif kind == "robustness":
             self.record["cells"] = self.robustness(checkpoints, eval_data or {})
         else:
@@ -238,6 +241,36 @@ class Runner:
                 run["points"].append(dict(knob=value, gmacs=res["gmacs"], top1=res["top1"], top5=res["top5"]))
                 self.log(f"[figure1a] {entry['label']} seed {run['seed']} knob {value}: "
                          f"{res['gmacs']:.4f} GMACs, top-1 {res['top1']:.2f}")
+
+    def segmentation(self, cell: Cell) -> dict:
+        """Figure 1(b)/(c): one segmenter per seed (``adaptivision segment``'s training), then mIoU
+        and GMACs at each budget of its method. Fashion-MNIST gives mosaics; ade20k / cityscapes
+        are read from --data-dir."""
+        dataset = "mosaic" if self.base.dataset == "fashion-mnist" else self.base.dataset
+        method = cell.kwargs.get("reduction", "dtc")
+        entry = dict(label=cell.label, kwargs=cell.kwargs, runs=[])
+        recipe = SEG_SCALES[self.scale]
+        ident = json.dumps(dict(dataset=dataset, kwargs=cell.kwargs, **recipe), sort_keys=True)
+        name = f"seg-{_slug(method)}-{hashlib.sha1(ident.encode()).hexdigest()[:8]}"
+        for seed in range(self.seeds):
+            rel = os.path.join("runs", name, f"seed{seed}")
+            ckpt = os.path.join(self.out, rel, "segmenter.safetensors")
+            if os.path.isfile(os.path.join(self.out, rel, "segment.json")):
+                self.log(f"[{self.exp.name}] {cell.label} seed {seed}: done before ({rel})")
+            elif self.record_only:
+                continue
+            else:
+                self.log(f"[{self.exp.name}] {cell.label} seed {seed}: training {rel}")
+                dense_run.run(dataset, self.base.data_dir, kwargs=cell.kwargs, output=os.path.join(self.out, "runs"),
+                              name=os.path.join(name, f"seed{seed}"), seed=seed, log=lambda *a: None, **recipe)
+            points = []
+            for b in SEG_BUDGETS.get(method, [None]):
+                res = dense_run.evaluate(ckpt, self.base.data_dir, recipe["eval_size"], dict([b]) if b else None)
+                points.append(dict(knob=b[1] if b else None, gmacs=res["gmacs"], miou=res["miou"]))
+                self.log(f"[{self.exp.name}] {cell.label} seed {seed} {b}: {res['gmacs']:.4f} GMACs, "
+                         f"mIoU {res['miou']:.2f}")
+            entry["runs"].append(dict(seed=seed, run_dir=rel, points=points))
+        return entry
 
     def robustness(self, checkpoints: Optional[list], eval_data: dict) -> list:
         """Table 6: trained checkpoints on their own test set and on ``eval_data`` (name -> dir)."""
