@@ -16,7 +16,7 @@ from adaptivision.reduction import (
 )
 from conftest import tiny_model
 
-BASELINES = ["random", "importance", "evit", "tome", "hourglass"]
+BASELINES = ["random", "importance", "evit", "tome", "hourglass", "hired"]
 
 
 def _tokens_per_block(model, x):
@@ -153,6 +153,7 @@ def test_tokens_removed_as_specified(reduction):
         "evit": [65, 65, 1 + 32 + 1, 1 + 17 + 1],             # after attention of blocks 1, 2, 3
         "tome": [65, 62, 59, 56],                             # 3 per block
         "hourglass": [65, 1 + 36, 37, 37],                    # a 6 x 6 grid (round(sqrt(32))) before block 1
+        "hired": [65, 65, 1 + 32, 33],                        # after attention of block 1
     }[reduction]
     assert counts == expected
 
@@ -286,3 +287,29 @@ def test_hourglass_model_counts_its_clustering_and_keeps_a_square_grid():
     assert profile(hg, x)["gmacs"] == pytest.approx(h - 10 * 64 * 16 * 32 / 1e9)
     with pytest.raises(ValueError, match="square"):
         tiny_model(reduction="hourglass", img_size=(16, 32))(torch.randn(1, 3, 16, 32))
+
+
+def test_hired_splits_the_budget_over_quadrants_by_attention():
+    """Largest remainders, capped at a partition's size: shares 0.4/0.3/0.2/0.1 of 8 tokens give
+    3.2/2.4/1.6/0.8 -> 3/2/2/1; a partition asking for more than it holds passes the rest on."""
+    from adaptivision.reduction.hired import partition_budget, quadrants
+    sizes = torch.tensor([4, 4, 4, 4])
+    b = partition_budget(torch.tensor([[0.4, 0.3, 0.2, 0.1]]), 8, sizes)
+    assert b.tolist() == [[3, 2, 2, 1]]
+    b = partition_budget(torch.tensor([[0.97, 0.01, 0.01, 0.01], [0.25, 0.25, 0.25, 0.25]]), 8, sizes)
+    assert b[0, 0] == 4 and b.sum(1).tolist() == [8, 8] and b[1].tolist() == [2, 2, 2, 2]
+    assert quadrants(16).view(4, 4).tolist() == [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
+    with pytest.raises(ValueError, match="square"):
+        quadrants(12)
+
+
+def test_hired_keeps_each_quadrants_most_attended_patches_in_order():
+    from adaptivision.reduction.hired import hired_keep
+    attn = torch.zeros(1, 16)
+    attn[0, [0, 1, 4, 5]] = torch.tensor([0.25, 0.10, 0.15, 0.05])                  # quadrant 0: 0.55
+    attn[0, 2], attn[0, 15] = 0.25, 0.20                                             # quadrants 1 and 3
+    # quotas of 4 tokens: 2.2 / 1.0 / 0 / 0.8 -> budgets 2 / 1 / 0 / 1 (the 0.8 remainder wins)
+    assert hired_keep(attn, 4).tolist() == [[0, 2, 4, 15]]                           # kept, in their order
+    model = tiny_model(reduction="hired", keep_ratio=0.25, img_size=32).eval()      # 64 patches -> 16 kept
+    feats = model.forward_intermediates(torch.randn(2, 3, 32, 32), indices=[3], intermediates_only=True)[0]
+    assert feats.shape == (2, 32, 8, 8)

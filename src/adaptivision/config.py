@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterable, Optional, Sequence, Union
 
 IntOrSeq = Union[int, Sequence[int], None]
-REDUCTIONS = ("dtc", "none", "random", "importance", "evit", "tome", "hourglass")
+REDUCTIONS = ("dtc", "none", "random", "importance", "evit", "tome", "hourglass", "hired")
 
 
 def unknown_key_error(key: str, valid: Iterable[str], what: str = "option") -> ValueError:
@@ -66,8 +66,8 @@ class ModelOptions:
     """
 
     # --- which token reduction (DESIGN.md §4): ours or a baseline on the same backbone ---
-    reduction: str = "dtc"              # 'dtc' | 'none' | 'random' | 'importance' | 'evit' | 'tome' | 'hourglass'
-    keep_ratio: float = 0.7             # random/importance/evit/hourglass: fraction of the entering tokens kept
+    reduction: str = "dtc"              # 'dtc' | 'none' | 'random' | 'importance' | 'evit' | 'tome' | 'hourglass' | 'hired'
+    keep_ratio: float = 0.7             # random/importance/evit/hourglass/hired: fraction of the entering tokens kept
     reduce_at: IntOrSeq = None          # importance/evit blocks (default depth/4, depth/2, 3depth/4)
     tome_r: int = 8                     # tome: tokens merged in every block
     # --- Dynamic Token Clustering (paper 3.2) ---
@@ -242,9 +242,9 @@ class ModelOptions:
         elif red == "random":
             blocks = blocks if blocks is not None else (_as_list(self.condense_at) or [0])[:1]
             _check(len(blocks) == 1, "reduce_at", self.reduce_at, "one block for reduction='random'")
-        elif red == "hourglass":  # clustering after a quarter of the blocks (the paper's alpha)
+        elif red in ("hourglass", "hired"):  # once, after a quarter of the blocks (Hourglass's alpha)
             blocks = blocks if blocks is not None else [max(1, depth // 4)]
-            _check(len(blocks) == 1, "reduce_at", self.reduce_at, "one block for reduction='hourglass'")
+            _check(len(blocks) == 1, "reduce_at", self.reduce_at, f"one block for reduction={red!r}")
         elif red == "tome":
             blocks = blocks if blocks is not None else list(range(depth))
         else:

@@ -45,6 +45,7 @@ BASELINES = (
     Cell("EViT", {"reduction": "evit"}, match_gmacs=True),
     Cell("ToMe", {"reduction": "tome"}, match_gmacs=True),
     Cell("Hourglass", {"reduction": "hourglass"}, match_gmacs=True),
+    Cell("HiRED (adapted)", {"reduction": "hired"}, match_gmacs=True),
     DTC,
 )
 TEXT_SAL = "text,saliency"
@@ -164,7 +165,8 @@ EXPERIMENTS = {e.name: e for e in (
 # keep ratio of the others. One trained model per method serves all of its budgets.
 BUDGETS = {"dtc": [-4.0, -2.0, 0.0, 2.0, 4.0], "tome": [0.2, 0.4, 0.6, 0.8, 1.0],
            "random": [0.3, 0.45, 0.6, 0.75, 0.9], "importance": [0.5, 0.6, 0.7, 0.8, 0.9],
-           "evit": [0.5, 0.6, 0.7, 0.8, 0.9], "hourglass": [0.3, 0.45, 0.6, 0.75, 0.9]}
+           "evit": [0.5, 0.6, 0.7, 0.8, 0.9], "hourglass": [0.3, 0.45, 0.6, 0.75, 0.9],
+           "hired": [0.3, 0.45, 0.6, 0.75, 0.9]}
 
 
 def get(name: str) -> Experiment:
