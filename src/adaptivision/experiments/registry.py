@@ -93,6 +93,9 @@ LEVER_CELLS = (
     # later condensation at the same cost: fewer clusters, taken from better-mixed tokens
     Cell("image, soft, tau 20, after block 2, K 24", dict(IMAGE_DTC, assign="soft", tau=20.0, condense_at=2, k_mid=24)),
     Cell("image, soft, tau 20, after block 1, K 24", dict(IMAGE_DTC, assign="soft", tau=20.0, condense_at=1, k_mid=24)),
+    # AFA costs a quarter of a training update (docs/performance.md): is it worth it?
+    Cell("image, soft, tau 20, after block 2, K 24, AFA off",
+         dict(IMAGE_DTC, assign="soft", tau=20.0, condense_at=2, k_mid=24, afa=False)),
 )
 
 # Figure 1(b)/(c): segmentation backbones, each trained once per seed and evaluated at SEG_BUDGETS
@@ -144,6 +147,9 @@ EXPERIMENTS = {e.name: e for e in (
     Experiment("dtc-where", "Where to condense: the candidate defaults against the baselines, 2 seeds", "train",
                tuple(LEVER_CELLS[i] for i in (15, 16, 12, 2, 1, 3, 0)),
                note="run it with --scale default --seeds 2; shares its runs with dtc-confirm"),
+    Experiment("dtc-afa", "Does AFA earn its cost? The best DTC with and without it, 2 seeds", "train",
+               tuple(LEVER_CELLS[i] for i in (15, 17, 2, 0)),
+               note="run it with --scale default --seeds 2; shares its runs with dtc-where"),
     Experiment("dtc-plateau", "The default-length candidates trained to plateau (--scale full)", "train",
                tuple(LEVER_CELLS[i] for i in (0, 15, 2, 1, 12, 3)),
                note="run it with --scale full; dense first, so its curve fixes the plateau epochs"),
