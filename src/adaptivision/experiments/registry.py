@@ -122,6 +122,7 @@ EXPERIMENTS = {e.name: e for e in (
         # timm's Swin at nano width for 28 x 28 inputs (models/registry.py): Swin-T's place below paper scale
         Cell("Swin (timm, nano width)", {}, model="swin_nano_patch2_window7_28",
              scales=("smoke", "small", "default", "full")),
+        Cell("LeMeViT (nano)", {}, model="lemevit_nano_28", scales=("smoke", "small", "default", "full")),
         DENSE, DTC), paper_datasets=("imagenet", "cifar10", "cifar100", "tinyimagenet", "chestxray")),
     Experiment("table4", "Table 4: DTC temperature tau", "train",
                tuple(Cell(f"tau = {t}", {"reduction": "dtc", "tau": float(t)}) for t in (1, 20, 100, 150, 200, 250)),
