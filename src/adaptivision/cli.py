@@ -7,7 +7,6 @@ import sys
 
 import torch
 
-from .budget import apply_budget, parse_budget
 from .experiments.registry import EXPERIMENTS, SCALES
 
 
@@ -29,6 +28,7 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
+    from .budget import apply_budget, parse_budget
     from .profile import profile
     from .train.engine import (
         build_eval_dataset,
@@ -159,6 +159,7 @@ def _visualize(args) -> int:
 def _segment(args) -> int:
     import yaml
 
+    from .budget import parse_budget
     from .dense import run as seg
     if args.checkpoint:
         budget = parse_budget(args.budget) if args.budget else None
