@@ -152,7 +152,7 @@ EXPERIMENTS = {e.name: e for e in (
                tuple(LEVER_CELLS[i] for i in (15, 17, 2, 0)),
                note="run it with --scale default --seeds 2; shares its runs with dtc-where"),
     Experiment("dtc-plateau", "The default-length candidates trained to plateau (--scale full)", "train",
-               tuple(LEVER_CELLS[i] for i in (0, 15, 2, 1, 12, 3)),
+               tuple(LEVER_CELLS[i] for i in (0, 15, 17, 2, 1, 12, 3)),
                note="run it with --scale full; dense first, so its curve fixes the plateau epochs"),
     Experiment("figure1bc", "Figure 1(b)/(c): segmentation mIoU vs GMACs (Fashion-MNIST mosaics; ADE20K, "
                "Cityscapes by --dataset)", "segmentation", SEG_CELLS, paper_datasets=("ade20k", "cityscapes"),
