@@ -230,7 +230,7 @@ def main(argv=None) -> int:
     x.add_argument("--seeds", type=int, default=1)
     x.add_argument("--scale", default="small", choices=SCALES,
                    help="smoke: a few steps (CI); small: 1 epoch on 10k images; default: the default job "
-                        "(2 epochs, all images); full: the same trained to plateau (10 epochs); "
+                        "(2 epochs, all images); full: the same trained to plateau (20 epochs); "
                         "paper: configs/<dataset>.yaml")
     x.add_argument("--out", default="experiments", help="runs and records go here (shared by experiments)")
     x.add_argument("--record-only", action="store_true", dest="record_only",
