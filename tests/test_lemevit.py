@@ -38,8 +38,8 @@ def test_attention_cost_is_linear_in_the_image_tokens_and_counted():
     x, x2, c = torch.zeros(1, 49, 8), torch.zeros(1, 98, 8), torch.zeros(1, 16, 8)
     dual = DualCrossAttention(8, num_heads=2, kind="dual")
     full = DualCrossAttention(8, num_heads=2, kind="self")
-    assert dual.attention_macs(x2, c) == 2 * dual.attention_macs(x, c) == 2 * 2 * 2 * 49 * 16 * 8
-    assert full.attention_macs(x2, c) - 2 * 98 * 98 * 8 == full.attention_macs(x, c) - 2 * 49 * 49 * 8
+    assert dual.call_macs(x2, c) == 2 * dual.call_macs(x, c) == 2 * 2 * 2 * 49 * 16 * 8
+    assert full.call_macs(x2, c) - 2 * 98 * 98 * 8 == full.call_macs(x, c) - 2 * 49 * 49 * 8
     import sys
 
     from adaptivision import profile
@@ -49,7 +49,7 @@ def test_attention_cost_is_linear_in_the_image_tokens_and_counted():
     attn = {}
     for m in model.modules():
         if isinstance(m, DualCrossAttention):
-            m.register_forward_hook(lambda mod, a, o: attn.__setitem__(id(mod), mod.attention_macs(*a)))
+            m.register_forward_hook(lambda mod, a, o: attn.__setitem__(id(mod), mod.call_macs(*a)))
     model(img)
     prof = sys.modules["adaptivision.profile"]
     orig = prof.module_macs

@@ -43,8 +43,8 @@ def module_macs(m: nn.Module, args: tuple, kwargs: dict, out) -> int:
         if isinstance(m, EViTBlock):  # [CLS] attention row, all heads
             macs += B * T * attn_width(m.attn)
         return macs
-    if hasattr(m, "attention_macs") and not isinstance(m, (AdaptiveFocusAttention, CrossModalTokenFusion)):
-        return m.attention_macs(*args[:2])  # e.g. LeMeViT's attention: it knows its own token pairs
+    if hasattr(m, "call_macs"):  # a module that counts its own products (LeMeViT's attention)
+        return m.call_macs(*args, **kwargs)
     if isinstance(m, WindowAttention):  # Swin: QK^T and AV inside each window, (B * windows, N, C)
         B, N, C = args[0].shape
         return 2 * B * N * N * C

@@ -30,6 +30,13 @@ import torch.nn.functional as F
 REF_WIDTH = 384  # DeiT-S, the width of the paper's main model: tau = 150 is calibrated there
 
 
+def normed_space(z: torch.Tensor) -> torch.Tensor:
+    """LayerNorm'd tokens (float32) scaled so that each has squared norm ``REF_WIDTH`` whatever
+    the width D: distances, and so one ``tau``, mean the same at every width. (..., D)."""
+    D = z.shape[-1]
+    return F.layer_norm(z.float(), (D,)) * math.sqrt(REF_WIDTH / D)  # constants: exportable
+
+
 def soft_assign(z: torch.Tensor, mu: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 2: ``a_ik = softmax_k(-||z_i - mu_k||^2 / tau)``, in float32 even under autocast.
 
@@ -179,7 +186,7 @@ class DynamicTokenClustering(nn.Module):
         z = z.float()
         if not self.assign_norm:
             return z
-        return F.layer_norm(z, (self.dim,)) * math.sqrt(REF_WIDTH / self.dim)  # constants: exportable
+        return normed_space(z)
 
     @torch.no_grad()
     def init_centroids(self, tokens: torch.Tensor, max_points: int = 8192, seed: int = 0) -> None:

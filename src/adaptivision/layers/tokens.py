@@ -34,7 +34,9 @@ class Group:
 
     def __post_init__(self):
         # clamped: a cluster that received no mass at all (sharp tau) must not give log(0), whose
-        # gradient is NaN; at 1e-6 it is simply ignored by attention
+        # gradient is NaN; at 1e-6 it is simply ignored by attention. Derived again on every
+        # replace: carrying it over measured more torch.compile graphs (tests/test_deploy.py) for
+        # a (b, T) log that costs nothing next to a block
         if self.prop_attn and self.mass is not None:
             bias = self.mass.clamp_min(1e-6).log()[:, None, None, :].to(self.x.dtype)  # (b, 1, 1, T)
             object.__setattr__(self, "log_mass", bias)

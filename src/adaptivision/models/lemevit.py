@@ -72,7 +72,7 @@ class DualCrossAttention(nn.Module):
         dc = F.scaled_dot_product_attention(qc, kx, vx)                              # meta <- image
         return self.proj(_merge(dx)), self.proj_c(_merge(dc))
 
-    def attention_macs(self, x: torch.Tensor, c: torch.Tensor) -> int:
+    def call_macs(self, x: torch.Tensor, c: torch.Tensor) -> int:
         """QK^T and AV of this call (for ``adaptivision.profile``)."""
         (B, N, C), M = x.shape, c.shape[1]
         pairs = {"self": N * N + M * M, "stem": M * N, "dual": 2 * N * M}[self.kind]

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers.dtc import REF_WIDTH
+from ..layers.dtc import normed_space
 from ..layers.tokens import Context, Group
 
 
@@ -37,19 +37,20 @@ def grid_side(keep_ratio: float, n: int) -> int:
     return max(1, min(side, round(math.sqrt(keep_ratio * n))))
 
 
+def start_cells(side: int, h: int, device) -> torch.Tensor:
+    """(N,) the centre cell of an h x h grid that each patch of a side x side grid starts in."""
+    cells = torch.arange(h * h, device=device, dtype=torch.float32).view(1, 1, h, h)
+    return F.interpolate(cells, size=(side, side), mode="nearest").flatten().long()   # (N,)
+
+
 def local_mask(side: int, h: int, window: int, device) -> torch.Tensor:
     """(N, K) True where patch i (of a side x side grid) may join centre k (of an h x h grid):
     within ``window // 2`` centre cells of the cell patch i starts in (nearest-neighbour labels)."""
-    cells = torch.arange(h * h, device=device, dtype=torch.float32).view(1, 1, h, h)
-    start = F.interpolate(cells, size=(side, side), mode="nearest").flatten().long()  # (N,) initial cell
+    start = start_cells(side, h, device)                                             # (N,) initial cell
     r = window // 2
     pr, pc = start // h, start % h                                                   # (N,) cell row / col
     kr, kc = torch.arange(h * h, device=device) // h, torch.arange(h * h, device=device) % h
     return ((pr[:, None] - kr[None]).abs() <= r) & ((pc[:, None] - kc[None]).abs() <= r)  # (N, K)
-
-
-def _space(z: torch.Tensor) -> torch.Tensor:
-    return F.layer_norm(z.float(), z.shape[-1:]) * math.sqrt(REF_WIDTH / z.shape[-1])  # (B, N, D)
 
 
 def cluster_grid(z: torch.Tensor, h: int, iters: int = 5, tau: float = 20.0, window: int = 5):
@@ -59,13 +60,11 @@ def cluster_grid(z: torch.Tensor, h: int, iters: int = 5, tau: float = 20.0, win
     side = math.isqrt(N)
     if side * side != N:
         raise ValueError(f"reduction='hourglass' clusters a square patch grid; got {N} patches")
-    zs = _space(z)                                                                   # (B, N, D)
+    zs = normed_space(z)                                                                   # (B, N, D)
     grid = zs.transpose(1, 2).reshape(B, D, side, side)
     mu = F.adaptive_avg_pool2d(grid, h).flatten(2).transpose(1, 2)                   # (B, K, D) grid start
     mask = local_mask(side, h, window, z.device)                                     # (N, K)
-    k0 = F.interpolate(torch.arange(h * h, device=z.device, dtype=torch.float32).view(1, 1, h, h),
-                       size=(side, side), mode="nearest").flatten().long()           # (N,)
-    a = F.one_hot(k0, h * h).float().expand(B, -1, -1)                               # (B, N, K) the pool's cells
+    a = F.one_hot(start_cells(side, h, z.device), h * h).float().expand(B, -1, -1)                               # (B, N, K) the pool's cells
     for _ in range(iters):
         d2 = torch.cdist(zs, mu).pow(2)                                              # (B, N, K)
         a = torch.softmax((-d2 / tau).masked_fill(~mask, float("-inf")), dim=-1)     # (B, N, K)
@@ -82,7 +81,7 @@ def reconstruction(z_pre: torch.Tensor, s0: torch.Tensor, tau: float = 20.0, top
     """Hourglass's token reconstruction weights (B, N, K): ``exp(-|z_i - s0_k|^2 / tau)`` for the
     ``top_k`` nearest super-tokens of each patch, normalised to sum 1 (distances in the
     assignment space; z_pre (B, N, D) before clustering, s0 (B, K, D) right after)."""
-    d2 = torch.cdist(_space(z_pre), _space(s0)).pow(2)                              # (B, N, K)
+    d2 = torch.cdist(normed_space(z_pre), normed_space(s0)).pow(2)                              # (B, N, K)
     k = min(top_k, d2.shape[-1])
     logits = (-d2 / tau)
     keep = logits >= logits.topk(k, dim=-1).values[..., -1:]                        # (B, N, K) top-k
