@@ -327,3 +327,25 @@ def test_init_clusters_ignores_a_nan_image_and_names_all_nan_input():
     assert torch.isfinite(model.dtc["0"].centroids).all() and bool(model.dtc["0"].initialized)
     with pytest.raises(ValueError, match="finite tokens"):
         model.init_clusters(torch.full((2, 3, 16, 16), float("nan")))
+
+
+def test_batch_k_in_training_is_the_mean_of_the_per_image_ks_and_inference_stays_per_image():
+    x = textured_and_flat()                      # 3 textured, then 3 flat images
+    per_image = _warm_stats(tiny_model(budget_jitter=0.0), x)
+    batch = tiny_model(budget_jitter=0.0, train_k="batch")
+    batch.load_state_dict(per_image.state_dict())
+    with torch.no_grad():
+        per_image.train()(x)
+        k_img = per_image.last_num_clusters[:, 0].clone()
+        batch.train()(x)
+        k_batch = batch.last_num_clusters[:, 0].clone()
+    assert k_img.unique().numel() > 1, k_img     # the case needs images with different K
+    step = batch.dtc["0"].k_step
+    expected = int(torch.round(k_img.float().mean() / step) * step)
+    assert (k_batch == expected).all(), (k_batch, k_img)
+    with torch.no_grad():                        # inference: per-image K again, the same as 'image'
+        out_batch, out_img = batch.eval()(x), per_image.eval()(x)
+    assert torch.equal(batch.last_num_clusters, per_image.last_num_clusters)
+    assert torch.allclose(out_batch, out_img)
+    with pytest.raises(ValueError, match="train_k"):
+        tiny_model(train_k="per-batch")

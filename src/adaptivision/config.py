@@ -85,6 +85,8 @@ class ModelOptions:
     prop_attn: bool = True              # add log(mass) to attention logits (ToMe's proportional attention)
     complexity: str = "variance"        # 'variance' | 'entropy' | 'saliency'
     dynamic: bool = True                # per-image K; False = fixed K (k_max unless a budget is set)
+    train_k: str = "image"              # K in training: 'image' (per image) | 'batch' (the batch's mean K, one
+    #                                     group: per-image groups cost more than the tokens they save; docs/performance.md)
     budget_jitter: float = 1.0          # training-time random shift of the budget bias
     stat_momentum: float = 0.1          # running mean/std of the complexity score
     assign_norm: bool = True            # distances on LayerNorm'd tokens (scale-free tau); False = raw tokens
@@ -176,6 +178,7 @@ class ModelOptions:
                "'variance' or 'saliency' with centers='fps' ('entropy' measures use of the learned centroids)")
         _check(self.complexity in ("variance", "entropy", "saliency"), "complexity", self.complexity,
                "'variance', 'entropy' or 'saliency'")
+        _check(self.train_k in ("image", "batch"), "train_k", self.train_k, "'image' or 'batch'")
         _check(self.budget_jitter >= 0, "budget_jitter", self.budget_jitter, "a float >= 0")
         _check(0 < self.stat_momentum <= 1, "stat_momentum", self.stat_momentum, "a float in (0, 1]")
         _check(self.afa_rank >= 1, "afa_rank", self.afa_rank, "an integer >= 1")

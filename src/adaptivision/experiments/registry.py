@@ -98,6 +98,12 @@ LEVER_CELLS = (
     # AFA costs a quarter of a training update (docs/performance.md): is it worth it?
     Cell("image, soft, tau 20, after block 2, K 24, AFA off",
          dict(IMAGE_DTC, assign="soft", tau=20.0, condense_at=2, k_mid=24, afa=False)),
+    # per-image K groups cost more training time than their tokens save (docs/performance.md):
+    # the same models trained with one K per batch (their images' mean), per-image K at inference
+    Cell("image, soft, tau 20, after block 2, K 24, batch K",
+         dict(IMAGE_DTC, assign="soft", tau=20.0, condense_at=2, k_mid=24, train_k="batch")),
+    Cell("image, soft, tau 20, after block 2, K 24, AFA off, batch K",
+         dict(IMAGE_DTC, assign="soft", tau=20.0, condense_at=2, k_mid=24, afa=False, train_k="batch")),
 )
 
 # Figure 1(b)/(c): segmentation backbones, each trained once per seed and evaluated at SEG_BUDGETS
@@ -153,6 +159,9 @@ EXPERIMENTS = {e.name: e for e in (
     Experiment("dtc-afa", "Does AFA earn its cost? The best DTC with and without it, 2 seeds", "train",
                tuple(LEVER_CELLS[i] for i in (15, 17, 2, 0)),
                note="run it with --scale default --seeds 2; shares its runs with dtc-where"),
+    Experiment("dtc-batch-k", "One K per training batch: as accurate as per-image K, and faster?", "train",
+               tuple(LEVER_CELLS[i] for i in (15, 18, 17, 19, 2, 0)),
+               note="run it with --scale default --seeds 2; shares its runs with dtc-afa"),
     Experiment("dtc-plateau", "The default-length candidates trained to plateau (--scale full)", "train",
                tuple(LEVER_CELLS[i] for i in (0, 15, 17, 2, 1, 12, 3)),
                note="run it with --scale full; dense first, so its curve fixes the plateau epochs"),

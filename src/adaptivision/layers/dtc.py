@@ -2,7 +2,9 @@
 
 Tokens ``z`` (B, N, D) are assigned to ``K`` cluster centres and condensed into ``K``
 super-tokens. ``K`` is chosen per image from a complexity score; the model groups images by
-``K`` so that each group runs as one dense batch.
+``K`` so that each group runs as one dense batch. With ``train_k='batch'`` a training batch
+takes one K, its images' mean (per-image groups cost more time than their tokens save on a CPU);
+inference keeps per-image K.
 
 Where the centres come from (``centers``):
 
@@ -124,7 +126,7 @@ class DynamicTokenClustering(nn.Module):
 
     def __init__(self, dim: int, *, k_min: int, k_max: int, k_step: int = 8, tau: float = 150.0,
                  iters: int = 0, normalize: bool = True, complexity: str = "variance",
-                 dynamic: bool = True, budget_jitter: float = 1.0, stat_momentum: float = 0.1,
+                 dynamic: bool = True, train_k: str = "image", budget_jitter: float = 1.0, stat_momentum: float = 0.1,
                  assign_norm: bool = True, k_mid: Optional[int] = None, centers: str = "learned",
                  hard: bool = False):
         super().__init__()
@@ -140,11 +142,14 @@ class DynamicTokenClustering(nn.Module):
         if complexity not in ("variance", "entropy", "saliency"):
             raise ValueError(f"Invalid value for 'complexity': {complexity!r}; allowed: 'variance', "
                              "'entropy' or 'saliency'.")
+        if train_k not in ("image", "batch"):
+            raise ValueError(f"Invalid value for 'train_k': {train_k!r}; allowed: 'image' or 'batch'.")
         if complexity == "entropy" and centers != "learned":
             raise ValueError("complexity='entropy' measures usage of the learned centroids: it needs centers='learned'")
         self.dim, self.k_min, self.k_max, self.k_step = dim, k_min, k_max, k_step
         self.tau, self.iters, self.normalize = tau, iters, normalize
         self.complexity, self.dynamic, self.budget_jitter = complexity, dynamic, budget_jitter
+        self.train_k = train_k
         self.stat_momentum, self.assign_norm = stat_momentum, assign_norm
         self.centers, self.hard = centers, hard
         # per-image centres own no parameter: a model without one has none that gets no gradient
@@ -175,7 +180,7 @@ class DynamicTokenClustering(nn.Module):
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, k=[{self.k_min}, {self.k_max}] step {self.k_step}, tau={self.tau}, "
                 f"iters={self.iters}, centers={self.centers}, hard={self.hard}, complexity={self.complexity}, "
-                f"dynamic={self.dynamic}")
+                f"dynamic={self.dynamic}, train_k={self.train_k}")
 
     def assignment_space(self, z: torch.Tensor) -> torch.Tensor:
         """The space in which distances are measured (float32).
@@ -262,7 +267,17 @@ class DynamicTokenClustering(nn.Module):
             if self.training and self.budget_jitter > 0:
                 # one shift per batch: every budget gets trained, and the nested centroids make it valid
                 bias = bias + (torch.rand(()).item() * 2 - 1) * self.budget_jitter
-            return self.k_from_score(score, bias).clamp_max(N)
+            k = self.k_from_score(score, bias)                                       # (B,)
+            if self.training and self.train_k == "batch":
+                # one K for the batch (its images' mean, on the k_step grid): one dense group
+                # instead of one per K value; inference keeps per-image K
+                k = self.k_from_mean(k)
+            return k.clamp_max(N)
+
+    def k_from_mean(self, k: torch.Tensor) -> torch.Tensor:
+        """Every image at the mean of ``k`` (B,), rounded to the k_step grid and the K range, (B,)."""
+        kb = torch.round(k.float().mean() / self.k_step) * self.k_step
+        return kb.clamp(self.k_min, self.k_max).long().expand_as(k)
 
     # --- condensation -------------------------------------------------------------------------
     def seed_points(self, z: torch.Tensor, k: int) -> Optional[torch.Tensor]:

@@ -74,7 +74,8 @@ class AdaptiVision(VisionTransformer):
         self.dtc = nn.ModuleDict({
             str(st.block): ClusterStage(
                 D, k_min=st.k_min, k_max=st.k_max, k_mid=st.k_mid, k_step=o.k_step, tau=o.tau, iters=o.iters,
-                normalize=o.normalize, complexity=o.complexity, dynamic=o.dynamic, budget_jitter=o.budget_jitter,
+                normalize=o.normalize, complexity=o.complexity, dynamic=o.dynamic, train_k=o.train_k,
+                budget_jitter=o.budget_jitter,
                 stat_momentum=o.stat_momentum, assign_norm=o.assign_norm, centers=o.centers,
                 hard=o.assign == "hard", stage=s, num_prefix=P)
             for s, st in enumerate(stages)})
