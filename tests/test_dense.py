@@ -1,4 +1,5 @@
-"""Dense prediction pieces (issue 7): mosaics, mIoU, Segmenter heads on every backbone kind."""
+"""Dense prediction pieces (issues 7, 16): mosaics and their boxes, mIoU, Segmenter heads and the FCOS
+detector on every backbone kind, COCO mAP, the segment / detect commands."""
 import json
 import math
 import os
@@ -11,8 +12,10 @@ from PIL import Image
 
 from adaptivision.cli import main
 from adaptivision.data.datasets import fashion_mnist
-from adaptivision.data.mosaic import FOREGROUND, FashionMosaics
+from adaptivision.data.mosaic import FOREGROUND, FashionMosaicBoxes, FashionMosaics
 from adaptivision.dense import Segmenter, confusion, iou, mean_iou
+from adaptivision.dense.detect import coco_map, sanitize
+from adaptivision.dense.detector import build_detector
 from fixtures import make_fmnist
 
 
@@ -128,3 +131,118 @@ def test_segment_command_trains_evaluates_and_protects_runs(tmp_path, capsys):
     assert low["gmacs"] < spec["results"]["gmacs"]
     assert main(["segment", *common, "--name", "av"]) == 2          # never overwritten
     assert "already holds" in capsys.readouterr().err
+
+
+def test_mosaic_boxes_are_the_visible_extent_of_each_item(tmp_path):
+    src = fashion_mnist(make_fmnist(str(tmp_path), n_train=20, n_test=10), train=False)
+    seg = FashionMosaics(src, length=30, canvas=56, items=(2, 4), seed=3)
+    det = FashionMosaicBoxes(src, length=30, canvas=56, items=(2, 4), seed=3, min_visible=0.0)
+    hidden_total = 0
+    for i in range(30):
+        img, mask = seg.render(i)
+        img_d, tgt, hidden = det.targets(i)
+        assert np.array_equal(img, img_d)                                # the same canvases as segmentation
+        _, _, inst, items = det.render_items(i)
+        kept = [t for t in range(len(items)) if (inst == t).any()]
+        assert len(tgt["boxes"]) == len(kept) and hidden == len(items) - len(kept)
+        hidden_total += hidden
+        for (x0, y0, x1, y1), label, t in zip(tgt["boxes"], tgt["labels"], kept, strict=True):
+            ys, xs = np.nonzero(inst == t)
+            assert (x0, y0, x1, y1) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)   # tight, pixel edges
+            assert label == items[t][0] and (mask[ys, xs] == label + 1).all()
+            assert 0 <= x0 < x1 <= 56 and 0 <= y0 < y1 <= 56
+    # a stricter visibility rule only removes targets, and counts them
+    strict = FashionMosaicBoxes(src, length=30, canvas=56, items=(2, 4), seed=3, min_visible=0.9)
+    counts = [strict.targets(i) for i in range(30)]
+    assert sum(h for _, _, h in counts) > hidden_total
+    x, t = strict[0]
+    assert x.shape == (1, 56, 56) and t["boxes"].dtype == torch.float32 and t["labels"].dtype == torch.long
+    with pytest.raises(ValueError, match="min_visible"):
+        FashionMosaicBoxes(src, length=1, min_visible=1.5)
+
+
+def test_sanitize_clips_boxes_outside_the_image_and_drops_empty_ones():
+    t = dict(boxes=torch.tensor([[-4., 2., 10., 12.], [50., 50., 70., 60.], [60., 5., 70., 9.], [1., 1., 1., 5.]]),
+             labels=torch.tensor([1, 2, 3, 4]))
+    clean, counts = sanitize(t, (56, 56))
+    assert torch.equal(clean["boxes"], torch.tensor([[0., 2., 10., 12.], [50., 50., 56., 56.]]))
+    assert clean["labels"].tolist() == [1, 2] and counts == dict(clipped=2, dropped=2)
+    empty, counts = sanitize(dict(boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.long)), (56, 56))
+    assert empty["boxes"].shape == (0, 4) and counts == dict(clipped=0, dropped=0)
+
+
+@pytest.mark.parametrize("kwargs", [dict(reduction="none"), dict(unpool="skip"), dict(reduction="hourglass")])
+def test_detector_pyramid_levels_and_gradients_on_every_backbone(kwargs):
+    torch.manual_seed(0)
+    backbone = timm.create_model("adaptivision_nano_patch4_28", img_size=56, **kwargs)
+    det = build_detector(backbone, num_classes=10, img_size=56, in_chans=1)
+    x = torch.randn(3, 1, 56, 56)
+    levels = det.backbone(x)
+    assert [tuple(v.shape) for v in levels.values()] == [(3, 64, 28, 28), (3, 64, 14, 14), (3, 64, 7, 7)]
+    targets = [dict(boxes=torch.tensor([[3., 4., 30., 31.]]), labels=torch.tensor([7])),
+               dict(boxes=torch.tensor([[20., 18., 48., 47.], [2., 30., 15., 55.]]), labels=torch.tensor([0, 9])),
+               dict(boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.long))]   # an empty image
+    det.train()
+    losses = det(list(x), targets)
+    assert set(losses) == {"classification", "bbox_regression", "bbox_ctrness"}
+    sum(losses.values()).backward()
+    assert backbone.patch_embed.proj.weight.grad.abs().sum() > 0      # the backbone is trained through the boxes
+    assert det.head.regression_head.bbox_reg.weight.grad.abs().sum() > 0
+    det.eval()
+    with torch.no_grad():
+        out = det(list(x))
+    assert len(out) == 3 and all(o["boxes"].shape[1] == 4 and (o["labels"] < 10).all() for o in out)
+
+
+def test_coco_map_is_100_for_the_targets_and_0_for_wrong_classes(tmp_path):
+    src = fashion_mnist(make_fmnist(str(tmp_path), n_train=20, n_test=10), train=False)
+    ds = FashionMosaicBoxes(src, length=6, canvas=56, seed=1)
+
+    class Oracle(torch.nn.Module):
+        """Returns each canvas's targets as detections (shifted classes if ``wrong``)."""
+        def __init__(self, wrong):
+            super().__init__()
+            self.wrong, self.i = wrong, 0
+            self.head = type("H", (), {"classification_head": type("C", (), {"num_classes": 10})()})()
+
+        def forward(self, images):
+            out = []
+            for _ in images:
+                t = ds[self.i][1]
+                self.i += 1
+                out.append(dict(boxes=t["boxes"], scores=torch.ones(len(t["boxes"])),
+                                labels=(t["labels"] + self.wrong) % 10))
+            return out
+
+    right = coco_map(Oracle(0), ds, batch=4)
+    assert right["map"] == pytest.approx(100) and right["map50"] == pytest.approx(100)
+    assert right["boxes"] == sum(len(ds[i][1]["boxes"]) for i in range(6)) and right["images"] == 6
+    assert coco_map(Oracle(1), ds, batch=4)["map"] == 0
+
+
+def test_detect_cli_trains_evaluates_and_refuses_a_foreign_checkpoint(tmp_path, capsys):
+    data = make_fmnist(str(tmp_path / "fm"), n_train=40, n_test=20)
+    common = ["--data-dir", data, "--steps", "2", "--batch-size", "2", "--eval-size", "4", "--output", str(tmp_path)]
+    assert main(["detect", *common, "--name", "a", "reduction=none"]) == 0
+    assert main(["detect", *common, "--name", "b", "reduction=hourglass"]) == 0
+    spec = json.load(open(tmp_path / "a" / "detect.json"))
+    assert spec["kwargs"] == {"reduction": "none"} and 0 <= spec["results"]["map"] <= 100
+    capsys.readouterr()
+    assert main(["detect", "--checkpoint", str(tmp_path / "a" / "detector.safetensors"), "--data-dir", data,
+                 "--eval-size", "4"]) == 0
+    assert json.loads(capsys.readouterr().out)["map"] == pytest.approx(spec["results"]["map"])
+    # an existing run is never overwritten
+    assert main(["detect", *common, "--name", "a"]) == 2
+    assert "already holds" in capsys.readouterr().err
+    # b's weights put beside a's record: refused, naming what differs (the backbone's options)
+    os.replace(tmp_path / "b" / "detector.safetensors", tmp_path / "a" / "detector.safetensors")
+    assert main(["detect", "--checkpoint", str(tmp_path / "a" / "detector.safetensors"), "--data-dir", data]) == 2
+    err = capsys.readouterr().err
+    assert "is not the detector of" in err and "hourglass" in err
+    # another class count in the record: refused too
+    spec["classes"] = spec["classes"][:5]
+    json.dump(spec, open(tmp_path / "b" / "detect.json", "w"))
+    import shutil
+    shutil.copy(tmp_path / "a" / "detector.safetensors", tmp_path / "b" / "detector.safetensors")
+    assert main(["detect", "--checkpoint", str(tmp_path / "b" / "detector.safetensors"), "--data-dir", data]) == 2
+    assert "num_classes" in capsys.readouterr().err

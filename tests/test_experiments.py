@@ -19,7 +19,7 @@ def done(tmp_path_factory):
     out = str(root / "out")
     common = ["--scale", "smoke", "--data-dir", data, "--out", out]
     for name in ("table5", "figure1a", "table7", "table4", "variants", "table1", "theorem1", "guidance", "dtc-levers",
-                 "figure1bc"):
+                 "figure1bc", "table3"):
         assert main(["experiment", "run", name, *common]) == 0, name
     # Table 6: the table1 checkpoints on their own test set and on an extra evaluation set
     assert main(["experiment", "run", "table6", *common, "--eval-data", f"fashion-mnist={data}"]) == 0
@@ -179,3 +179,23 @@ def test_docs_tables_match_the_committed_records(tmp_path):
         missing = [ln for ln in rows if ln not in docs]
         assert not missing, f"{d}: rows not in docs/results.md as generated: {missing[:3]}"
         assert "commit" in text, d
+
+
+def test_table3_detects_with_every_backbone_and_reports(done, tmp_path):
+    rec = _record(done, "table3")
+    assert [c["kwargs"].get("reduction") for c in rec["cells"]] == ["none", "dtc", "hourglass"]
+    run = {c["kwargs"]["reduction"]: c["runs"][0] for c in rec["cells"]}
+    for r in run.values():
+        assert 0 <= r["map"] <= r["map50"] <= 100 and r["img_per_s"] > 0 and r["gmacs"] > r["backbone_gmacs"] > 0
+    # condensing backbones cost less than the dense one; the detector adds the same head to each
+    assert run["dtc"]["backbone_gmacs"] < run["none"]["backbone_gmacs"]
+    assert run["hourglass"]["backbone_gmacs"] < run["none"]["backbone_gmacs"]
+    text = open(report([os.path.join(done, "table3")], str(tmp_path))).read()
+    assert "| backbone | mAP (%) | mAP50 (%) | backbone GMACs | detector GMACs | images/s | seeds |" in text
+    assert "| Hourglass |" in text
+
+
+
+def test_table3_names_what_it_cannot_run(tmp_path, capsys):
+    assert main(["experiment", "run", "table3", "--dataset", "cifar10", "--scale", "smoke", "--out", str(tmp_path)]) == 2
+    assert "Fashion-MNIST mosaics" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""``adaptivision train | eval | profile | experiment | benchmark | visualize | segment | report`` (also ``python -m adaptivision``)."""
+"""``adaptivision train | eval | profile | experiment | benchmark | visualize | segment | detect | report`` (also ``python -m adaptivision``)."""
 from __future__ import annotations
 
 import argparse
@@ -157,22 +157,39 @@ def _visualize(args) -> int:
 
 
 def _segment(args) -> int:
-    import yaml
-
     from .budget import parse_budget
     from .dense import run as seg
     if args.checkpoint:
         budget = parse_budget(args.budget) if args.budget else None
         print(json.dumps(seg.evaluate(args.checkpoint, args.data_dir, args.eval_size, budget), indent=1))
         return 0
+    seg.run(args.dataset, args.data_dir, args.model, args.img_size, args.decoder, args.steps, args.batch_size,
+            args.lr, args.eval_size, _options(args.options), args.output, args.name, args.seed)
+    return 0
+
+
+def _options(items: list) -> dict:
+    """Backbone options given as key=value (values read as YAML: 2, 0.5, true, tome)."""
+    import yaml
+
     kwargs = {}
-    for item in args.options:
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"model option {item!r} is not key=value")
         kwargs[key] = yaml.safe_load(value)
-    seg.run(args.dataset, args.data_dir, args.model, args.img_size, args.decoder, args.steps, args.batch_size,
-            args.lr, args.eval_size, kwargs, args.output, args.name, args.seed)
+    return kwargs
+
+
+def _detect(args) -> int:
+    from .budget import parse_budget
+    from .dense import detect
+    if args.checkpoint:
+        budget = parse_budget(args.budget) if args.budget else None
+        print(json.dumps(detect.evaluate(args.checkpoint, args.data_dir, args.eval_size, budget), indent=1))
+        return 0
+    detect.run(args.data_dir, args.model, args.img_size, args.steps, args.batch_size, args.lr, args.eval_size,
+               _options(args.options), args.channels, args.output, args.name, args.seed)
     return 0
 
 
@@ -284,16 +301,33 @@ def main(argv=None) -> int:
     g.add_argument("--budget", help="with --checkpoint: gmacs=|mean_k=|bias=|k= (DTC), tome_r= or keep_ratio=")
     g.add_argument("options", nargs="*", metavar="key=value", help="backbone options, e.g. reduction=tome")
     g.set_defaults(fn=_segment)
+    d = sub.add_parser("detect", help="train FCOS on a backbone over Fashion-MNIST mosaic boxes (Table 3), "
+                       "or --checkpoint: evaluate (mAP, GMACs, images/s)")
+    d.add_argument("--data-dir", dest="data_dir")
+    d.add_argument("--model", default="adaptivision_nano_patch4_28")
+    d.add_argument("--img-size", type=int, default=56, dest="img_size", help="mosaic canvas (pixels)")
+    d.add_argument("--channels", type=int, default=64, help="pyramid and head width (a multiple of 32)")
+    d.add_argument("--steps", type=int, default=300)
+    d.add_argument("--batch-size", type=int, default=16, dest="batch_size")
+    d.add_argument("--lr", type=float, default=1e-3)
+    d.add_argument("--eval-size", type=int, default=500, dest="eval_size", help="test canvases")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--output", default="runs")
+    d.add_argument("--name")
+    d.add_argument("--checkpoint", help="evaluate this detector.safetensors instead of training")
+    d.add_argument("--budget", help="with --checkpoint: gmacs=|mean_k=|bias=|k= (DTC) or keep_ratio=")
+    d.add_argument("options", nargs="*", metavar="key=value", help="backbone options, e.g. reduction=hourglass")
+    d.set_defaults(fn=_detect)
     r = sub.add_parser("report", help="Markdown tables and PNG plots from experiment directories")
     r.add_argument("run_dirs", nargs="+", metavar="EXPERIMENT_DIR", help="e.g. experiments/table5")
     r.add_argument("--out", required=True)
     r.set_defaults(fn=_report)
     args, extra = p.parse_known_args(argv)
-    bad = [e for e in extra if args.cmd not in ("train", "experiment", "segment") or "=" not in e or e.startswith("-")]
+    bad = [e for e in extra if args.cmd not in ("train", "experiment", "segment", "detect") or "=" not in e or e.startswith("-")]
     if bad:
         p.error(f"unrecognized arguments: {' '.join(bad)}")
     if extra:
-        if args.cmd == "segment":
+        if args.cmd in ("segment", "detect"):
             args.options = list(args.options) + extra
         else:
             args.overrides = list(args.overrides) + extra

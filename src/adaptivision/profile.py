@@ -2,9 +2,9 @@
 
 "GFLOPs" in these papers are multiply-accumulates (timm's tables: deit_small 4.61, vit_base 17.58
 GMACs at 224²). ``torch.utils.flop_counter`` counts 2·MACs and misses attention on CPU, fvcore
-misses SDPA, so we count MACs ourselves with forward hooks: every ``nn.Linear`` and ``nn.Conv2d``
-on the shapes it actually sees, plus the matrix products inside attention, CMTF and DTC. Hooks
-see each group of images with its own K, so the mean over a batch is the mean over images of
+misses SDPA, so we count MACs ourselves with forward hooks: every ``nn.Linear`` and convolution
+(transposed too) on the shapes it actually sees, plus the matrix products inside attention, CMTF and
+DTC. Hooks see each group of images with its own K, so the mean over a batch is the mean over images of
 their own cost. Norms, activations, softmax and additions are not counted (nor are they in the
 papers' figures). The hand formula is in docs/model.md.
 """
@@ -29,6 +29,9 @@ def module_macs(m: nn.Module, args: tuple, kwargs: dict, out) -> int:
     if isinstance(m, nn.Conv2d):
         kh, kw = m.kernel_size
         return out.numel() * (m.in_channels // m.groups) * kh * kw
+    if isinstance(m, nn.ConvTranspose2d):  # every input pixel scatters a (C_out, kh, kw) kernel
+        kh, kw = m.kernel_size
+        return args[0].numel() * (m.out_channels // m.groups) * kh * kw
     if isinstance(m, AdaptiveFocusAttention):  # before Attention: it is a subclass
         B, T = args[0].shape[:2]
         return m.attention_macs(B, T)

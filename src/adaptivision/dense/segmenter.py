@@ -13,6 +13,12 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 
 
+def patch_grid(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The backbone's last block, normed, on the full patch grid: (B, D, H/P, W/P)."""
+    last = len(backbone.blocks) - 1
+    return backbone.forward_intermediates(x, indices=[last], norm=True, intermediates_only=True)[0]
+
+
 class LinearDecoder(nn.Module):
     """Segmenter's linear decoder: one linear map per patch."""
 
@@ -65,7 +71,5 @@ class Segmenter(nn.Module):
             MaskTransformer(dim, num_classes, **decoder_kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        last = len(self.backbone.blocks) - 1
-        feats = self.backbone.forward_intermediates(x, indices=[last], norm=True, intermediates_only=True)[0]
-        logits = self.decoder(feats)                                                 # (B, C, h, w)
+        logits = self.decoder(patch_grid(self.backbone, x))                          # (B, C, h, w)
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)

@@ -1,6 +1,7 @@
-"""A plain segmentation training loop and mIoU evaluation (used by ``adaptivision segment`` and
-``benchmarks/mosaic_segmentation.py``): AdamW, timm's cosine schedule with warm-up, cross-entropy on the
-upsampled logits with ``ignore_index=255``."""
+"""A plain dense-prediction training loop (``fit``: AdamW, timm's cosine schedule with warm-up),
+segmentation's loss (cross-entropy on the upsampled logits with ``ignore_index=255``) and mIoU
+evaluation; used by ``adaptivision segment``, ``adaptivision detect`` and
+``benchmarks/mosaic_segmentation.py``."""
 from __future__ import annotations
 
 import time
@@ -16,12 +17,13 @@ from .metrics import confusion, mean_iou
 IGNORE = 255
 
 
-def train_segmenter(model, ds, steps: int, batch: int, lr: float = 1e-3, seed: int = 0,
-                    log: Callable = print, weight_decay: float = 0.05, log_every: int = 50):
-    """``steps`` updates on random batches of ``ds`` ((image, mask) pairs); returns the model in eval mode."""
+def fit(model, backbone, ds, steps: int, batch: int, loss_fn: Callable, lr: float = 1e-3, seed: int = 0,
+        log: Callable = print, weight_decay: float = 0.05, log_every: int = 50):
+    """``steps`` AdamW updates (cosine schedule, 10% warm-up) on random batches of ``ds``;
+    ``loss_fn(model, items)`` gives the loss of a list of items; ``backbone``: the ViT inside
+    ``model`` (learned centroids are seeded from its tokens). Returns the model in eval mode."""
     if steps < 1 or batch < 1:
         raise ValueError(f"steps and batch must be >= 1, got {steps}, {batch}")
-    backbone = model.backbone
     if getattr(backbone, "dtc", None) is not None and len(backbone.dtc):  # centroids from real tokens
         backbone.init_clusters(torch.stack([ds[i][0] for i in range(min(64, len(ds)))]))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -33,10 +35,9 @@ def train_segmenter(model, ds, steps: int, batch: int, lr: float = 1e-3, seed: i
     t0 = time.time()
     for step in range(steps):
         idx = torch.randint(len(ds), (batch,), generator=g).tolist()
-        x, y = zip(*(ds[i] for i in idx), strict=True)
-        loss = F.cross_entropy(model(torch.stack(x)), torch.stack(y), ignore_index=IGNORE)
+        loss = loss_fn(model, [ds[i] for i in idx])
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite segmentation loss at step {step + 1}")
+            raise FloatingPointError(f"non-finite loss at step {step + 1}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -44,6 +45,17 @@ def train_segmenter(model, ds, steps: int, batch: int, lr: float = 1e-3, seed: i
         if step % log_every == 0 or step == steps - 1:
             log(f"step {step + 1}/{steps} loss {loss.item():.3f} ({time.time() - t0:.0f} s)")
     return model.eval()
+
+
+def segmentation_loss(model, items: list) -> torch.Tensor:
+    x, y = zip(*items, strict=True)
+    return F.cross_entropy(model(torch.stack(x)), torch.stack(y), ignore_index=IGNORE)
+
+
+def train_segmenter(model, ds, steps: int, batch: int, lr: float = 1e-3, seed: int = 0,
+                    log: Callable = print, weight_decay: float = 0.05, log_every: int = 50):
+    """``steps`` updates on random batches of ``ds`` ((image, mask) pairs); returns the model in eval mode."""
+    return fit(model, model.backbone, ds, steps, batch, segmentation_loss, lr, seed, log, weight_decay, log_every)
 
 
 @torch.no_grad()

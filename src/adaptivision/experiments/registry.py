@@ -31,7 +31,7 @@ class Cell:
 class Experiment:
     name: str
     title: str
-    kind: str                        # 'train' | 'budget' | 'scaling' | 'robustness' | 'guidance' | 'segmentation'
+    kind: str                        # 'train' | 'budget' | 'scaling' | 'robustness' | 'guidance' | 'segmentation' | 'detection'
     cells: tuple = ()
     key: Optional[str] = None        # column named after the swept option (Table 4: tau)
     paper_datasets: tuple = ("imagenet",)
@@ -122,6 +122,15 @@ SEG_BUDGETS = {"none": [None], "dtc": [("bias", -2.0), ("bias", 0.0), ("bias", 2
 SEG_SCALES = {"smoke": dict(steps=2, batch=4, eval_size=8), "small": dict(steps=300, batch=32, eval_size=500),
               "default": dict(steps=900, batch=32, eval_size=500), "full": dict(steps=3000, batch=32, eval_size=1000),
               "paper": dict(steps=80000, batch=16, eval_size=None)}
+# Table 3: FCOS on each backbone over mosaic boxes (dense/detect.py), trained once per seed
+DET_CELLS = (
+    Cell("ViT (dense)", {"reduction": "none"}),
+    Cell("AdaptiVision (DTC, skip unpooling)", {"reduction": "dtc", "cmtf": False, "unpool": "skip"}),
+    Cell("Hourglass", {"reduction": "hourglass"}),
+)
+# steps of batch 16 and test canvases per scale (56 x 56 mosaics; no paper scale: COCO is not read here)
+DET_SCALES = {"smoke": dict(steps=2, batch=4, eval_size=8), "small": dict(steps=1500, batch=16, eval_size=500),
+              "default": dict(steps=4000, batch=16, eval_size=1000), "full": dict(steps=12000, batch=16, eval_size=2000)}
 
 EXPERIMENTS = {e.name: e for e in (
     Experiment("table1", "Table 1/2: model comparison", "train", (
@@ -169,6 +178,9 @@ EXPERIMENTS = {e.name: e for e in (
                "Cityscapes by --dataset)", "segmentation", SEG_CELLS, paper_datasets=("ade20k", "cityscapes"),
                note="one segmenter per backbone and seed, evaluated at several budgets; baselines unpooled "
                     "through their assignments"),
+    Experiment("table3", "Table 3: detection mAP vs GMACs (FCOS on Fashion-MNIST mosaic boxes)", "detection",
+               DET_CELLS, paper_datasets=(),
+               note="COCO with DINO / Swin-L (the paper's setting) is not run here: docs/dense.md says how"),
     Experiment("theorem1", "Theorem 1: cost as the image grows (fixed K range)", "scaling", (DENSE, DTC)),
     Experiment("variants", "Paper-literal vs sound variants (DESIGN.md)", "train", (
         Cell("sound defaults", {"reduction": "dtc"}),

@@ -132,6 +132,18 @@ def _budget(rec: dict, out: str, name: str, plots: list, metric: str = "top1", w
     return lines
 
 
+def _detection(rec: dict) -> list:
+    """Table 3: mean ± std over seeds of each backbone's detector."""
+    cols = [("mAP (%)", "map", 2), ("mAP50 (%)", "map50", 2), ("backbone GMACs", "backbone_gmacs", 4),
+            ("detector GMACs", "gmacs", 4), ("images/s", "img_per_s", 0)]
+    lines = ["| backbone | " + " | ".join(c[0] for c in cols) + " | seeds |", "|---|" + "---|" * (len(cols) + 1)]
+    for cell in rec["cells"]:
+        runs = cell.get("runs", [])
+        lines.append(f"| {cell['label']} | " + " | ".join(_stat([r.get(key) for r in runs], d) for _, key, d in cols)
+                     + f" | {len(runs)} |")
+    return lines
+
+
 def _scaling(rec: dict, out: str, name: str, plots: list) -> list:
     cells = rec["cells"]
     if len(cells) < 2:
@@ -232,6 +244,8 @@ def report(exp_dirs: list, out: str, pictures: bool = True) -> str:
             md += _budget(rec, out, name, plots)
         elif rec["kind"] == "segmentation":
             md += _budget(rec, out, name, plots, "miou", "mIoU (%)")
+        elif rec["kind"] == "detection":
+            md += _detection(rec)
         elif rec["kind"] == "scaling":
             md += _scaling(rec, out, name, plots)
         else:

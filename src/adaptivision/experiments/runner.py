@@ -23,12 +23,13 @@ import torch
 from .. import budget
 from ..config import CLUSTERING, ModelOptions
 from ..data import collate_skip
+from ..dense import detect
 from ..dense import run as dense_run
 from ..guidance import MODES
 from ..profile import profile
 from ..timing import time_models
 from ..train import TrainConfig, engine
-from .registry import BUDGETS, FULL_EPOCHS, SCALES, SEG_BUDGETS, SEG_SCALES, Cell, Experiment, get
+from .registry import BUDGETS, DET_SCALES, FULL_EPOCHS, SCALES, SEG_BUDGETS, SEG_SCALES, Cell, Experiment, get
 
 SMALL_MODELS = {"fashion-mnist": "adaptivision_nano_patch4_28", "cifar10": "adaptivision_nano_patch4_32",
                 "cifar100": "adaptivision_nano_patch4_32"}
@@ -172,6 +173,8 @@ class Runner:
             self.record["cells"] = self.scaling()
         elif kind == "segmentation":
             self.record["cells"] = [self.segmentation(c) for c in self.exp.cells]
+        elif kind == "detection":
+            self.record["cells"] = [self.detection(c) for c in self.exp.cells]
         elif kind == "robustness":
             self.record["cells"] = self.robustness(checkpoints, eval_data or {})
         else:
@@ -270,6 +273,31 @@ class Runner:
                 self.log(f"[{self.exp.name}] {cell.label} seed {seed} {b}: {res['gmacs']:.4f} GMACs, "
                          f"mIoU {res['miou']:.2f}")
             entry["runs"].append(dict(seed=seed, run_dir=rel, points=points))
+        return entry
+
+    def detection(self, cell: Cell) -> dict:
+        """Table 3: one FCOS detector per seed (``adaptivision detect``'s training) on each backbone;
+        its mAP, mAP50, backbone and detector GMACs and images/s, as recorded by the run."""
+        if self.base.dataset != "fashion-mnist" or self.scale not in DET_SCALES:
+            raise ValueError(f"table3 runs on Fashion-MNIST mosaics at scales {', '.join(DET_SCALES)}; "
+                             f"got dataset {self.base.dataset!r}, scale {self.scale!r} (COCO: docs/dense.md)")
+        recipe = DET_SCALES[self.scale]
+        ident = json.dumps(dict(kwargs=cell.kwargs, **recipe), sort_keys=True)
+        name = f"det-{_slug(cell.kwargs.get('reduction', 'dtc'))}-{hashlib.sha1(ident.encode()).hexdigest()[:8]}"
+        entry = dict(label=cell.label, kwargs=cell.kwargs, runs=[])
+        for seed in range(self.seeds):
+            rel = os.path.join("runs", name, f"seed{seed}")
+            path = os.path.join(self.out, rel, "detect.json")
+            if os.path.isfile(path):
+                self.log(f"[{self.exp.name}] {cell.label} seed {seed}: done before ({rel})")
+            elif self.record_only:
+                continue
+            else:
+                self.log(f"[{self.exp.name}] {cell.label} seed {seed}: training {rel}")
+                detect.run(self.base.data_dir, kwargs=cell.kwargs, output=os.path.join(self.out, "runs"),
+                           name=os.path.join(name, f"seed{seed}"), seed=seed, log=lambda *a: None, **recipe)
+            with open(path) as f:
+                entry["runs"].append(dict(seed=seed, run_dir=rel, **json.load(f)["results"]))
         return entry
 
     def robustness(self, checkpoints: Optional[list], eval_data: dict) -> list:
