@@ -120,7 +120,7 @@ def test_every_adapted_block_equals_timms_at_its_neutral_setting(neutral, gated)
     assert torch.allclose(got, want, atol=tol), (got - want).abs().max()
 
 
-@pytest.mark.parametrize("reduction", ["random", "evit", "importance", "tome", "hired"])
+@pytest.mark.parametrize("reduction", ["random", "evit", "importance", "tome", "hired", "tofe"])
 def test_every_baseline_at_keep_everything_is_the_dense_model(reduction):
     """Whole models at the neutral setting (keep ratio 1.0, ToMe r = 0) give the dense logits."""
     torch.manual_seed(0)

@@ -6,9 +6,12 @@ import pytest
 import torch
 from timm.models.vision_transformer import Block
 
+from adaptivision.layers.tokens import Context, Group
 from adaptivision.reduction import (
     EViTBlock,
     ImportanceStage,
+    ToFeBlock,
+    ToFeStage,
     bipartite_soft_matching,
     convert_block,
     fuse_inattentive,
@@ -16,7 +19,7 @@ from adaptivision.reduction import (
 )
 from conftest import tiny_model
 
-BASELINES = ["random", "importance", "evit", "tome", "hourglass", "hired"]
+BASELINES = ["random", "importance", "evit", "tome", "hourglass", "hired", "tofe"]
 
 
 def _tokens_per_block(model, x):
@@ -154,6 +157,7 @@ def test_tokens_removed_as_specified(reduction):
         "tome": [65, 62, 59, 56],                             # 3 per block
         "hourglass": [65, 1 + 36, 37, 37],                    # a 6 x 6 grid (round(sqrt(32))) before block 1
         "hired": [65, 65, 1 + 32, 33],                        # after attention of block 1
+        "tofe": [65, 1 + 32, 1 + 16, 1 + 8],                  # active tokens of 64 before blocks 1, 2, 3
     }[reduction]
     assert counts == expected
 
@@ -168,7 +172,7 @@ def test_baselines_train_every_parameter_and_unpool(reduction):
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing, f"no gradient reaches: {missing}"
-    assert (aux["reduction"] is not None) == (reduction == "importance")
+    assert (aux["reduction"] is not None) == (reduction in ("importance", "tofe"))
     # dense outputs on the full grid, as for DTC
     model.eval()
     feats = model.forward_intermediates(x, indices=[3], intermediates_only=True)[0]
@@ -313,3 +317,60 @@ def test_hired_keeps_each_quadrants_most_attended_patches_in_order():
     model = tiny_model(reduction="hired", keep_ratio=0.25, img_size=32).eval()      # 64 patches -> 16 kept
     feats = model.forward_intermediates(torch.randn(2, 3, 32, 32), indices=[3], intermediates_only=True)[0]
     assert feats.shape == (2, 32, 8, 8)
+
+
+def _tofe_block(dim=8):
+    torch.manual_seed(0)
+    return convert_block(Block(dim, 2, qkv_bias=True), ToFeBlock).eval()
+
+
+def test_tofe_block_runs_the_active_tokens_and_leaves_frozen_ones_as_they_were():
+    blk = _tofe_block()
+    x = torch.randn(2, 1 + 6, 8)                                    # [CLS] + 6 patches
+    active = torch.tensor([[0, 2, 5], [1, 3, 4]])
+    ctx = Context(batch=2, num_prefix=1)
+    with torch.no_grad():
+        out = blk.forward_group(Group(torch.arange(2), x, active=active), ctx).x
+        for b in range(2):
+            rows = [0] + [1 + int(i) for i in active[b]]           # [CLS] and the active patches
+            want = Block.forward(blk, x[b:b + 1, rows])              # the block on those tokens alone
+            assert torch.allclose(out[b, rows], want[0], atol=1e-6)
+            frozen = [1 + i for i in range(6) if i not in active[b].tolist()]
+            assert torch.equal(out[b, frozen], x[b, frozen])        # frozen: untouched
+    # training: the same through the mask (frozen keys out of attention, frozen values kept)
+    policy = torch.zeros(2, 6).scatter(1, active, 1.0)
+    out_t = blk.forward_group(Group(torch.arange(2), x, policy=policy), ctx).x
+    assert torch.allclose(out_t, out, atol=1e-4)
+
+
+def test_tofe_stage_recovers_frozen_tokens_and_can_reuse_them():
+    torch.manual_seed(0)
+    stage = ToFeStage(8, keep_ratio=0.5, stage=1).eval()             # target 0.25 of 8 patches: 2 active
+    z = torch.randn(1, 8, 8)
+    prev = torch.tensor([[0, 1, 2, 3]])                              # active in the previous stage
+    ctx = Context(batch=1, num_prefix=1)
+    x = torch.cat([torch.zeros(1, 1, 8), z], 1)
+    # scores: patch 6 (frozen before) best, then patch 1 (active before)
+    prefer = torch.full((1, 8), -5.0)
+    prefer[0, 6], prefer[0, 1] = 5.0, 4.0
+    class Fixed(torch.nn.Module):  # the predictor's (keep, drop) log-probs, set by hand
+        def __init__(self, scale):
+            super().__init__()
+            self.scale = scale
+
+        def forward(self, t, policy):
+            return torch.stack([prefer, -prefer], -1) * self.scale
+    stage.predictor = Fixed(1.0)
+    with torch.no_grad():
+        grp = stage.forward_groups([Group(torch.arange(1), x, active=prev)], ctx)[0]
+        assert grp.active.tolist() == [[1, 6]]                      # a frozen token is reused
+        new = grp.x[:, 1:]
+        assert torch.equal(new[:, :4], z[:, :4])                    # active ones were up to date
+        assert torch.allclose(new[:, 4:], z[:, 4:] + stage.approx(z[:, 4:]))   # frozen: approximated
+    # training: the budget term is (active fraction - target)^2 with hard 0/1 decisions
+    stage.train()
+    stage.predictor = Fixed(10.0)
+    ctx = Context(batch=1, num_prefix=1)
+    grp = stage.forward_groups([Group(torch.arange(1), x, policy=torch.zeros(1, 8).scatter(1, prev, 1.0))], ctx)[0]
+    assert set(grp.policy.unique().tolist()) <= {0.0, 1.0}
+    assert torch.allclose(ctx.aux_losses[0], (grp.policy.mean() - 0.25) ** 2)

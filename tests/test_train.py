@@ -468,9 +468,10 @@ def test_guidance_errors_are_clear(fmnist, tmp_path, capsys):
     assert "trained without guidance" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("reduction,term,weight", [("importance", "reduction", 2.0), ("dtc", "cluster", 0.5)])
+@pytest.mark.parametrize("reduction,term,weight", [("importance", "reduction", 2.0), ("tofe", "reduction", 2.0),
+                                                    ("dtc", "cluster", 0.5)])
 def test_every_reductions_auxiliary_loss_reaches_training(fmnist, tmp_path, reduction, term, weight):
-    """DynamicViT's ratio loss (reduction='importance') and DTC's cluster term are part of the loss
+    """DynamicViT's ratio loss (reduction='importance'), ToFe's budget term and DTC's cluster term are part of the loss
     that is back-propagated: logged per step, and the loss is the task loss plus the weighted term."""
     kw = f"model_kwargs={{embed_dim: 32, depth: 4, num_heads: 2, reduction: {reduction}}}"
     rc = main(["train", "--data-dir", fmnist, "--output", str(tmp_path), "--name", "r", "--epochs", "1",

@@ -19,7 +19,7 @@ import torch.nn as nn
 import yaml
 
 from .profile import profile
-from .reduction import EViTBlock, HourglassStage, ImportanceStage, RandomKeep, ToMeBlock
+from .reduction import EViTBlock, HourglassStage, ImportanceStage, RandomKeep, ToFeStage, ToMeBlock
 
 DTC_KEYS = ("gmacs", "mean_k", "bias", "k")
 KNOB_KEYS = ("tome_r", "keep_ratio")
@@ -81,7 +81,7 @@ def first_dtc(model: nn.Module):
 
 
 def set_knob(model: nn.Module, value: float) -> None:
-    """DTC: the budget bias; ToMe: r per block; random/importance/EViT: the keep ratio."""
+    """DTC: the budget bias; ToMe: r per block; the others: the keep ratio."""
     method = reduction_of(model)
     if method == "dtc":
         first_dtc(model).budget_bias = float(value)
@@ -91,7 +91,7 @@ def set_knob(model: nn.Module, value: float) -> None:
     for m in model.modules():
         if isinstance(m, ToMeBlock):
             m.r = int(value)
-        elif isinstance(m, (EViTBlock, HourglassStage, ImportanceStage, RandomKeep)):
+        elif isinstance(m, (EViTBlock, HourglassStage, ImportanceStage, RandomKeep, ToFeStage)):
             m.keep_ratio = float(value)
 
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterable, Optional, Sequence, Union
 
 IntOrSeq = Union[int, Sequence[int], None]
-REDUCTIONS = ("dtc", "none", "random", "importance", "evit", "tome", "hourglass", "hired")
+REDUCTIONS = ("dtc", "none", "random", "importance", "evit", "tome", "hourglass", "hired", "tofe")
 
 
 def unknown_key_error(key: str, valid: Iterable[str], what: str = "option") -> ValueError:
@@ -66,9 +66,9 @@ class ModelOptions:
     """
 
     # --- which token reduction (DESIGN.md §4): ours or a baseline on the same backbone ---
-    reduction: str = "dtc"              # 'dtc' | 'none' | 'random' | 'importance' | 'evit' | 'tome' | 'hourglass' | 'hired'
-    keep_ratio: float = 0.7             # random/importance/evit/hourglass/hired: fraction of the entering tokens kept
-    reduce_at: IntOrSeq = None          # importance/evit blocks (default depth/4, depth/2, 3depth/4)
+    reduction: str = "dtc"              # 'dtc' | 'none' | 'random' | 'importance' | 'evit' | 'tome' | 'hourglass' | 'hired' | 'tofe'
+    keep_ratio: float = 0.7             # random/importance/evit/hourglass/hired/tofe: fraction of the entering tokens kept
+    reduce_at: IntOrSeq = None          # importance/evit/tofe blocks (default depth/4, depth/2, 3depth/4)
     tome_r: int = 8                     # tome: tokens merged in every block
     # --- Dynamic Token Clustering (paper 3.2) ---
     condense_at: IntOrSeq = 0           # blocks run before each DTC stage; None/False/() = no condensation
@@ -240,7 +240,7 @@ class ModelOptions:
         """``reduce_blocks``: where the chosen baseline reduces tokens."""
         red = self.reduction
         blocks = _as_list(self.reduce_at)
-        if red in ("importance", "evit"):
+        if red in ("importance", "evit", "tofe"):
             blocks = blocks if blocks is not None else sorted({max(1, depth * i // 4) for i in (1, 2, 3)})
         elif red == "random":
             blocks = blocks if blocks is not None else (_as_list(self.condense_at) or [0])[:1]

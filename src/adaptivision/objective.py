@@ -86,7 +86,7 @@ class AdaptiVisionLoss(nn.Module):
             out["cluster"] = cluster_loss(aux["cluster"], self.detach_tokens)
             out["loss"] = out["loss"] + self.lambda_cluster * out["cluster"]
         if aux is not None and aux.get("reduction") is not None and self.lambda_reduction > 0:
-            out["reduction"] = aux["reduction"]  # the baseline's own training term (reduction='importance')
+            out["reduction"] = aux["reduction"]  # the baseline's own training term (DynamicViT's ratio, ToFe's budget)
             out["loss"] = out["loss"] + self.lambda_reduction * out["reduction"]
         if self.lambda_align > 0:
             if aux is None or aux.get("align") is None:

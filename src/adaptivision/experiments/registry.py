@@ -48,6 +48,7 @@ BASELINES = (
     Cell("ToMe", {"reduction": "tome"}, match_gmacs=True),
     Cell("Hourglass", {"reduction": "hourglass"}, match_gmacs=True),
     Cell("HiRED (adapted)", {"reduction": "hired"}, match_gmacs=True),
+    Cell("ToFe (freeze and reuse)", {"reduction": "tofe"}, match_gmacs=True),
     DTC,
 )
 TEXT_SAL = "text,saliency"
@@ -196,7 +197,7 @@ EXPERIMENTS = {e.name: e for e in (
 BUDGETS = {"dtc": [-4.0, -2.0, 0.0, 2.0, 4.0], "tome": [0.2, 0.4, 0.6, 0.8, 1.0],
            "random": [0.3, 0.45, 0.6, 0.75, 0.9], "importance": [0.5, 0.6, 0.7, 0.8, 0.9],
            "evit": [0.5, 0.6, 0.7, 0.8, 0.9], "hourglass": [0.3, 0.45, 0.6, 0.75, 0.9],
-           "hired": [0.3, 0.45, 0.6, 0.75, 0.9]}
+           "hired": [0.3, 0.45, 0.6, 0.75, 0.9], "tofe": [0.5, 0.6, 0.7, 0.8, 0.9]}
 
 
 def get(name: str) -> Experiment:

@@ -28,7 +28,8 @@ class Group:
     mass: Optional[torch.Tensor] = None   # (b, P+T) patches per token; None = 1 everywhere (dense)
     assign: tuple = ()                    # one (b, N_in, N_out) assignment per reduction passed (unpooling)
     skips: tuple = ()                     # per assign: (tokens before, super-tokens after) a DTC stage, or None
-    policy: Optional[torch.Tensor] = None  # (b, N) DynamicViT's training-time keep mask
+    policy: Optional[torch.Tensor] = None  # (b, N) DynamicViT's / ToFe's training-time keep mask
+    active: Optional[torch.Tensor] = None  # (b, k) ToFe at inference: the patch tokens blocks process
     prop_attn: bool = False               # add log(mass) to the attention logits (ToMe's proportional attention)
     log_mass: Optional[torch.Tensor] = field(init=False, default=None)  # (b, 1, 1, T) that bias, or None
 
@@ -52,6 +53,7 @@ class Group:
         def pick(t):
             return None if t is None else t[sel]
         return self.replace(index=self.index[sel], x=self.x[sel], mass=pick(self.mass), policy=pick(self.policy),
+                            active=pick(self.active),
                             assign=tuple(a[sel] for a in self.assign),
                             skips=tuple(s and (s[0][sel], s[1][sel]) for s in self.skips))
 
