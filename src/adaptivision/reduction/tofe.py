@@ -23,6 +23,7 @@ reads [CLS]; dense outputs see their values from the time they were frozen).
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
