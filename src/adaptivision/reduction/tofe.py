@@ -23,6 +23,7 @@ reads [CLS]; dense outputs see their values from the time they were frozen).
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn as nn
