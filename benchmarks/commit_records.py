@@ -4,7 +4,8 @@
 
 Writes DEST/<experiment>/experiment.json and DEST/runs/<run>/seedN/summary.json, where each
 summary.json is the run's own summary with its resolved config (config.yaml), model spec
-(model.json) and per-epoch metrics (the epoch lines of metrics.jsonl) folded in. `adaptivision
+(model.json) and per-epoch metrics (the epoch lines of metrics.jsonl) folded in; segmentation and
+detection runs keep their own segment.json / detect.json (spec and results, no weights). `adaptivision
 report DEST/<experiment>` reads them as it reads a run directory.
 """
 from __future__ import annotations
@@ -37,9 +38,14 @@ def main(exp_dir: str, dest: str) -> int:
     for cell in exp["cells"]:
         for run in cell.get("runs", []):
             src = os.path.join(exp_dir, "..", run["run_dir"])
+            out = os.path.join(dest, run["run_dir"])
+            dense = [n for n in ("segment.json", "detect.json") if os.path.isfile(os.path.join(src, n))]
+            if dense:  # segmentation / detection runs: their own record, already results-only
+                os.makedirs(out, exist_ok=True)
+                shutil.copy(os.path.join(src, dense[0]), out)
+                continue
             if not os.path.isfile(os.path.join(src, "summary.json")):
                 continue  # unfinished: nothing to record
-            out = os.path.join(dest, run["run_dir"])
             os.makedirs(out, exist_ok=True)
             with open(os.path.join(out, "summary.json"), "w") as f:
                 json.dump(record(src), f, indent=1)
