@@ -25,6 +25,7 @@ from ..checkpoint import load_weights, read_weights, save_weights
 from ..data.datasets import fashion_mnist
 from ..data.mosaic import FashionMosaicBoxes
 from ..profile import profile
+from ..provenance import provenance
 from ..timing import time_models
 from .detector import build_detector, num_classes_of
 from .train import fit
@@ -142,6 +143,7 @@ def run(data_dir: Optional[str] = None, model: str = "adaptivision_nano_patch4_2
     os.makedirs(run_dir, exist_ok=True)
     save_weights(det, os.path.join(run_dir, "detector.safetensors"), metadata=_identity(spec))
     spec["results"] = dict(coco_map(det, ev), **measure(det, ev))
+    spec["provenance"] = provenance()
     with open(os.path.join(run_dir, "detect.json"), "w") as f:
         json.dump(spec, f, indent=1)
     r = spec["results"]

@@ -15,6 +15,7 @@ from torch.utils.data import Subset
 
 from ..budget import apply_budget
 from ..checkpoint import load_weights, save_weights
+from ..provenance import provenance
 from ..data.datasets import fashion_mnist
 from ..data.mosaic import MOSAIC_CLASSES, FashionMosaics
 from ..data.segmentation import build_segmentation
@@ -67,6 +68,7 @@ def run(dataset: str = "mosaic", data_dir: Optional[str] = None, model: Optional
     os.makedirs(run_dir, exist_ok=True)
     save_weights(seg, os.path.join(run_dir, "segmenter.safetensors"))
     spec["results"] = evaluate_segmenter(seg, ev, len(classes))
+    spec["provenance"] = provenance()
     with open(os.path.join(run_dir, "segment.json"), "w") as f:
         json.dump(spec, f, indent=1)
     log(f"{run_dir}: mIoU {spec['results']['miou']:.2f} at {spec['results']['gmacs']:.4f} GMACs")

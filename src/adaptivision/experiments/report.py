@@ -27,6 +27,10 @@ def _stat(values: list, digits: int = 2) -> str:
     return f"{m:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def _short(commit: str) -> str:
+    return commit[:12] + ("-dirty" if commit.endswith("-dirty") else "")
+
+
 def _summary(exp_dir: str, run: dict, commits: Optional[dict] = None, label: str = "") -> Optional[dict]:
     """The run's first summary row; ``commits``: collects {commit: [cell labels]} from its provenance."""
     path = os.path.join(exp_dir, "..", run["run_dir"], "summary.json")
@@ -36,8 +40,17 @@ def _summary(exp_dir: str, run: dict, commits: Optional[dict] = None, label: str
         summary = json.load(f)
     if commits is not None:
         commit = (summary.get("provenance") or {}).get("commit") or "not recorded"
-        commits.setdefault(commit[:12] + ("-dirty" if commit.endswith("-dirty") else ""), []).append(label)
+        commits.setdefault(_short(commit), []).append(label)
     return summary["rows"][0]
+
+
+def _run_commits(rec: dict) -> dict:
+    """{commit: [cell labels]} of the runs of a segmentation / detection record."""
+    commits: dict = {}
+    for cell in rec["cells"]:
+        for run in cell.get("runs", []):
+            commits.setdefault(_short(run.get("commit") or "not recorded"), []).append(cell["label"])
+    return commits
 
 
 def _code_note(commits: dict) -> Optional[str]:
@@ -244,13 +257,16 @@ def report(exp_dirs: list, out: str, pictures: bool = True) -> str:
             md += _budget(rec, out, name, plots)
         elif rec["kind"] == "segmentation":
             md += _budget(rec, out, name, plots, "miou", "mIoU (%)")
+            notes.append(_code_note(_run_commits(rec)))
         elif rec["kind"] == "detection":
             md += _detection(rec)
+            notes.append(_code_note(_run_commits(rec)))
         elif rec["kind"] == "scaling":
             md += _scaling(rec, out, name, plots)
         else:
             md += _robustness(rec)
         md.append("")
+        notes = [n for n in notes if n]
         md += [f"- {n}" for n in notes] + ([""] if notes else [])
         md += [f"![{name}]({p})" for p in plots] + ([""] if plots else [])
     path = os.path.join(out, "report.md")

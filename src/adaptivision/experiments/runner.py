@@ -98,6 +98,11 @@ def _non_default(kwargs: dict) -> dict:
     return {k: v for k, v in kwargs.items() if k not in ID_DEFAULTS or ID_DEFAULTS[k] != v}
 
 
+def _commit(spec: dict) -> Optional[str]:
+    """The git commit a segmentation / detection run recorded (None before runs recorded one)."""
+    return (spec.get("provenance") or {}).get("commit")
+
+
 class Runner:
     def __init__(self, exp: Experiment, out: str, scale: str, base: TrainConfig, seeds: int = 1,
                  log: Callable = print, record_only: bool = False):
@@ -272,7 +277,9 @@ class Runner:
                 points.append(dict(knob=b[1] if b else None, gmacs=res["gmacs"], miou=res["miou"]))
                 self.log(f"[{self.exp.name}] {cell.label} seed {seed} {b}: {res['gmacs']:.4f} GMACs, "
                          f"mIoU {res['miou']:.2f}")
-            entry["runs"].append(dict(seed=seed, run_dir=rel, points=points))
+            with open(os.path.join(self.out, rel, "segment.json")) as f:
+                commit = _commit(json.load(f))
+            entry["runs"].append(dict(seed=seed, run_dir=rel, commit=commit, points=points))
         return entry
 
     def detection(self, cell: Cell) -> dict:
@@ -297,7 +304,8 @@ class Runner:
                 detect.run(self.base.data_dir, kwargs=cell.kwargs, output=os.path.join(self.out, "runs"),
                            name=os.path.join(name, f"seed{seed}"), seed=seed, log=lambda *a: None, **recipe)
             with open(path) as f:
-                entry["runs"].append(dict(seed=seed, run_dir=rel, **json.load(f)["results"]))
+                spec = json.load(f)
+            entry["runs"].append(dict(seed=seed, run_dir=rel, commit=_commit(spec), **spec["results"]))
         return entry
 
     def robustness(self, checkpoints: Optional[list], eval_data: dict) -> list:
