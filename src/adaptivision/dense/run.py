@@ -15,10 +15,10 @@ from torch.utils.data import Subset
 
 from ..budget import apply_budget
 from ..checkpoint import load_weights, save_weights
-from ..provenance import provenance
 from ..data.datasets import fashion_mnist
 from ..data.mosaic import MOSAIC_CLASSES, FashionMosaics
 from ..data.segmentation import build_segmentation
+from ..provenance import provenance
 from .segmenter import Segmenter
 from .train import evaluate_segmenter, train_segmenter
 
