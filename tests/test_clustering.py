@@ -93,13 +93,17 @@ def test_the_default_is_soft_image_clustering_at_tau_20():
         tiny_model(tau=0.0)
 
 
-def test_run_identity_follows_what_the_defaults_mean():
+def test_run_identity_follows_what_the_defaults_mean(monkeypatch):
     """Changing a live default must not reuse runs made under the old one: a DTC cell that
     relies on the default is identified by the preset it resolves to."""
+    from adaptivision.config import ModelOptions
     from adaptivision.experiments.runner import _non_default
     assert _non_default({"reduction": "dtc", "clustering": "paper"}) == {}  # as recorded before the change
     assert _non_default({"reduction": "dtc"}) == {"clustering": "image-soft", "tau": 20.0}
     assert _non_default({"reduction": "tome"}) == {"reduction": "tome"}
+    # the training K likewise: a flipped default is written out, so old per-image-K runs are not reused
+    monkeypatch.setattr(ModelOptions, "train_k", "batch")
+    assert _non_default({"reduction": "dtc"}) == {"clustering": "image-soft", "tau": 20.0, "train_k": "batch"}
 
 
 def test_every_parameter_gets_gradient_with_image_clustering():

@@ -130,7 +130,7 @@ DET_CELLS = (
     Cell("Hourglass", {"reduction": "hourglass"}),
 )
 # steps of batch 16 and test canvases per scale (56 x 56 mosaics; no paper scale: COCO is not read here)
-DET_SCALES = {"smoke": dict(steps=2, batch=4, eval_size=8), "small": dict(steps=1500, batch=16, eval_size=500),
+DET_SCALES = {"smoke": dict(steps=2, batch=4, eval_size=8), "small": dict(steps=800, batch=16, eval_size=500),
               "default": dict(steps=4000, batch=16, eval_size=1000), "full": dict(steps=12000, batch=16, eval_size=2000)}
 
 EXPERIMENTS = {e.name: e for e in (

@@ -85,8 +85,8 @@ def _identity(cfg: TrainConfig) -> dict:
 
 # The model defaults that run identities are measured against: those when the first runs were
 # recorded. Changing a live default must give new runs, not silently reuse old ones, so a DTC
-# cell's clustering preset and temperature are always written out when they differ from these.
-ID_DEFAULTS = dict(ModelOptions().to_dict(), clustering="paper", tau=150.0)
+# cell's clustering preset, temperature and training K are always written out when they differ from these.
+ID_DEFAULTS = dict(ModelOptions().to_dict(), clustering="paper", tau=150.0, train_k="image")
 
 
 def _non_default(kwargs: dict) -> dict:
@@ -95,6 +95,7 @@ def _non_default(kwargs: dict) -> dict:
     if kwargs.get("reduction", "dtc") == "dtc":  # the live defaults, resolved, for what they mean now
         kwargs.setdefault("clustering", ModelOptions.clustering)
         kwargs.setdefault("tau", CLUSTERING[kwargs["clustering"]]["tau"])
+        kwargs.setdefault("train_k", ModelOptions.train_k)
     return {k: v for k, v in kwargs.items() if k not in ID_DEFAULTS or ID_DEFAULTS[k] != v}
 
 
