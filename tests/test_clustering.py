@@ -98,12 +98,13 @@ def test_run_identity_follows_what_the_defaults_mean(monkeypatch):
     relies on the default is identified by the preset it resolves to."""
     from adaptivision.config import ModelOptions
     from adaptivision.experiments.runner import _non_default
-    assert _non_default({"reduction": "dtc", "clustering": "paper"}) == {}  # as recorded before the change
-    assert _non_default({"reduction": "dtc"}) == {"clustering": "image-soft", "tau": 20.0}
-    assert _non_default({"reduction": "tome"}) == {"reduction": "tome"}
-    # the training K likewise: a flipped default is written out, so old per-image-K runs are not reused
-    monkeypatch.setattr(ModelOptions, "train_k", "batch")
+    assert _non_default({"reduction": "dtc", "clustering": "paper", "train_k": "image"}) == {}  # as first recorded
+    # the training K likewise: the default became 'batch' after per-image-K runs were recorded
     assert _non_default({"reduction": "dtc"}) == {"clustering": "image-soft", "tau": 20.0, "train_k": "batch"}
+    assert _non_default({"reduction": "dtc", "train_k": "image"}) == {"clustering": "image-soft", "tau": 20.0}
+    assert _non_default({"reduction": "tome"}) == {"reduction": "tome"}
+    monkeypatch.setattr(ModelOptions, "train_k", "image")  # what identities meant before the change
+    assert _non_default({"reduction": "dtc"}) == {"clustering": "image-soft", "tau": 20.0}
 
 
 def test_every_parameter_gets_gradient_with_image_clustering():

@@ -331,8 +331,9 @@ def test_init_clusters_ignores_a_nan_image_and_names_all_nan_input():
 
 def test_batch_k_in_training_is_the_mean_of_the_per_image_ks_and_inference_stays_per_image():
     x = textured_and_flat()                      # 3 textured, then 3 flat images
-    per_image = _warm_stats(tiny_model(budget_jitter=0.0), x)
-    batch = tiny_model(budget_jitter=0.0, train_k="batch")
+    per_image = _warm_stats(tiny_model(budget_jitter=0.0, train_k="image"), x)
+    batch = tiny_model(budget_jitter=0.0)                                # the default: train_k='batch'
+    assert batch.dtc["0"].train_k == "batch"
     batch.load_state_dict(per_image.state_dict())
     with torch.no_grad():
         per_image.train()(x)

@@ -617,3 +617,15 @@ def test_swin_nano_trains_and_is_counted(fmnist, tmp_path, monkeypatch):
     assert rc == 0
     rows = json.loads((tmp_path / "swin" / "summary.json").read_text())["rows"]
     assert rows[0]["name"] == "swin_nano_patch2_window7_28" and rows[0]["gmacs"] == pytest.approx(swin_g, rel=1e-3)
+
+
+def test_provenance_names_the_commit_the_process_loaded(monkeypatch):
+    """A run records the commit read when the package was imported: edits to the checkout while a
+    long run goes on must not be attributed to it (git is not asked again)."""
+    from adaptivision import provenance as prov
+    before = prov.provenance()["commit"]
+
+    def git_again(*args, **kwargs):
+        raise AssertionError("git was asked again")
+    monkeypatch.setattr(prov.subprocess, "run", git_again)
+    assert prov.provenance()["commit"] == before

@@ -5,6 +5,7 @@ be traced to the code and machine that produced it.
 """
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import subprocess
@@ -17,9 +18,12 @@ import torch
 from .version import __version__
 
 
+@functools.lru_cache(maxsize=1)
 def git_commit() -> Optional[str]:
     """The commit of the checkout this package is imported from (``-dirty`` with local changes),
-    or None when it is not a git checkout (an installed wheel)."""
+    or None when it is not a git checkout (an installed wheel). Read once per process, when the
+    package is imported: the code that runs is the code that was loaded, however the checkout
+    changes while a long run goes on."""
     src = os.path.dirname(os.path.abspath(__file__))
     try:
         head = subprocess.run(["git", "-C", src, "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -35,3 +39,6 @@ def provenance() -> dict:
     return dict(version=__version__, commit=git_commit(), torch=torch.__version__, timm=timm.__version__,
                 machine=f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.system()}",
                 threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d %H:%M:%S"))
+
+
+git_commit()  # at import: what this process runs
