@@ -156,15 +156,21 @@ def _visualize(args) -> int:
     return 0
 
 
-def _segment(args) -> int:
+def _evaluated(args, module) -> bool:
+    """``segment`` / ``detect`` with ``--checkpoint``: print its evaluation (at ``--budget``)."""
     from .budget import parse_budget
+    if not args.checkpoint:
+        return False
+    budget = parse_budget(args.budget) if args.budget else None
+    print(json.dumps(module.evaluate(args.checkpoint, args.data_dir, args.eval_size, budget), indent=1))
+    return True
+
+
+def _segment(args) -> int:
     from .dense import run as seg
-    if args.checkpoint:
-        budget = parse_budget(args.budget) if args.budget else None
-        print(json.dumps(seg.evaluate(args.checkpoint, args.data_dir, args.eval_size, budget), indent=1))
-        return 0
-    seg.run(args.dataset, args.data_dir, args.model, args.img_size, args.decoder, args.steps, args.batch_size,
-            args.lr, args.eval_size, _options(args.options), args.output, args.name, args.seed)
+    if not _evaluated(args, seg):
+        seg.run(args.dataset, args.data_dir, args.model, args.img_size, args.decoder, args.steps, args.batch_size,
+                args.lr, args.eval_size, _options(args.options), args.output, args.name, args.seed)
     return 0
 
 
@@ -182,14 +188,10 @@ def _options(items: list) -> dict:
 
 
 def _detect(args) -> int:
-    from .budget import parse_budget
     from .dense import detect
-    if args.checkpoint:
-        budget = parse_budget(args.budget) if args.budget else None
-        print(json.dumps(detect.evaluate(args.checkpoint, args.data_dir, args.eval_size, budget), indent=1))
-        return 0
-    detect.run(args.data_dir, args.model, args.img_size, args.steps, args.batch_size, args.lr, args.eval_size,
-               _options(args.options), args.channels, args.output, args.name, args.seed)
+    if not _evaluated(args, detect):
+        detect.run(args.data_dir, args.model, args.img_size, args.steps, args.batch_size, args.lr, args.eval_size,
+                   _options(args.options), args.channels, args.output, args.name, args.seed)
     return 0
 
 
