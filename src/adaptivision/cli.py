@@ -201,6 +201,19 @@ def _report(args) -> int:
     return 0
 
 
+def _dense_args(p: argparse.ArgumentParser, what: str, knobs: str, example: str) -> None:
+    """The training and evaluation options that ``segment`` and ``detect`` share."""
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=16, dest="batch_size")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default="runs")
+    p.add_argument("--name")
+    p.add_argument("--checkpoint", help=f"evaluate this {what}.safetensors instead of training")
+    p.add_argument("--budget", help=f"with --checkpoint: gmacs=|mean_k=|bias=|k= (DTC), {knobs}")
+    p.add_argument("options", nargs="*", metavar="key=value", help=f"backbone options, e.g. {example}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="adaptivision", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -292,16 +305,8 @@ def main(argv=None) -> int:
     g.add_argument("--model", help="backbone (default: nano at 56 px for mosaics, small at 512 px otherwise)")
     g.add_argument("--img-size", type=int, dest="img_size")
     g.add_argument("--decoder", default="linear", choices=("linear", "mask"))
-    g.add_argument("--steps", type=int, default=300)
-    g.add_argument("--batch-size", type=int, default=16, dest="batch_size")
-    g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--eval-size", type=int, dest="eval_size", help="evaluate on the first N images (mosaics: N canvases)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--output", default="runs")
-    g.add_argument("--name")
-    g.add_argument("--checkpoint", help="evaluate this segmenter.safetensors instead of training")
-    g.add_argument("--budget", help="with --checkpoint: gmacs=|mean_k=|bias=|k= (DTC), tome_r= or keep_ratio=")
-    g.add_argument("options", nargs="*", metavar="key=value", help="backbone options, e.g. reduction=tome")
+    _dense_args(g, "segmenter", "tome_r= or keep_ratio=", "reduction=tome")
     g.set_defaults(fn=_segment)
     d = sub.add_parser("detect", help="train FCOS on a backbone over Fashion-MNIST mosaic boxes (Table 3), "
                        "or --checkpoint: evaluate (mAP, GMACs, images/s)")
@@ -309,16 +314,8 @@ def main(argv=None) -> int:
     d.add_argument("--model", default="adaptivision_nano_patch4_28")
     d.add_argument("--img-size", type=int, default=56, dest="img_size", help="mosaic canvas (pixels)")
     d.add_argument("--channels", type=int, default=64, help="pyramid and head width (a multiple of 32)")
-    d.add_argument("--steps", type=int, default=300)
-    d.add_argument("--batch-size", type=int, default=16, dest="batch_size")
-    d.add_argument("--lr", type=float, default=1e-3)
     d.add_argument("--eval-size", type=int, default=500, dest="eval_size", help="test canvases")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--output", default="runs")
-    d.add_argument("--name")
-    d.add_argument("--checkpoint", help="evaluate this detector.safetensors instead of training")
-    d.add_argument("--budget", help="with --checkpoint: gmacs=|mean_k=|bias=|k= (DTC) or keep_ratio=")
-    d.add_argument("options", nargs="*", metavar="key=value", help="backbone options, e.g. reduction=hourglass")
+    _dense_args(d, "detector", "keep_ratio=", "reduction=hourglass")
     d.set_defaults(fn=_detect)
     r = sub.add_parser("report", help="Markdown tables and PNG plots from experiment directories")
     r.add_argument("run_dirs", nargs="+", metavar="EXPERIMENT_DIR", help="e.g. experiments/table5")
