@@ -52,6 +52,10 @@ def test_table5_matches_gmacs_and_shares_runs(done):
     dtc_run = cells["AdaptiVision (DTC)"]["runs"][0]["run_dir"]
     assert t4[20.0]["runs"][0]["run_dir"] == dtc_run == t7["+DTC+AFA"]["runs"][0]["run_dir"]
     assert t4[150.0]["runs"][0]["run_dir"] != dtc_run and t4[1.0]["runs"][0]["run_dir"] != dtc_run
+    # Tables 1-2 list the token reducers too: the same runs as Table 5
+    t1 = {c["label"]: c for c in _record(done, "table1")["cells"]}
+    for label in ("DynamicViT (importance)", "ToMe", "Hourglass", "HiRED (adapted)", "ToFe (freeze and reuse)"):
+        assert t1[label]["runs"][0]["run_dir"] == cells[label]["runs"][0]["run_dir"], label
 
 
 def test_dtc_levers_record_every_lever_and_record_only_trains_nothing(done, tmp_path):

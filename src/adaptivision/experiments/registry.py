@@ -144,6 +144,8 @@ EXPERIMENTS = {e.name: e for e in (
         Cell("Swin (timm, nano width)", {}, model="swin_nano_patch2_window7_28",
              scales=("smoke", "small", "default", "full")),
         Cell("LeMeViT (nano)", {}, model="lemevit_nano_28", scales=("smoke", "small", "default", "full")),
+        # the token reducers of Tables 1-2, on our backbone at DTC's GMACs (the runs of Table 5)
+        *(c for c in BASELINES if c.kwargs["reduction"] in ("importance", "tome", "hourglass", "hired", "tofe")),
         DENSE, DTC), paper_datasets=("imagenet", "cifar10", "cifar100", "tinyimagenet", "chestxray")),
     Experiment("table4", "Table 4: DTC temperature tau", "train",
                tuple(Cell(f"tau = {t}", {"reduction": "dtc", "tau": float(t)}) for t in (1, 20, 100, 150, 200, 250)),
