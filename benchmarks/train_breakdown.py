@@ -93,7 +93,10 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     x = mixed_batch(a.batch, 1, 28)
     y = torch.arange(a.batch) % 10
-    models = {"dense": dict(reduction="none"), "adaptivision (default)": {}, "adaptivision (paper)": dict(clustering="paper")}
+    models = {"dense": dict(reduction="none"), "adaptivision (default)": {},
+              "adaptivision (per-image K in training)": dict(train_k="image"),
+              "after block 2, AFA off": dict(condense_at=2, k_mid=24, afa=False),
+              "adaptivision (paper)": dict(clustering="paper")}
     res = {name: breakdown(timm.create_model("adaptivision_nano_patch4_28", **kw), x, y, a.steps)
            for name, kw in models.items()}
     names = list(res)
