@@ -243,12 +243,13 @@ class Runner:
         for run in entry["runs"]:
             model, cfg, guide = self._load(run["run_dir"])
             run["points"] = []
-            for b in BUDGETS.get(method, []):
+            for b in BUDGETS.get(method) or [None]:  # the dense model: its one point
                 value = budget.tome_r(model, b) if method == "tome" else b
-                budget.set_knob(model, value)
+                if value is not None:
+                    budget.set_knob(model, value)
                 res = self._eval(model, cfg, guide=guide)
                 run["points"].append(dict(knob=value, gmacs=res["gmacs"], top1=res["top1"], top5=res["top5"]))
-                self.log(f"[figure1a] {entry['label']} seed {run['seed']} knob {value}: "
+                self.log(f"[{self.exp.name}] {entry['label']} seed {run['seed']} knob {value}: "
                          f"{res['gmacs']:.4f} GMACs, top-1 {res['top1']:.2f}")
 
     def segmentation(self, cell: Cell) -> dict:
