@@ -255,6 +255,11 @@ def report(exp_dirs: list, out: str, pictures: bool = True) -> str:
                 plots += _pictures(rec, exp_dir, out, name, notes)
         elif rec["kind"] == "budget":
             md += _budget(rec, out, name, plots)
+            commits: dict = {}
+            for cell in rec["cells"]:
+                for run in cell.get("runs", []):
+                    _summary(exp_dir, run, commits, cell["label"])
+            notes.append(_code_note(commits))
         elif rec["kind"] == "segmentation":
             md += _budget(rec, out, name, plots, "miou", "mIoU (%)")
             notes.append(_code_note(_run_commits(rec)))
