@@ -178,3 +178,37 @@ def test_off_the_shelf_benchmark_smoke(tmp_path):
     assert full["top1"] == dense["top1"] and full["gmacs"] > dense["gmacs"]
     assert rows["fps, hard, 2 iters, K=16"]["gmacs"] < rows["fps, hard, 2 iters, K=32"]["gmacs"] < dense["gmacs"]
     assert "| dense |" in (out / "off-the-shelf.md").read_text()
+
+
+def test_assign_at_inference_benchmark_smoke(tmp_path):
+    """benchmarks/assign_at_inference.py on a tiny soft-trained DTC run: 'as trained' reproduces the
+    run's own final top-1, each variant really changes the stages, and the trained setting is restored."""
+    import importlib.util
+    import json
+    import pathlib
+
+    from adaptivision.cli import main
+    from fixtures import make_fmnist
+    data = make_fmnist(str(tmp_path / "fm"), n_train=64, n_test=32)
+    assert main(["train", "--data-dir", data, "--output", str(tmp_path), "--name", "dtc", "--epochs", "1",
+                 "workers=0", "batch_size=16", "throughput_batch=8", "compare_dense=false",
+                 "model_kwargs={embed_dim: 32, depth: 3, num_heads: 2, condense_at: 1, cmtf: false}"]) == 0
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "assign_at_inference.py"
+    spec = importlib.util.spec_from_file_location("assign_at_inference", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    run = str(tmp_path / "dtc")
+    rows = {r["label"]: r for r in mod.evaluate_variants(run)}
+    summary = json.loads((tmp_path / "dtc" / "summary.json").read_text())["rows"][0]
+    trained = rows["as trained"]
+    assert trained["top1"] == pytest.approx(summary["top1"], abs=0.01)
+    assert (trained["hard"], trained["tau"]) == (False, 20.0)  # the default clustering: soft, tau 20
+    assert rows["hard (nearest centre)"]["hard"] is True and rows["soft, tau 10"]["tau"] == 10.0
+    out = tmp_path / "res"
+    assert mod.main(["--run", run, "--out", str(out)]) == 0
+    assert "| hard (nearest centre) |" in (out / "assign-at-inference.md").read_text()
+    with pytest.raises(ValueError, match="not a DTC model"):
+        assert main(["train", "--data-dir", data, "--output", str(tmp_path), "--name", "dense", "--epochs", "1",
+                     "workers=0", "batch_size=16", "throughput_batch=8", "compare_dense=false",
+                     "model_kwargs={embed_dim: 32, depth: 3, num_heads: 2, reduction: none}"]) == 0
+        mod.evaluate_variants(str(tmp_path / "dense"))
