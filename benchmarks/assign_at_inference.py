@@ -36,7 +36,7 @@ def evaluate_variants(run: str, checkpoint: str = "last.safetensors") -> list:
     trained = [(m.hard, m.tau) for m in stages]
     rows = []
     for label, hard, tau in VARIANTS:
-        for m, (h0, t0) in zip(stages, trained):
+        for m, (h0, t0) in zip(stages, trained, strict=True):
             m.hard = h0 if hard is None else hard
             m.tau = t0 if tau is None else tau
         ev = engine.evaluate(model, loader, d)

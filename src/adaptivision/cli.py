@@ -30,15 +30,9 @@ def _train(args) -> int:
 def _eval(args) -> int:
     from .budget import apply_budget, parse_budget
     from .profile import profile
-    from .train.engine import (
-        build_eval_dataset,
-        eval_loader,
-        evaluate,
-        guidance_kwargs,
-        load_for_eval,
-        load_guidance,
-        setup_distributed,
-    )
+    from .train.build import build_eval_dataset, eval_loader, guidance_kwargs, load_for_eval, load_guidance
+    from .train.distributed import setup_distributed
+    from .train.evaluate import evaluate
     model, cfg = load_for_eval(args.checkpoint, args.model)
     guide = load_guidance(args.checkpoint, cfg, model)
     if args.guidance_mode != "normal" and guide is None:
@@ -74,7 +68,7 @@ def _eval(args) -> int:
 def _profile(args) -> int:
     import timm
 
-    from .train.engine import measure
+    from .train.evaluate import measure
     kwargs = {"img_size": args.img_size} if args.img_size else {}
     rows = []
     for name in args.model.split(","):
@@ -120,7 +114,7 @@ def _benchmark(args) -> int:
 def _visualize(args) -> int:
     from timm.data import resolve_data_config
 
-    from .train.engine import (
+    from .train.build import (
         build_eval_dataset,
         build_transforms,
         guidance_kwargs,

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from timm.data import resolve_data_config
 
-from ..train.engine import build_eval_dataset, guidance_kwargs, load_for_eval, load_guidance
+from ..train.build import build_eval_dataset, guidance_kwargs, load_for_eval, load_guidance
 from ..visualize import visualize
 
 MISSING = "—"

@@ -1,4 +1,4 @@
-"""Training and evaluation engine: one process, one GPU, or many under ``torchrun`` (DDP).
+"""The training engine: one process, one GPU, or many under ``torchrun`` (DDP).
 
 ``run(cfg)`` trains the configured model and, with ``compare_dense``, the dense model of the
 same width and depth with the same recipe, then measures GMACs and throughput of both in the
@@ -15,210 +15,52 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
-import timm
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from timm.data import Mixup, create_transform, resolve_data_config
+from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from ..checkpoint import (
     CheckpointManager,
     load_pretrained,
     load_weights,
-    read_weights,
     rng_state,
     run_lock,
     save_weights,
     set_rng_state,
 )
 from ..data.datasets import build_dataset, collate_skip
-from ..guidance import Guidance, class_embeddings, parse_sources
+from ..guidance import Guidance
 from ..models import AdaptiVision
 from ..objective import AdaptiVisionLoss
-from ..profile import profile
 from ..provenance import provenance
-from ..timing import autocast, resolve_amp, throughput
+from ..timing import autocast, resolve_amp
+
+# the engine's parts, each in its own file; their names stay importable from here (callers and
+# tests use ``engine.evaluate``, ``engine.load_for_eval``, ...)
+from .build import (  # noqa: F401
+    DENSE_KWARGS,
+    build_eval_dataset,
+    build_guidance,
+    build_transforms,
+    create_model,
+    eval_loader,
+    guidance_kwargs,
+    limit_dataset,
+    load_for_eval,
+    load_guidance,
+    model_spec,
+)
 from .config import TrainConfig
-
-DENSE_KWARGS = dict(condense_at=False, afa=False, cmtf=False)
-
-
-# --- processes and devices --------------------------------------------------------------------------
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device: str = "auto") -> Dist:
-    """Reads torchrun's environment; NCCL on GPUs, gloo on CPU."""
-    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda was asked for but no CUDA device is available")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if use_cuda:
-        dev = torch.device(device if device.startswith("cuda:") else f"cuda:{local}")
-        torch.cuda.set_device(dev)
-    else:
-        dev = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Dist(rank, world, local, dev)
-
-
-def _all_sum(values: list, d: Dist) -> list:
-    if d.world == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=d.device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-# --- models and data ----------------------------------------------------------------------------------
-def model_spec(cfg: TrainConfig, num_classes: int, dense: bool, guide: Optional[Guidance] = None) -> dict:
-    """Name and keyword arguments that rebuild the model (saved as ``model.json``)."""
-    kwargs = dict(cfg.model_kwargs)
-    if cfg.drop_path:
-        kwargs["drop_path_rate"] = cfg.drop_path
-    if cfg.img_size:
-        kwargs["img_size"] = cfg.img_size
-    if cfg.model.startswith("adaptivision_"):
-        if guide is not None and not dense:  # the options the sources need; the user's explicit ones win
-            for k, v in guide.model_options(align=cfg.lambda_align > 0).items():
-                if k in ("guidance_dim", "align_dim"):
-                    kwargs[k] = v
-                else:
-                    kwargs.setdefault(k, v)
-        kwargs.setdefault("cmtf", False)  # no guidance: CMTF would have nothing to fuse
-        if dense:
-            kwargs.update(DENSE_KWARGS)
-    return dict(name=cfg.model, num_classes=num_classes, kwargs=kwargs)
-
-
-def build_guidance(cfg: TrainConfig, classes, model: nn.Module) -> Optional[Guidance]:
-    """The configured guidance sources for ``model``'s patch grid and the data set's class names
-    (None for guidance=none). Class-name embeddings are computed once and cached."""
-    sources = parse_sources(cfg.guidance)
-    if not sources:
-        return None
-    if not isinstance(model, AdaptiVision) or model.opts.reduction != "dtc" or not model.dtc:
-        raise ValueError(f"guidance={cfg.guidance!r} steers DTC and feeds CMTF: it needs an AdaptiVision model "
-                         f"with reduction='dtc' and condense_at set (got {cfg.model} {cfg.model_kwargs or ''}); "
-                         "use guidance=none")
-    emb = None
-    if "text" in sources:
-        emb = class_embeddings(list(classes), cfg.text_model, cfg.text_template, dataset=cfg.dataset)
-    return Guidance(sources, model.patch_embed.patch_size[0], model.patch_embed.num_patches, emb,
-                    learned_tokens=cfg.guidance_tokens, dropout=cfg.guidance_dropout)
-
-
-def guidance_kwargs(guide: Optional[Guidance], x: torch.Tensor, mode: str = "normal") -> dict:
-    """``guidance=`` / ``patch_weights=`` for ``model(x, ...)`` (nothing without guidance)."""
-    return guide(x, mode=mode).model_kwargs() if guide is not None else {}
-
-
-def create_model(spec: dict) -> nn.Module:
-    if not timm.is_model(spec["name"]):
-        import difflib
-        close = difflib.get_close_matches(spec["name"], timm.list_models(), n=3)
-        raise ValueError(f"Unknown model {spec['name']!r}." + (f" Did you mean {' or '.join(map(repr, close))}?"
-                         if close else "") + " (ours: timm.list_models('adaptivision_*'))")
-    return timm.create_model(spec["name"], num_classes=spec["num_classes"], **spec["kwargs"])
-
-
-def build_transforms(cfg: TrainConfig, model: nn.Module):
-    data_cfg = resolve_data_config({}, model=model)
-    size = data_cfg["input_size"][-1]
-    scale_min = cfg.scale_min if cfg.scale_min is not None else (0.08 if size >= 128 else 0.7)
-    train_tf = create_transform(data_cfg["input_size"], is_training=True, scale=(scale_min, 1.0),
-                                hflip=cfg.hflip, color_jitter=cfg.color_jitter or None,
-                                interpolation=data_cfg["interpolation"], mean=data_cfg["mean"], std=data_cfg["std"])
-    eval_tf = create_transform(data_cfg["input_size"], is_training=False, crop_pct=data_cfg["crop_pct"],
-                               interpolation=data_cfg["interpolation"], mean=data_cfg["mean"], std=data_cfg["std"])
-    mode = "L" if data_cfg["input_size"][0] == 1 else "RGB"
-    return train_tf, eval_tf, mode
-
-
-def _limit(ds, n: Optional[int]):
-    if n is None or n >= len(ds):
-        return ds
-    sub = Subset(ds, range(n))
-    sub.classes = ds.classes
-    if hasattr(ds, "class_indices"):
-        sub.class_indices = ds.class_indices
-    return sub
-
-
-def build_eval_dataset(cfg: TrainConfig, model: nn.Module, dataset: Optional[str] = None, data_dir=None):
-    _, eval_tf, mode = build_transforms(cfg, model)
-    ds = build_dataset(dataset or cfg.dataset, data_dir or cfg.data_dir, train=False, transform=eval_tf,
-                       mode=mode, strict=cfg.strict_images, download=cfg.download)
-    return _limit(ds, cfg.limit_eval)
-
-
-def eval_loader(ds, cfg: TrainConfig, d: Dist) -> DataLoader:
-    shard = Subset(ds, range(d.rank, len(ds), d.world))  # no padding: every image counted once
-    return DataLoader(shard, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers,
-                      collate_fn=collate_skip)
-
-
-# --- evaluation and measurement ---------------------------------------------------------------------
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, d: Dist, amp: str = "none",
-             class_indices: Optional[list] = None, guide: Optional[Guidance] = None,
-             guidance_mode: str = "normal") -> dict:
-    """Top-1/top-5 (%) and loss over the whole data set (reduced across processes).
-    ``class_indices`` scores a 1000-way head on a class subset (ImageNet-A/R); ``guide`` and
-    ``guidance_mode`` (normal | missing | shuffled | random) give a guided model its inputs."""
-    model.eval()
-    correct1 = correct5 = loss_sum = n = skipped = 0.0
-    idx = torch.tensor(class_indices, device=d.device) if class_indices is not None else None
-    for x, y, skip in loader:
-        skipped += skip
-        if x is None:
-            continue
-        x, y = x.to(d.device), y.to(d.device)
-        with autocast(amp, d.device):
-            logits = model(x, **guidance_kwargs(guide, x, guidance_mode)).float()
-        if idx is not None:
-            logits = logits[:, idx]
-        loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        correct1 += (top[:, 0] == y).sum().item()
-        correct5 += (top == y[:, None]).any(1).sum().item()
-        n += len(y)
-    correct1, correct5, loss_sum, n, skipped = _all_sum([correct1, correct5, loss_sum, n, skipped], d)
-    if n == 0:
-        raise RuntimeError("evaluation saw no readable image")
-    return dict(top1=100 * correct1 / n, top5=100 * correct5 / n, loss=loss_sum / n, images=int(n),
-                skipped=int(skipped))
-
-
-@torch.inference_mode()
-def measure(model: nn.Module, images: torch.Tensor, batch: int, device: torch.device, repeats: int = 10,
-            guide: Optional[Guidance] = None) -> dict:
-    """Params (M), mean GMACs over ``images`` (each with its own K, CMTF counted with the
-    guidance the model is given), mean K and images/s (the model alone, guidance precomputed)."""
-    model = model.to(device).eval()
-    images = images.to(device)
-    prof = profile(model, images, **guidance_kwargs(guide, images))
-    tp = throughput(model, tuple(images.shape[1:]), batch, device, repeats=repeats)
-    return dict(params_m=prof["params"] / 1e6, gmacs=prof["gmacs"], mean_k=prof.get("mean_k"),
-                img_per_s=tp["img_per_s"])
+from .distributed import Dist, all_sum, setup_distributed  # noqa: F401
+from .evaluate import evaluate, measure  # noqa: F401
 
 
 # --- training -----------------------------------------------------------------------------------------
@@ -273,9 +115,9 @@ def setup(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bool = F
     # the data decide the head: a throw-away model gives the transforms (input size, mean, std)
     probe = create_model(model_spec(cfg, 1, dense))
     train_tf, eval_tf, mode = build_transforms(cfg, probe)
-    train_ds = _limit(build_dataset(cfg.dataset, cfg.data_dir, True, train_tf, mode, cfg.strict_images,
+    train_ds = limit_dataset(build_dataset(cfg.dataset, cfg.data_dir, True, train_tf, mode, cfg.strict_images,
                                     cfg.download), cfg.limit_train)
-    eval_ds = _limit(build_dataset(cfg.dataset, cfg.data_dir, False, eval_tf, mode, cfg.strict_images,
+    eval_ds = limit_dataset(build_dataset(cfg.dataset, cfg.data_dir, False, eval_tf, mode, cfg.strict_images,
                                    cfg.download), cfg.limit_eval)
     num_classes = len(train_ds.classes)
     if num_classes < 2 and d.main:
@@ -443,7 +285,7 @@ def validate(s: Session) -> dict:
 
 def end_epoch(s: Session, epoch: int, stats: dict, ev: dict) -> None:
     """Log the epoch and save its checkpoint (rank 0)."""
-    seen, correct, skipped = _all_sum([stats["seen"], stats["correct"], stats["skipped"]], s.d)
+    seen, correct, skipped = all_sum([stats["seen"], stats["correct"], stats["skipped"]], s.d)
     rec = dict(kind="epoch", epoch=epoch, train_top1=100 * correct / max(seen, 1), train_skipped=int(skipped),
                epoch_seconds=stats["seconds"], **{f"eval_{k}": v for k, v in ev.items()})
     if not s.d.main:
@@ -630,49 +472,3 @@ def summarize(cfg: TrainConfig, results: dict, run_dir: str, d: Dist) -> dict:
     with open(os.path.join(run_dir, "summary.md"), "w") as f:
         f.write(f"# {cfg.model} on {cfg.dataset}\n\n" + summary["markdown"] + "\n")
     return summary
-
-
-def load_for_eval(checkpoint: str, model_name: Optional[str] = None) -> tuple:
-    """Rebuild the model of a run from ``model.json`` beside the checkpoint and load its weights."""
-    ckpt_dir = os.path.dirname(os.path.abspath(checkpoint))
-    spec = _spec_beside(checkpoint)  # how the run built it: the same architecture whatever --model says
-    if spec is not None and model_name and model_name != spec["name"]:
-        raise ValueError(f"--model {model_name}: {checkpoint} holds a {spec['name']} (its model.json / metadata); "
-                         "leave --model out")
-    if spec is None and model_name:
-        spec = dict(name=model_name, num_classes=None, kwargs={})
-    if spec is None:
-        raise FileNotFoundError(f"{os.path.join(ckpt_dir, 'model.json')} not found and {checkpoint} does not "
-                                "record its model: pass --model NAME to say which model it holds")
-    if spec["num_classes"] is None:
-        head = read_weights(checkpoint).get("head.weight")  # (names a truncated or foreign file)
-        spec["num_classes"] = head.shape[0] if head is not None else 0
-    model = create_model(spec)
-    load_weights(model, checkpoint)
-    cfg_path = os.path.join(ckpt_dir, "config.yaml")
-    cfg = TrainConfig.build(cfg_path) if os.path.isfile(cfg_path) else TrainConfig()
-    return model, cfg
-
-
-def load_guidance(checkpoint: str, cfg: TrainConfig, model: nn.Module) -> Optional[Guidance]:
-    """The guidance a run was trained with (None if none), rebuilt from ``model.json`` beside
-    ``checkpoint``: the class names are stored there, their embeddings come from the cache."""
-    info = (_spec_beside(checkpoint) or {}).get("guidance")
-    return build_guidance(cfg, info["classes"], model) if info else None
-
-
-def _spec_beside(checkpoint: str) -> Optional[dict]:
-    """The run's ``model.json`` (name, classes, options, guidance) next to ``checkpoint``, else
-    the copy ``train`` writes into the checkpoint's metadata (a checkpoint moved on its own)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "model.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            return json.load(f)
-    from safetensors import safe_open
-    try:
-        with safe_open(checkpoint, "pt") as f:
-            meta = (f.metadata() or {}).get("model")
-    except Exception:  # not a readable safetensors file: load_weights names the problem
-        return None
-    return json.loads(meta) if meta else None
-
