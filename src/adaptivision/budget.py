@@ -1,8 +1,8 @@
 """Token budgets, in one place: parse a budget, apply it to any model, match a GMACs target.
 
 A budget is one ``key=value``: for DTC ``gmacs`` (mean GMACs per image), ``mean_k``, ``bias``
-(the knob itself) or ``k`` (one fixed K for every image); for the baselines ``tome_r`` (ToMe's
-merges per block) or ``keep_ratio`` (random, DynamicViT, EViT). Calibrated budgets are measured
+(the knob itself) or ``k`` (one fixed K for every image, also below the trained ``k_min``); for
+the baselines ``tome_r`` (ToMe's merges per block) or ``keep_ratio`` (random, DynamicViT, EViT). Calibrated budgets are measured
 on a batch of images and then fixed. Every search is :func:`bisect`.
 
 Layering: this module uses the layers, the baselines and :mod:`.profile`, never the model
@@ -196,8 +196,11 @@ def apply_budget(model: nn.Module, budget: dict, images: torch.Tensor, **forward
         return
     dtc = first_dtc(model)
     if key == "k":
-        if not dtc.k_min <= int(value) <= dtc.k_max:
-            raise ValueError(f"k={value} is outside this model's range [{dtc.k_min}, {dtc.k_max}]")
+        # below k_min is allowed: the centres exist for any K (an image's farthest points, or a
+        # prefix of the nested centroids); the model was only not trained there (docs/results.md)
+        if not 1 <= int(value) <= dtc.k_max:
+            raise ValueError(f"k={value} is outside this model's range [1, {dtc.k_max}] (trained on "
+                             f"[{dtc.k_min}, {dtc.k_max}])")
         dtc.dynamic, dtc.fixed_k = False, int(value)
     else:
         set_token_budget(model, images, **{key: float(value)}, **forward_kwargs)

@@ -213,6 +213,11 @@ BUDGETS = {"dtc": [-4.0, -2.0, 0.0, 2.0, 4.0], "tome": [0.2, 0.4, 0.6, 0.8, 1.0]
            "hired": [0.3, 0.45, 0.6, 0.75, 0.9], "tofe": [0.5, 0.6, 0.7, 0.8, 0.9]}
 
 
+# ... and for every DTC model, one fixed K for every image at these values below its trained
+# range (K >= k_min = 16 of 49 tokens): how far the curve reaches when the budget is cut at inference
+DTC_FIXED_K = (8, 12)
+
+
 def get(name: str) -> Experiment:
     if name not in EXPERIMENTS:
         raise unknown_key_error(name, EXPERIMENTS, "experiment")

@@ -29,7 +29,18 @@ from ..guidance import MODES
 from ..profile import profile
 from ..timing import time_models
 from ..train import TrainConfig, engine
-from .registry import BUDGETS, DET_SCALES, FULL_EPOCHS, SCALES, SEG_BUDGETS, SEG_SCALES, Cell, Experiment, get
+from .registry import (
+    BUDGETS,
+    DET_SCALES,
+    DTC_FIXED_K,
+    FULL_EPOCHS,
+    SCALES,
+    SEG_BUDGETS,
+    SEG_SCALES,
+    Cell,
+    Experiment,
+    get,
+)
 
 SMALL_MODELS = {"fashion-mnist": "adaptivision_nano_patch4_28", "cifar10": "adaptivision_nano_patch4_32",
                 "cifar100": "adaptivision_nano_patch4_32"}
@@ -250,6 +261,14 @@ class Runner:
                 res = self._eval(model, cfg, guide=guide)
                 run["points"].append(dict(knob=value, gmacs=res["gmacs"], top1=res["top1"], top5=res["top5"]))
                 self.log(f"[{self.exp.name}] {entry['label']} seed {run['seed']} knob {value}: "
+                         f"{res['gmacs']:.4f} GMACs, top-1 {res['top1']:.2f}")
+            if method != "dtc":
+                continue
+            for k in (k for k in DTC_FIXED_K if k < budget.first_dtc(model).k_min):  # after the bias points
+                budget.apply_budget(model, {"k": k}, None)
+                res = self._eval(model, cfg, guide=guide)
+                run["points"].append(dict(knob=f"K={k}", gmacs=res["gmacs"], top1=res["top1"], top5=res["top5"]))
+                self.log(f"[{self.exp.name}] {entry['label']} seed {run['seed']} K={k}: "
                          f"{res['gmacs']:.4f} GMACs, top-1 {res['top1']:.2f}")
 
     def segmentation(self, cell: Cell) -> dict:
