@@ -55,6 +55,26 @@ def test_apply_budget_sets_the_baselines_knobs_and_refuses_dense():
         budget.apply_budget(dense, {"tome_r": 3}, None)
 
 
+@pytest.mark.parametrize("clustering", ["image-soft", "paper"])
+def test_fixed_k_below_the_trained_range_gives_that_many_super_tokens(clustering):
+    """``k=`` may cut below k_min (an image's farthest points, or a prefix of the nested learned
+    centroids, exist for any K): K tokens reach the blocks after the stage; 0 or > k_max is refused."""
+    model = timm.create_model("adaptivision_nano_patch4_28", clustering=clustering, cmtf=False).eval()
+    stage = budget.first_dtc(model)
+    assert stage.k_min == 16
+    x = mixed_batch(4, 1, 28)
+    budget.apply_budget(model, {"k": 5}, None)
+    seen = []
+    handle = model.blocks[-1].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    assert model.last_num_clusters.tolist() == [[5]] * 4 and seen == [5 + model.num_prefix_tokens]
+    for bad in (0, stage.k_max + 1):
+        with pytest.raises(ValueError, match=r"outside this model's range \[1, 49\]"):
+            budget.apply_budget(model, {"k": bad}, None)
+
+
 def test_one_meaning_of_amp():
     """timing.resolve_amp is the one place that says what ``amp`` means (issue 12: the two
     autocast helpers disagreed on 'auto' on CPU)."""
