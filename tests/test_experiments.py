@@ -78,11 +78,18 @@ def test_dtc_levers_record_every_lever_and_record_only_trains_nothing(done, tmp_
 def test_figure1a_points_follow_the_budget(done):
     rec = _record(done, "figure1a")
     for cell in rec["cells"]:
-        pts = cell["runs"][0]["points"]
+        pts = [p for p in cell["runs"][0]["points"] if not isinstance(p["knob"], str)]
+        fixed = [p for p in cell["runs"][0]["points"] if isinstance(p["knob"], str)]
         assert len(pts) == 5
         g = [p["gmacs"] for p in pts]
         # ToMe's r removes tokens as it grows; the other knobs keep more as they grow
         assert g == sorted(g, reverse=cell["kwargs"]["reduction"] == "tome"), (cell["label"], g)
+        if cell["kwargs"]["reduction"] != "dtc":
+            assert not fixed
+            continue
+        # DTC also at one fixed K below its trained range (K >= 16): cheaper than every knob point
+        assert [p["knob"] for p in fixed] == ["K=8", "K=12"]
+        assert fixed[0]["gmacs"] < fixed[1]["gmacs"] < min(g)
 
 
 def test_figure1bc_segments_with_every_backbone_at_its_budgets(done, tmp_path):
