@@ -154,25 +154,37 @@ def test_profile_counts_the_farthest_point_distances():
     assert diff * 1e9 == pytest.approx(16 * 16 * 32)  # N x N x D per image, nothing else differs
 
 
-def test_off_the_shelf_benchmark_smoke(tmp_path):
-    """CI's short version of benchmarks/off_the_shelf.py: a tiny dense run, then every variant."""
-    import importlib.util
-    import json
-    import pathlib
-
+def _tiny_run(tmp_path, name: str, model_kwargs: str) -> tuple:
+    """A 1-epoch run of a tiny nano-shaped model on a 64-image fixture: (its directory, the data)."""
     from adaptivision.cli import main
     from fixtures import make_fmnist
     data = make_fmnist(str(tmp_path / "fm"), n_train=64, n_test=32)
-    assert main(["train", "--data-dir", data, "--output", str(tmp_path), "--name", "dense", "--epochs", "1",
+    assert main(["train", "--data-dir", data, "--output", str(tmp_path), "--name", name, "--epochs", "1",
                  "workers=0", "batch_size=16", "throughput_batch=8", "compare_dense=false",
-                 "model_kwargs={embed_dim: 32, depth: 3, num_heads: 2, condense_at: false, afa: false, cmtf: false}"]) == 0
-    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "off_the_shelf.py"
-    spec = importlib.util.spec_from_file_location("off_the_shelf", path)
+                 f"model_kwargs={{embed_dim: 32, depth: 3, num_heads: 2, {model_kwargs}}}"]) == 0
+    return str(tmp_path / name), data
+
+
+def _benchmark(name: str):
+    """A script of benchmarks/ imported as a module."""
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_off_the_shelf_benchmark_smoke(tmp_path):
+    """CI's short version of benchmarks/off_the_shelf.py: a tiny dense run, then every variant."""
+    import json
+
+    run, _ = _tiny_run(tmp_path, "dense", "condense_at: false, afa: false, cmtf: false")
+    mod = _benchmark("off_the_shelf")
     out = tmp_path / "res"
-    assert mod.main(["--run", str(tmp_path / "dense"), "--limit", "32", "--calib", "16", "--out", str(out)]) == 0
-    rows = {r["label"]: r for r in json.loads((out / "off-the-shelf.json").read_text())["runs"][str(tmp_path / "dense")]}
+    assert mod.main(["--run", run, "--limit", "32", "--calib", "16", "--out", str(out)]) == 0
+    rows = {r["label"]: r for r in json.loads((out / "off-the-shelf.json").read_text())["runs"][run]}
     dense = rows["dense"]
     full = rows["fps, hard, 2 iters, K=49"]  # K = N: the dense model's own predictions
     assert full["top1"] == dense["top1"] and full["gmacs"] > dense["gmacs"]
@@ -182,22 +194,11 @@ def test_off_the_shelf_benchmark_smoke(tmp_path):
 
 def test_assign_at_inference_benchmark_smoke(tmp_path):
     """benchmarks/assign_at_inference.py on a tiny soft-trained DTC run: 'as trained' reproduces the
-    run's own final top-1, each variant really changes the stages, and the trained setting is restored."""
-    import importlib.util
+    run's own final top-1 and each variant really changes the stages; a dense run is refused."""
     import json
-    import pathlib
 
-    from adaptivision.cli import main
-    from fixtures import make_fmnist
-    data = make_fmnist(str(tmp_path / "fm"), n_train=64, n_test=32)
-    assert main(["train", "--data-dir", data, "--output", str(tmp_path), "--name", "dtc", "--epochs", "1",
-                 "workers=0", "batch_size=16", "throughput_batch=8", "compare_dense=false",
-                 "model_kwargs={embed_dim: 32, depth: 3, num_heads: 2, condense_at: 1, cmtf: false}"]) == 0
-    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "assign_at_inference.py"
-    spec = importlib.util.spec_from_file_location("assign_at_inference", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    run = str(tmp_path / "dtc")
+    run, _ = _tiny_run(tmp_path, "dtc", "condense_at: 1, cmtf: false")
+    mod = _benchmark("assign_at_inference")
     rows = {r["label"]: r for r in mod.evaluate_variants(run)}
     summary = json.loads((tmp_path / "dtc" / "summary.json").read_text())["rows"][0]
     trained = rows["as trained"]
@@ -207,8 +208,6 @@ def test_assign_at_inference_benchmark_smoke(tmp_path):
     out = tmp_path / "res"
     assert mod.main(["--run", run, "--out", str(out)]) == 0
     assert "| hard (nearest centre) |" in (out / "assign-at-inference.md").read_text()
+    dense, _ = _tiny_run(tmp_path, "dense", "reduction: none")
     with pytest.raises(ValueError, match="not a DTC model"):
-        assert main(["train", "--data-dir", data, "--output", str(tmp_path), "--name", "dense", "--epochs", "1",
-                     "workers=0", "batch_size=16", "throughput_batch=8", "compare_dense=false",
-                     "model_kwargs={embed_dim: 32, depth: 3, num_heads: 2, reduction: none}"]) == 0
-        mod.evaluate_variants(str(tmp_path / "dense"))
+        mod.evaluate_variants(dense)
