@@ -2,8 +2,8 @@
 
 A budget is one ``key=value``: for DTC ``gmacs`` (mean GMACs per image), ``mean_k``, ``bias``
 (the knob itself) or ``k`` (one fixed K for every image, also below the trained ``k_min``); for
-the baselines ``tome_r`` (ToMe's merges per block) or ``keep_ratio`` (random, DynamicViT, EViT). Calibrated budgets are measured
-on a batch of images and then fixed. Every search is :func:`bisect`.
+the baselines ``tome_r`` (ToMe's merges per block) or ``keep_ratio`` (random, DynamicViT, EViT).
+Calibrated budgets are measured on a batch of images and then fixed. Every search is :func:`bisect`.
 
 Layering: this module uses the layers, the baselines and :mod:`.profile`, never the model
 class (which calls it for ``AdaptiVision.set_token_budget``).
