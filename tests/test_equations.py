@@ -15,6 +15,7 @@ from adaptivision.layers import (
     modulation_matrix,
     soft_assign,
 )
+from adaptivision.objective import distill_loss
 
 
 def test_eq2_assignment_by_hand():
@@ -218,3 +219,32 @@ def test_afa_chunked_inference_equals_one_piece(monkeypatch):
         monkeypatch.setattr(type(attn), "CHUNK_ELEMENTS", 2 * 2 * 5 * 5)  # 2 images per chunk, last one alone
         chunked = attn(x, bias, mass=mass)
     assert torch.allclose(chunked, whole, atol=1e-6)
+
+
+def test_distillation_terms_by_hand():
+    """'soft': tau^2 KL(softmax(t / tau) || softmax(s / tau)) averaged over images; 'hard': CE to the
+    teacher's argmax; the task term becomes (1 - alpha) CE + alpha distill (not in the paper)."""
+    s = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 2.0]])
+    t = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 0.0]])
+    tau = 2.0
+
+    def softmax(row, temp=tau):
+        e = [math.exp(v / temp) for v in row]
+        return [v / sum(e) for v in e]
+    kl = 0.0
+    for srow, trow in zip(s.tolist(), t.tolist(), strict=True):
+        p, q = softmax(srow), softmax(trow)
+        kl += sum(qi * (math.log(qi) - math.log(pi)) for pi, qi in zip(p, q, strict=True))
+    assert distill_loss(s, t, tau, "soft").item() == pytest.approx(kl / 2 * tau * tau, rel=1e-5)
+    hard = (-math.log(softmax(s[0].tolist(), 1.0)[0]) - math.log(softmax(s[1].tolist(), 1.0)[1])) / 2  # argmax t: 0, 1
+    assert distill_loss(s, t, kind="hard").item() == pytest.approx(hard, rel=1e-5)
+    assert distill_loss(t, t, tau).item() == pytest.approx(0.0, abs=1e-6)  # the teacher itself: nothing to learn
+    y = torch.tensor([2, 0])
+    crit = AdaptiVisionLoss(distill_weight=0.25, distill_tau=tau)
+    out = crit(s, y, teacher_logits=t)
+    assert out["loss"].item() == pytest.approx(0.75 * F.cross_entropy(s, y).item() + 0.25 * kl / 2 * tau * tau,
+                                               rel=1e-5)
+    with pytest.raises(ValueError, match="teacher_logits"):
+        crit(s, y)
+    with pytest.raises(ValueError, match="distill_kind"):
+        distill_loss(s, t, kind="medium")

@@ -629,3 +629,31 @@ def test_provenance_names_the_commit_the_process_loaded(monkeypatch):
         raise AssertionError("git was asked again")
     monkeypatch.setattr(prov.subprocess, "run", git_again)
     assert prov.provenance()["commit"] == before
+
+
+def test_distillation_from_a_trained_teacher(fmnist, tmp_path):
+    """distill_from: a dense run teaches a DTC student; the term is logged per step and the loss is
+    (1 - alpha) CE + alpha distill; the teacher file is not touched; a teacher with another class
+    count, a missing file and impossible values are refused with the field's name."""
+    import hashlib
+    assert main(["train", "--data-dir", fmnist, "--output", str(tmp_path), "--name", "teacher", "--epochs", "1",
+                 *QUICK[:-1], "model_kwargs={embed_dim: 32, depth: 2, num_heads: 2, reduction: none}",
+                 "compare_dense=false"]) == 0
+    teacher = tmp_path / "teacher" / "last.safetensors"
+    digest = hashlib.sha256(teacher.read_bytes()).hexdigest()
+    assert main(["train", "--data-dir", fmnist, "--output", str(tmp_path), "--name", "student", "--epochs", "1",
+                 *QUICK, "compare_dense=false", f"distill_from={teacher}", "distill_weight=0.3",
+                 "distill_tau=2"]) == 0
+    steps = [json.loads(x) for x in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
+    steps = [st for st in steps if st["kind"] == "step"]
+    assert steps and all(st["distill"] > 0 for st in steps)
+    for st in steps:
+        assert st["loss"] == pytest.approx(0.7 * st["ce"] + 0.3 * st["distill"], rel=1e-5)
+    assert hashlib.sha256(teacher.read_bytes()).hexdigest() == digest
+    with pytest.raises(FileNotFoundError, match="distill_from"):
+        engine.load_teacher(TrainConfig.build(overrides=[f"distill_from={tmp_path / 'none.safetensors'}"]), 10, "cpu")
+    with pytest.raises(ValueError, match="predicts 10 classes"):
+        engine.load_teacher(TrainConfig.build(overrides=[f"distill_from={teacher}"]), 7, "cpu")
+    for bad in ("distill_weight=1.5", "distill_tau=0", "distill_kind=medium"):
+        with pytest.raises(ValueError, match=bad.split("=")[0]):
+            TrainConfig.build(overrides=[bad])

@@ -1,7 +1,8 @@
 """The training objective (paper 3.6, eqs. 12-15; DESIGN.md §1).
 
 ``L = L_CE + lambda_1 L_cluster + lambda_2 L_align`` as one module that returns every term, so
-the engine can log them. The model hands over what the terms need in ``aux`` (see
+the engine can log them. With a teacher (``distill_weight`` alpha > 0) the task term becomes
+``(1 - alpha) L_CE + alpha L_distill`` (not in the paper: a lever of docs/results.md). The model hands over what the terms need in ``aux`` (see
 ``AdaptiVision.forward(..., return_aux=True)``).
 """
 from __future__ import annotations
@@ -56,13 +57,28 @@ def align_loss(z: torch.Tensor, g: torch.Tensor, temperature: float = 0.07,
     return F.cross_entropy(logits, target)
 
 
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, tau: float = 1.0, kind: str = "soft") -> torch.Tensor:
+    """Knowledge distillation from a teacher's logits, both (B, C). ``'soft'``: Hinton et al.'s
+    ``tau^2 KL(softmax(t / tau) || softmax(s / tau))`` per image; ``'hard'``: DeiT's cross-entropy
+    to the teacher's argmax (here on the one class head: no distillation token)."""
+    teacher = teacher.detach().float()
+    if kind == "hard":
+        return F.cross_entropy(student.float(), teacher.argmax(-1))
+    if kind != "soft":
+        raise ValueError(f"Invalid value for 'distill_kind': {kind!r}; allowed: 'soft' or 'hard'.")
+    log_p = F.log_softmax(student.float() / tau, -1)                                # (B, C)
+    log_q = F.log_softmax(teacher / tau, -1)                                        # (B, C)
+    return F.kl_div(log_p, log_q, reduction="batchmean", log_target=True) * tau * tau
+
+
 class AdaptiVisionLoss(nn.Module):
     """Eq. 12. ``base`` is the task loss (default cross-entropy, eq. 13; pass timm's
     ``SoftTargetCrossEntropy`` for Mixup targets or ``LabelSmoothingCrossEntropy``)."""
 
     def __init__(self, lambda_cluster: float = 0.0, lambda_align: float = 0.0,
                  align_temperature: float = 0.07, detach_tokens: bool = True,
-                 base: Optional[nn.Module] = None, lambda_reduction: float = 2.0):
+                 base: Optional[nn.Module] = None, lambda_reduction: float = 2.0,
+                 distill_weight: float = 0.0, distill_tau: float = 1.0, distill_kind: str = "soft"):
         super().__init__()
         for name, v in (("lambda_cluster", lambda_cluster), ("lambda_align", lambda_align)):
             if v < 0:
@@ -73,12 +89,18 @@ class AdaptiVisionLoss(nn.Module):
         self.align_temperature, self.detach_tokens = align_temperature, detach_tokens
         self.base = base if base is not None else nn.CrossEntropyLoss()
         self.lambda_reduction = lambda_reduction  # DynamicViT's ratio-loss weight (its paper: 2.0)
+        self.distill_weight, self.distill_tau, self.distill_kind = distill_weight, distill_tau, distill_kind
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, aux: Optional[dict] = None,
                 guidance_targets: Optional[torch.Tensor] = None,
-                guidance_ids: Optional[torch.Tensor] = None) -> dict:
+                guidance_ids: Optional[torch.Tensor] = None, teacher_logits: Optional[torch.Tensor] = None) -> dict:
         ce = self.base(logits, target)
         out = {"ce": ce, "loss": ce}
+        if self.distill_weight > 0:
+            if teacher_logits is None:
+                raise ValueError("distill_weight > 0 needs teacher_logits (the teacher's outputs on the same images)")
+            out["distill"] = distill_loss(logits, teacher_logits, self.distill_tau, self.distill_kind)
+            out["loss"] = (1 - self.distill_weight) * ce + self.distill_weight * out["distill"]
         if self.lambda_cluster > 0:
             if not aux or not aux.get("cluster"):
                 raise ValueError("lambda_cluster > 0 needs the model's aux outputs from a model with DTC "

@@ -152,3 +152,18 @@ def _spec_beside(checkpoint: str) -> Optional[dict]:
     except Exception:  # not a readable safetensors file: load_weights names the problem
         return None
     return json.loads(meta) if meta else None
+
+
+def load_teacher(cfg: TrainConfig, num_classes: int, device) -> Optional[nn.Module]:
+    """The frozen teacher of ``distill_from`` (None without one), rebuilt like ``load_for_eval``;
+    a teacher with another class count is refused before any training."""
+    if not cfg.distill_from:
+        return None
+    if not os.path.isfile(cfg.distill_from):
+        raise FileNotFoundError(f"distill_from={cfg.distill_from}: no such file (a run's best.safetensors or "
+                                "last.safetensors, with its model.json beside it)")
+    teacher, _ = load_for_eval(cfg.distill_from)
+    if teacher.num_classes != num_classes:
+        raise ValueError(f"distill_from={cfg.distill_from}: the teacher predicts {teacher.num_classes} classes, "
+                         f"the data set {cfg.dataset} has {num_classes}")
+    return teacher.eval().requires_grad_(False).to(device)

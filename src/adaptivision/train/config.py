@@ -73,6 +73,11 @@ class TrainConfig:
     lambda_align: float = 0.0               # weight of L_align (eq. 15; needs guidance text)
     align_temperature: float = 0.07         # InfoNCE temperature of L_align
     detach_tokens: bool = True              # L_cluster moves the centroids only (docs/model.md)
+    # distillation from a trained teacher (a run's checkpoint, e.g. the dense ViT of the same shape)
+    distill_from: Optional[str] = None      # teacher .safetensors with its model.json beside it (None: off)
+    distill_weight: float = 0.5             # alpha: loss = (1 - alpha) task loss + alpha distillation term
+    distill_tau: float = 1.0                # 'soft': temperature of the KL term (Hinton et al.; x tau^2)
+    distill_kind: str = "soft"              # 'soft' (KL to the teacher's softened outputs) | 'hard' (CE to its argmax, DeiT)
     # running
     device: str = "auto"                    # auto | cpu | cuda
     workers: int = 2                        # data-loader processes
@@ -122,6 +127,9 @@ class TrainConfig:
         check(0 <= self.guidance_dropout < 1, "guidance_dropout", "[0, 1)")
         check("{}" in self.text_template, "text_template", "a string with '{}' where the class name goes")
         check(self.align_temperature > 0, "align_temperature", "> 0")
+        check(0 <= self.distill_weight <= 1, "distill_weight", "[0, 1]")
+        check(self.distill_tau > 0, "distill_tau", "> 0")
+        check(self.distill_kind in ("soft", "hard"), "distill_kind", "'soft' or 'hard'")
         check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
               "'auto', 'cpu', 'cuda' or 'cuda:N'")
         check(self.workers >= 0, "workers", ">= 0")

@@ -56,6 +56,7 @@ from .build import (  # noqa: F401
     limit_dataset,
     load_for_eval,
     load_guidance,
+    load_teacher,
     model_spec,
 )
 from .config import TrainConfig
@@ -97,6 +98,7 @@ class Session:
     start_epoch: int = 0
     num_updates: int = 0
     best: float = -1.0
+    teacher: Optional[nn.Module] = None  # distill_from's frozen model (the dense comparison trains without it)
 
     @property
     def name(self) -> str:
@@ -173,10 +175,13 @@ def setup(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bool = F
     # one objective for every model: every AdaptiVision model returns its auxiliary terms (DTC's
     # cluster terms, a baseline's own loss such as DynamicViT's ratio loss); the dense comparison
     # has no clustering and no guidance, and its aux is None
+    teacher = None if dense else load_teacher(cfg, num_classes, d.device)
     criterion = AdaptiVisionLoss(cfg.lambda_cluster if isinstance(model, AdaptiVision) and model.dtc else 0.0,
                                  cfg.lambda_align if guide else 0.0,
                                  cfg.align_temperature,
-                                 cfg.detach_tokens, base)
+                                 cfg.detach_tokens, base,
+                                 distill_weight=cfg.distill_weight if teacher is not None else 0.0,
+                                 distill_tau=cfg.distill_tau, distill_kind=cfg.distill_kind)
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema else None
 
     start_epoch, num_updates, best = 0, 0, -1.0
@@ -195,7 +200,7 @@ def setup(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bool = F
         if d.world > 1 else model
     return Session(cfg, d, run_dir, dense, log, model, net, spec, guide, eval_ds, sampler, loader, optimizer, sched,
                    scaler, amp, mixup, criterion, ema, ckpt, _tensorboard(run_dir) if d.main else None,
-                   updates_per_epoch, start_epoch, num_updates, best)
+                   updates_per_epoch, start_epoch, num_updates, best, teacher)
 
 
 def forward_loss(s: Session, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -208,7 +213,10 @@ def forward_loss(s: Session, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Te
     with autocast(s.amp, s.d.device):
         out = s.net(x, return_aux=True, **(guided.model_kwargs() if guided else {})) if returns_aux else s.net(x)
         logits, aux = out if returns_aux else (out, None)
-        terms = s.criterion(logits.float(), target, aux, guided.align_targets if guided else None, y)
+        with torch.no_grad():  # the teacher sees the same (mixed) images
+            teacher_logits = s.teacher(x).float() if s.teacher is not None else None
+        terms = s.criterion(logits.float(), target, aux, guided.align_targets if guided else None, y,
+                            teacher_logits=teacher_logits)
     return logits, terms
 
 
