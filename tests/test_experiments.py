@@ -1,4 +1,5 @@
 """Every experiment end to end at smoke scale on a tiny Fashion-MNIST fixture, and the report."""
+import dataclasses
 import json
 import os
 
@@ -210,3 +211,34 @@ def test_table3_detects_with_every_backbone_and_reports(done, tmp_path):
 def test_table3_names_what_it_cannot_run(tmp_path, capsys):
     assert main(["experiment", "run", "table3", "--dataset", "cifar10", "--scale", "smoke", "--out", str(tmp_path)]) == 2
     assert "Fashion-MNIST mosaics" in capsys.readouterr().err
+
+
+def test_distilled_cells_learn_from_the_dense_run_of_their_seed(done):
+    """dtc-distill: the dense cell's run of the same seed (its last checkpoint, not the test-set best)
+    teaches; the teacher is named by its cell in the run's identity (so the runs' names do not
+    depend on --out), and a student listed before its teacher is refused with a clear error."""
+    import yaml
+
+    from adaptivision.experiments import registry
+    from adaptivision.experiments.runner import Runner, base_config
+    common = ["--scale", "smoke", "--data-dir", os.path.join(os.path.dirname(done), "fm"), "--out", done]
+    assert main(["experiment", "run", "dtc-distill", *common]) == 0
+    cells = {c["label"]: c for c in _record(done, "dtc-distill")["cells"]}
+    dense_dir = cells["ViT (dense)"]["runs"][0]["run_dir"]
+    for label in ("image, soft, tau 20, after block 2, K 24, batch K, distilled from dense", "ToMe, distilled from dense"):
+        run_dir = os.path.join(done, cells[label]["runs"][0]["run_dir"])
+        with open(os.path.join(run_dir, "config.yaml")) as f:
+            cfg = yaml.safe_load(f)
+        assert os.path.samefile(cfg["distill_from"], os.path.join(done, dense_dir, "last.safetensors"))
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            steps = [st for st in map(json.loads, f) if st["kind"] == "step"]
+        assert steps and all(st["distill"] > 0 for st in steps)
+    base = base_config("smoke", "fashion-mnist", None, None)
+    student = registry.LEVER_CELLS[21]
+    names = [Runner(registry.get("dtc-distill"), out, "smoke", base).cell_config(student, 0)[0].name
+             for out in ("/a", "/b")]
+    assert names[0] == names[1]
+    alone = registry.Experiment("alone", "a student without its teacher", "train", (student,))
+    with pytest.raises(FileNotFoundError, match="teacher .* is not trained"):
+        Runner(alone, os.path.join(done, "elsewhere"), "smoke",
+               dataclasses.replace(base, data_dir=os.path.join(os.path.dirname(done), "fm"))).run()

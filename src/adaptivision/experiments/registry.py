@@ -40,6 +40,7 @@ class Experiment:
 
 DTC = Cell("AdaptiVision (DTC)", {"reduction": "dtc"})
 DENSE = Cell("ViT (dense)", {"reduction": "none"})
+TEACHER_DENSE = "dense"  # train=dict(distill_from=TEACHER_DENSE): the DENSE cell's run of the same seed teaches
 BASELINES = (
     DENSE,
     Cell("Random keep", {"reduction": "random"}, match_gmacs=True),
@@ -113,6 +114,12 @@ LEVER_CELLS = (
     Cell("image, soft, tau 20, after block 2, K 24, batch K, K 8-49, jitter 2",
          dict(IMAGE_DTC, assign="soft", tau=20.0, condense_at=2, k_mid=24, train_k="batch", k_min=8,
               budget_jitter=2.0)),
+    # distillation from the dense model of the same seed (its last checkpoint), and ToMe with the same
+    # teacher so that the comparison stays fair
+    Cell("image, soft, tau 20, after block 2, K 24, batch K, distilled from dense",
+         dict(IMAGE_DTC, assign="soft", tau=20.0, condense_at=2, k_mid=24, train_k="batch"),
+         train=dict(distill_from=TEACHER_DENSE)),
+    Cell("ToMe, distilled from dense", {"reduction": "tome", "tome_r": 5}, train=dict(distill_from=TEACHER_DENSE)),
 )
 
 # Figure 1(b)/(c): segmentation backbones, each trained once per seed and evaluated at SEG_BUDGETS
@@ -185,6 +192,9 @@ EXPERIMENTS = {e.name: e for e in (
     Experiment("dtc-curve", "Accuracy vs GMACs: the default-length models at several budgets each", "budget",
                tuple(LEVER_CELLS[i] for i in (0, 2, 1, 15, 18, 20)),
                note="run it with --scale default --seeds 2 after dtc-batch-k: it evaluates those checkpoints"),
+    Experiment("dtc-distill", "Distillation from the dense model: the best DTC and ToMe, each with and without", "train",
+               tuple(LEVER_CELLS[i] for i in (0, 18, 21, 2, 22)),
+               note="run it with --scale default --seeds 2; the dense cell comes first: it is the teacher"),
     Experiment("dtc-plateau", "The default-length candidates trained to plateau (--scale full)", "train",
                tuple(LEVER_CELLS[i] for i in (0, 18, 19, 2, 1, 12, 3)),
                note="run it with --scale full; dense first, so its curve fixes the plateau epochs"),

@@ -31,12 +31,14 @@ from ..timing import time_models
 from ..train import TrainConfig, engine
 from .registry import (
     BUDGETS,
+    DENSE,
     DET_SCALES,
     DTC_FIXED_K,
     FULL_EPOCHS,
     SCALES,
     SEG_BUDGETS,
     SEG_SCALES,
+    TEACHER_DENSE,
     Cell,
     Experiment,
     get,
@@ -81,7 +83,7 @@ def _slug(text: str) -> str:
 # TrainConfig fields added after runs were first recorded: left out of a run's identity while
 # they hold their default, so those runs keep their names (and are not trained again).
 LATER_FIELDS = ("init_from", "guidance", "text_model", "text_template", "guidance_tokens", "guidance_dropout",
-                "budget_warmup", "budget_warmup_bias")
+                "budget_warmup", "budget_warmup_bias", "distill_from", "distill_weight", "distill_tau", "distill_kind")
 
 
 def _identity(cfg: TrainConfig) -> dict:
@@ -139,7 +141,12 @@ class Runner:
         if cfg.guidance != "none":
             what = f"{what}-{_slug(cfg.guidance)}"
         name = f"{what}-{hashlib.sha1(ident.encode()).hexdigest()[:8]}"
-        return dataclasses.replace(cfg, output=os.path.join(self.out, "runs"), name=f"{name}/seed{seed}"), extra
+        cfg = dataclasses.replace(cfg, output=os.path.join(self.out, "runs"), name=f"{name}/seed{seed}")
+        if cfg.distill_from == TEACHER_DENSE:  # the identity names the teacher by its cell, the run reads its file
+            teacher, _ = self.cell_config(DENSE, seed)
+            path = os.path.join(teacher.output, teacher.name, "last.safetensors")  # last, not best: no test-set pick
+            cfg = dataclasses.replace(cfg, distill_from=path)
+        return cfg, extra
 
     def _matched(self, model_name: str, kwargs: dict) -> tuple[dict, dict]:
         """Knob of a baseline set so that its GMACs equal the dtc cell's (both measured at init)."""
@@ -178,6 +185,9 @@ class Runner:
                 self.log(f"[{self.exp.name}] {cell.label} seed {seed}: not finished, left out ({rel})")
                 continue
             else:
+                if cfg.distill_from and not os.path.isfile(cfg.distill_from):
+                    raise FileNotFoundError(f"[{self.exp.name}] {cell.label} seed {seed}: its teacher {cfg.distill_from} "
+                                            "is not trained: list the dense cell before it in the experiment")
                 resume = run_dir if os.path.isfile(os.path.join(run_dir, "last.safetensors")) else None
                 self.log(f"[{self.exp.name}] {cell.label} seed {seed}: {'resuming' if resume else 'training'} {rel}")
                 engine.run(cfg, resume=resume, log=lambda *a: None)
