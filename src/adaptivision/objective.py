@@ -2,7 +2,8 @@
 
 ``L = L_CE + lambda_1 L_cluster + lambda_2 L_align`` as one module that returns every term, so
 the engine can log them. With a teacher (``distill_weight`` alpha > 0) the task term becomes
-``(1 - alpha) L_CE + alpha L_distill`` (not in the paper: a lever of docs/results.md). The model hands over what the terms need in ``aux`` (see
+``(1 - alpha) L_CE + alpha L_distill`` (not in the paper: a lever of docs/results.md). The
+model hands over what the terms need in ``aux`` (see
 ``AdaptiVision.forward(..., return_aux=True)``).
 """
 from __future__ import annotations
