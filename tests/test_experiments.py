@@ -242,3 +242,25 @@ def test_distilled_cells_learn_from_the_dense_run_of_their_seed(done):
     with pytest.raises(FileNotFoundError, match="teacher .* is not trained"):
         Runner(alone, os.path.join(done, "elsewhere"), "smoke",
                dataclasses.replace(base, data_dir=os.path.join(os.path.dirname(done), "fm"))).run()
+
+
+@pytest.mark.parametrize("name", ["dtc-batch-k", "dtc-curve", "dtc-distill"])
+def test_recorded_runs_keep_their_names(name):
+    """A run's name is the hash of its configuration: a new TrainConfig field or a changed default
+    that is not kept out of the identity (runner.LATER_FIELDS, ID_DEFAULTS) would rename every
+    recorded run, so that finished runs are trained again. The committed records of these
+    experiments (every cell pins its options) must still name their runs."""
+    from adaptivision.experiments import registry
+    from adaptivision.experiments.runner import Runner, base_config
+    root = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "dtc", "default")
+    with open(os.path.join(root, name, "experiment.json")) as f:
+        rec = json.load(f)
+    exp = registry.get(name)
+    runner = Runner(exp, "/anywhere", rec["scale"], base_config(rec["scale"], rec["dataset"], None, None))
+    cells = {c.label: c for c in exp.cells if not c.match_gmacs}  # (matched knobs need the data)
+    checked = 0
+    for entry in rec["cells"]:
+        for run in entry["runs"] if entry["label"] in cells else []:
+            assert "runs/" + runner.cell_config(cells[entry["label"]], run["seed"])[0].name == run["run_dir"], entry["label"]
+            checked += 1
+    assert checked >= 4
