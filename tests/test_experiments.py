@@ -244,7 +244,7 @@ def test_distilled_cells_learn_from_the_dense_run_of_their_seed(done):
                dataclasses.replace(base, data_dir=os.path.join(os.path.dirname(done), "fm"))).run()
 
 
-@pytest.mark.parametrize("name", ["dtc-batch-k", "dtc-curve", "dtc-distill"])
+@pytest.mark.parametrize("name", ["dtc-afa", "dtc-batch-k", "dtc-curve", "dtc-distill"])
 def test_recorded_runs_keep_their_names(name):
     """A run's name is the hash of its configuration: a new TrainConfig field or a changed default
     that is not kept out of the identity (runner.LATER_FIELDS, ID_DEFAULTS) would rename every
