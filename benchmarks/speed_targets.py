@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     if a.smoke:
         av, dense, size, aggressive, a.batch_size, a.rounds = ("adaptivision_nano_patch4_28",
                                                                "adaptivision_nano_patch4_28:reduction=none",
-                                                               28, 0.015, 8, 2)
+                                                               28, 0.022, 8, 2)
     else:
         av, dense, size, aggressive = "adaptivision_small_patch16_224", "deit_small_patch16_224", 224, 1.3
     if a.smoke:

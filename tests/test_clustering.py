@@ -1,6 +1,7 @@
 """Per-image clustering (``clustering='image'``): farthest-point centres, hard assignment with a
 straight-through gradient, k-means steps; and the K = N case, where it must be the dense ViT."""
 import pytest
+import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
@@ -85,9 +86,9 @@ def test_the_default_is_soft_image_clustering_at_tau_20():
     """The measured best from scratch (docs/results.md): each image's own centres, soft
     assignment at tau 20, two k-means steps; an explicit tau still wins over the preset's."""
     import timm
-    d = timm.create_model("adaptivision_nano_patch4_28").dtc["0"]
+    d = timm.create_model("adaptivision_nano_patch4_28").dtc["2"]  # the nano model condenses after block 2
     assert (d.centers, d.hard, d.iters, d.tau) == ("fps", False, 2, 20.0) and d.centroids is None
-    assert timm.create_model("adaptivision_nano_patch4_28", tau=50.0).dtc["0"].tau == 50.0
+    assert timm.create_model("adaptivision_nano_patch4_28", tau=50.0).dtc["2"].tau == 50.0
     assert tiny_model(clustering="paper").dtc["0"].tau == 150.0
     with pytest.raises(ValueError, match="'tau'"):
         tiny_model(tau=0.0)
@@ -105,6 +106,27 @@ def test_run_identity_follows_what_the_defaults_mean(monkeypatch):
     assert _non_default({"reduction": "tome"}) == {"reduction": "tome"}
     monkeypatch.setattr(ModelOptions, "train_k", "image")  # what identities meant before the change
     assert _non_default({"reduction": "dtc"}) == {"clustering": "image-soft", "tau": 20.0}
+    # and a model's own stage defaults: the nano model now condenses after block 2, at K 24
+    nano = "adaptivision_nano_patch4_28"
+    assert _non_default({"reduction": "dtc"}, nano) == {"clustering": "image-soft", "tau": 20.0,
+                                                        "condense_at": 2, "k_mid": 24}
+    assert _non_default({"reduction": "dtc", "condense_at": 0}, nano) == {"clustering": "image-soft", "tau": 20.0}
+    assert _non_default({"reduction": "tome"}, nano) == {"reduction": "tome"}
+
+
+def test_nano_default_is_the_measured_after_block_2_model():
+    """The nano default (registry.STAGE_DEFAULTS) is the model that `default-job` measured as
+    'image, soft, tau 20, after block 2, K 24, batch K': the same resolved options and stage."""
+    from adaptivision.experiments.registry import LEVER_CELLS
+    cell = LEVER_CELLS[18]
+    assert "after block 2" in cell.label
+    default = timm.create_model("adaptivision_nano_patch4_28")
+    measured = timm.create_model("adaptivision_nano_patch4_28", **cell.kwargs)
+    keys = ("condense_at", "centers", "assign", "iters", "tau", "train_k", "afa", "stages")
+    assert {k: getattr(default.opts, k) for k in keys} == {k: getattr(measured.opts, k) for k in keys}
+    assert [(s.block, s.k_min, s.k_mid, s.k_max) for s in default.opts.stages] == [(2, 16, 24, 49)]
+    # a caller that sets where to condense gets no stage defaults (the old default, before block 0)
+    assert [s.block for s in timm.create_model("adaptivision_nano_patch4_28", condense_at=0).opts.stages] == [0]
 
 
 def test_every_parameter_gets_gradient_with_image_clustering():

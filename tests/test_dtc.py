@@ -277,7 +277,7 @@ def test_sharp_tau_leaves_empty_clusters_without_nan_gradients():
     # tau = 1 (Table 4's sharpest) assigns hard: some clusters get exactly zero mass, and the
     # proportional-attention bias log(mass) must not turn that into a NaN gradient
     imgs = read_fmnist(16).float().div(255).sub(0.286).div(0.353).unsqueeze(1)
-    model = timm.create_model("adaptivision_nano_patch4_28", tau=1.0, num_classes=10, clustering="paper")
+    model = timm.create_model("adaptivision_nano_patch4_28", tau=1.0, num_classes=10, clustering="paper", condense_at=0)
     with torch.no_grad():
         model.init_clusters(imgs)
         _, m, _, _, _ = model.dtc["0"](model._pos_embed(model.patch_embed(imgs))[:, 1:], torch.ones(16, 49), 40)

@@ -657,3 +657,26 @@ def test_distillation_from_a_trained_teacher(fmnist, tmp_path):
     for bad in ("distill_weight=1.5", "distill_tau=0", "distill_kind=medium"):
         with pytest.raises(ValueError, match=bad.split("=")[0]):
             TrainConfig.build(overrides=[bad])
+
+
+def test_the_job_distills_from_its_own_dense_model(fmnist, tmp_path):
+    """distill_from=dense: the job trains the dense model first and the AdaptiVision model learns
+    from its last checkpoint; the summary keeps its rows (AdaptiVision, dense) and says so; without
+    the dense comparison it is refused."""
+    assert main(["train", "--data-dir", fmnist, "--output", str(tmp_path), "--name", "job", "--epochs", "1",
+                 *QUICK, "distill_from=dense"]) == 0
+    run = tmp_path / "job"
+    teacher = run / "dense" / "last.safetensors"
+    assert teacher.stat().st_mtime <= (run / "config.yaml").stat().st_mtime  # dense finished before the student began
+    student = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [st for st in student if st["kind"] == "step"] and \
+        all(st["distill"] > 0 for st in student if st["kind"] == "step")
+    dense = [json.loads(x) for x in (run / "dense" / "metrics.jsonl").read_text().splitlines()]
+    assert all(not st.get("distill") for st in dense if st["kind"] == "step")  # the teacher learns alone
+    summary = json.loads((run / "summary.json").read_text())
+    assert [r["model"] for r in summary["rows"]] == ["adaptivision", "dense"]
+    assert "learned from the dense model above" in summary["markdown"]
+    with pytest.raises(ValueError, match="compare_dense=true"):
+        engine.run(TrainConfig.build(overrides=["distill_from=dense", "compare_dense=false",
+                                                f"output={tmp_path}", "name=refused"]))
+    assert not (tmp_path / "refused").exists()  # refused before the run directory was made

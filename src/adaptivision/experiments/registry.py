@@ -78,8 +78,9 @@ GUIDANCE_CELLS = (
 # Issue 15's levers: how DTC clusters, each change alone and in combination, beside the baselines
 # (the paper trains with per-image K: pinned, so these cells keep the meaning and the runs they were
 # recorded with when one K per training batch became the default)
-PAPER_DTC = {"reduction": "dtc", "clustering": "paper", "train_k": "image"}
-IMAGE_DTC = {"reduction": "dtc", "clustering": "image"}
+# condense_at=0 pinned: these cells were recorded before the nano model's default moved after block 2
+PAPER_DTC = {"reduction": "dtc", "clustering": "paper", "train_k": "image", "condense_at": 0}
+IMAGE_DTC = {"reduction": "dtc", "clustering": "image", "condense_at": 0}
 LEVER_CELLS = (
     DENSE,
     Cell("EViT", {"reduction": "evit"}, match_gmacs=True),
@@ -123,6 +124,9 @@ LEVER_CELLS = (
          train=dict(distill_from=TEACHER_DENSE)),
     Cell("ToMe, distilled from dense", {"reduction": "tome", "tome_r": 5}, train=dict(distill_from=TEACHER_DENSE)),
 )
+
+# the nano model's default until it moved after block 2 (registry.STAGE_DEFAULTS): image-soft before block 0
+DEFAULT_JOB_BLOCK0 = Cell("image-soft before block 0 (the default until 2026-11-26)", {"reduction": "dtc", "condense_at": 0})
 
 # Figure 1(b)/(c): segmentation backbones, each trained once per seed and evaluated at SEG_BUDGETS
 SEG_CELLS = (
@@ -197,9 +201,14 @@ EXPERIMENTS = {e.name: e for e in (
     Experiment("dtc-distill", "Distillation from the dense model: the best DTC and ToMe, each with and without", "train",
                tuple(LEVER_CELLS[i] for i in (0, 18, 21, 2, 22)),
                note="run it with --scale default --seeds 2; the dense cell comes first: it is the teacher"),
+    Experiment("default-job", "The default job's model (`adaptivision train`): before block 0 or after block 2",
+               "train", (DENSE, DEFAULT_JOB_BLOCK0) + tuple(LEVER_CELLS[i] for i in (18, 21)),
+               note="run it with --scale default --seeds 2; the after-block-2 cell is the nano default "
+                    "(the same model as {'reduction': 'dtc'}); shares its runs with dtc-batch-k and dtc-distill"),
     Experiment("dtc-plateau", "The default-length candidates trained to plateau (--scale full)", "train",
-               tuple(LEVER_CELLS[i] for i in (0, 18, 19, 2, 1, 12, 3)),
-               note="run it with --scale full; dense first, so its curve fixes the plateau epochs"),
+               tuple(LEVER_CELLS[i] for i in (0, 18, 2, 21, 1, 19, 22, 12, 3)),
+               note="run it with --scale full; dense first, so its curve fixes the plateau epochs (and it "
+                    "teaches the distilled cells)"),
     Experiment("figure1bc", "Figure 1(b)/(c): segmentation mIoU vs GMACs (Fashion-MNIST mosaics; ADE20K, "
                "Cityscapes by --dataset)", "segmentation", SEG_CELLS, paper_datasets=("ade20k", "cityscapes"),
                note="one segmenter per backbone and seed, evaluated at several budgets; baselines unpooled "

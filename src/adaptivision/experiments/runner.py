@@ -23,6 +23,7 @@ import torch
 from .. import budget
 from ..config import CLUSTERING, ModelOptions
 from ..data import collate_skip
+from ..models.registry import stage_defaults
 from ..dense import detect
 from ..dense import run as dense_run
 from ..guidance import MODES
@@ -102,10 +103,11 @@ def _identity(cfg: TrainConfig) -> dict:
 ID_DEFAULTS = dict(ModelOptions().to_dict(), clustering="paper", tau=150.0, train_k="image")
 
 
-def _non_default(kwargs: dict) -> dict:
+def _non_default(kwargs: dict, model: Optional[str] = None) -> dict:
     """The options that differ from ``ID_DEFAULTS``, so equal configurations share their runs."""
     kwargs = dict(kwargs)
     if kwargs.get("reduction", "dtc") == "dtc":  # the live defaults, resolved, for what they mean now
+        kwargs.update(stage_defaults(model, kwargs) if model else {})  # the model's own stage (nano: after block 2)
         kwargs.setdefault("clustering", ModelOptions.clustering)
         kwargs.setdefault("tau", CLUSTERING[kwargs["clustering"]]["tau"])
         kwargs.setdefault("train_k", ModelOptions.train_k)
@@ -130,7 +132,7 @@ class Runner:
     # --- configurations ---------------------------------------------------------------------------
     def cell_config(self, cell: Cell, seed: int) -> tuple[TrainConfig, dict]:
         model = cell.model or self.base.model
-        kwargs = {} if cell.model else _non_default(dict(self.base.model_kwargs, **cell.kwargs))
+        kwargs = {} if cell.model else _non_default(dict(self.base.model_kwargs, **cell.kwargs), model)
         extra = {}
         if cell.match_gmacs:
             kwargs, extra = self._matched(model, kwargs)

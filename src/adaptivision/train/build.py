@@ -16,7 +16,7 @@ from ..checkpoint import load_weights, read_weights
 from ..data.datasets import build_dataset, collate_skip
 from ..guidance import Guidance, class_embeddings, parse_sources
 from ..models import AdaptiVision
-from .config import TrainConfig
+from .config import DENSE_TEACHER, TrainConfig
 from .distributed import Dist
 
 DENSE_KWARGS = dict(condense_at=False, afa=False, cmtf=False)
@@ -154,16 +154,25 @@ def _spec_beside(checkpoint: str) -> Optional[dict]:
     return json.loads(meta) if meta else None
 
 
-def load_teacher(cfg: TrainConfig, num_classes: int, device) -> Optional[nn.Module]:
+def teacher_path(cfg: TrainConfig, run_dir: str) -> Optional[str]:
+    """The file ``distill_from`` names; 'dense': the job's own dense model, ``run_dir/dense``'s last
+    checkpoint (the last, not the test-set best)."""
+    if cfg.distill_from == DENSE_TEACHER:
+        return os.path.join(run_dir, "dense", "last.safetensors")
+    return cfg.distill_from
+
+
+def load_teacher(cfg: TrainConfig, num_classes: int, device, run_dir: str = "") -> Optional[nn.Module]:
     """The frozen teacher of ``distill_from`` (None without one), rebuilt like ``load_for_eval``;
     a teacher with another class count is refused before any training."""
-    if not cfg.distill_from:
+    path = teacher_path(cfg, run_dir)
+    if not path:
         return None
-    if not os.path.isfile(cfg.distill_from):
-        raise FileNotFoundError(f"distill_from={cfg.distill_from}: no such file (a run's best.safetensors or "
-                                "last.safetensors, with its model.json beside it)")
-    teacher, _ = load_for_eval(cfg.distill_from)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"distill_from={cfg.distill_from}: no such file {path} (a run's best.safetensors "
+                                "or last.safetensors, with its model.json beside it)")
+    teacher, _ = load_for_eval(path)
     if teacher.num_classes != num_classes:
-        raise ValueError(f"distill_from={cfg.distill_from}: the teacher predicts {teacher.num_classes} classes, "
+        raise ValueError(f"distill_from={path}: the teacher predicts {teacher.num_classes} classes, "
                          f"the data set {cfg.dataset} has {num_classes}")
     return teacher.eval().requires_grad_(False).to(device)

@@ -18,6 +18,8 @@ import yaml
 
 from ..config import ModelOptions, unknown_key_error
 from ..data.datasets import DATASETS
+
+DENSE_TEACHER = "dense"  # distill_from='dense': the dense model trained by the same job teaches
 from ..guidance.provider import parse_sources
 
 SCHEDULES = ("cosine", "tanh", "step", "multistep", "poly", "constant", "none")
@@ -74,7 +76,8 @@ class TrainConfig:
     align_temperature: float = 0.07         # InfoNCE temperature of L_align
     detach_tokens: bool = True              # L_cluster moves the centroids only (docs/model.md)
     # distillation from a trained teacher (a run's checkpoint, e.g. the dense ViT of the same shape)
-    distill_from: Optional[str] = None      # teacher .safetensors with its model.json beside it (None: off)
+    distill_from: Optional[str] = None      # teacher .safetensors with its model.json beside it, or 'dense': the
+    #                                         dense model this job trains first (compare_dense) (None: off)
     distill_weight: float = 0.5             # alpha: loss = (1 - alpha) task loss + alpha distillation term
     distill_tau: float = 1.0                # 'soft': temperature of the KL term (Hinton et al.; x tau^2)
     distill_kind: str = "soft"              # 'soft' (KL to the teacher's softened outputs) | 'hard' (CE to its argmax, DeiT)

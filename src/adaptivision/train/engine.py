@@ -59,7 +59,7 @@ from .build import (  # noqa: F401
     load_teacher,
     model_spec,
 )
-from .config import TrainConfig
+from .config import DENSE_TEACHER, TrainConfig
 from .distributed import Dist, all_sum, setup_distributed  # noqa: F401
 from .evaluate import evaluate, measure  # noqa: F401
 
@@ -175,7 +175,7 @@ def setup(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bool = F
     # one objective for every model: every AdaptiVision model returns its auxiliary terms (DTC's
     # cluster terms, a baseline's own loss such as DynamicViT's ratio loss); the dense comparison
     # has no clustering and no guidance, and its aux is None
-    teacher = None if dense else load_teacher(cfg, num_classes, d.device)
+    teacher = None if dense else load_teacher(cfg, num_classes, d.device, run_dir)
     criterion = AdaptiVisionLoss(cfg.lambda_cluster if isinstance(model, AdaptiVision) and model.dtc else 0.0,
                                  cfg.lambda_align if guide else 0.0,
                                  cfg.align_temperature,
@@ -411,6 +411,9 @@ def _log_metrics(path: str, writer, rec: dict, step: int) -> None:
 def run(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[int] = None, log=print) -> dict:
     """Train (and compare with the dense model), measure, and write the summary. ``resume``: a run
     directory to continue; ``stop_after``: stop after that many epochs of this invocation."""
+    if cfg.distill_from == DENSE_TEACHER and not (cfg.compare_dense and cfg.model.startswith("adaptivision_")):
+        raise ValueError("distill_from='dense' distills from the dense model this job trains: it needs "
+                         "compare_dense=true and an adaptivision_* model (or give distill_from a teacher file)")
     d = setup_distributed(cfg.device)
     name = cfg.name or f"{cfg.model}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = resume or os.path.join(cfg.output, name)
@@ -434,12 +437,15 @@ def _run_phases(cfg: TrainConfig, run_dir: str, d: Dist, resume, stop_after, log
     phases = [("adaptivision", False)]
     if cfg.compare_dense and cfg.model.startswith("adaptivision_"):
         phases.append(("dense", True))
+    if cfg.distill_from == DENSE_TEACHER:  # the dense model first: it is the teacher
+        phases.reverse()
     for label, dense in phases:
         sub = run_dir if not dense else os.path.join(run_dir, "dense")
         r = fit(cfg, sub, dense, d, resume=bool(resume), stop_after=stop_after, log=log)
         if r is None:
             return dict(stopped=True, run_dir=run_dir)
         results[label] = r
+    results = {k: results[k] for k in ("adaptivision", "dense") if k in results}  # the summary's row order
     summary = dict(rank=d.rank, run_dir=run_dir)  # only rank 0 measures and writes the summary
     if d.main:
         summary = summarize(cfg, results, run_dir, d)
@@ -473,6 +479,11 @@ def summarize(cfg: TrainConfig, results: dict, run_dir: str, d: Dist) -> dict:
         md.append(f"Dense / AdaptiVision GMACs: {rows[1]['gmacs'] / rows[0]['gmacs']:.2f}x; "
                   f"AdaptiVision / dense images/s: {rows[0]['img_per_s'] / rows[1]['img_per_s']:.2f}x "
                   f"(batch {cfg.throughput_batch}, {d.device.type}, {torch.get_num_threads()} threads, same process).")
+    if cfg.distill_from:
+        teacher = "the dense model above" if cfg.distill_from == DENSE_TEACHER else cfg.distill_from
+        md.append("")
+        md.append(f"AdaptiVision learned from {teacher} (distill_from, {cfg.distill_kind}, weight {cfg.distill_weight}); "
+                  "its train time includes the teacher's forward passes, not the teacher's own training.")
     summary = dict(dataset=cfg.dataset, rows=rows, device=str(d.device), threads=torch.get_num_threads(),
                    markdown="\n".join(md), provenance=provenance())
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
