@@ -23,10 +23,10 @@ import torch
 from .. import budget
 from ..config import CLUSTERING, ModelOptions
 from ..data import collate_skip
-from ..models.registry import stage_defaults
 from ..dense import detect
 from ..dense import run as dense_run
 from ..guidance import MODES
+from ..models.registry import stage_defaults
 from ..profile import profile
 from ..timing import time_models
 from ..train import TrainConfig, engine

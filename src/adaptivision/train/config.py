@@ -18,9 +18,9 @@ import yaml
 
 from ..config import ModelOptions, unknown_key_error
 from ..data.datasets import DATASETS
+from ..guidance.provider import parse_sources
 
 DENSE_TEACHER = "dense"  # distill_from='dense': the dense model trained by the same job teaches
-from ..guidance.provider import parse_sources
 
 SCHEDULES = ("cosine", "tanh", "step", "multistep", "poly", "constant", "none")
 
