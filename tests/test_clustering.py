@@ -125,8 +125,12 @@ def test_nano_default_is_the_measured_after_block_2_model():
     keys = ("condense_at", "centers", "assign", "iters", "tau", "train_k", "afa", "stages")
     assert {k: getattr(default.opts, k) for k in keys} == {k: getattr(measured.opts, k) for k in keys}
     assert [(s.block, s.k_min, s.k_mid, s.k_max) for s in default.opts.stages] == [(2, 16, 24, 49)]
-    # a caller that sets where to condense gets no stage defaults (the old default, before block 0)
-    assert [s.block for s in timm.create_model("adaptivision_nano_patch4_28", condense_at=0).opts.stages] == [0]
+    # a caller that sets where to condense, or another input size, gets no stage defaults (the old
+    # default, before block 0); the model's own size, as `adaptivision benchmark --img-size 28` passes it, keeps them
+    def blocks(**kw):
+        return [s.block for s in timm.create_model("adaptivision_nano_patch4_28", **kw).opts.stages]
+    assert blocks(condense_at=0) == [0] and blocks(img_size=56) == [0] and blocks(depth=4) == [0]
+    assert blocks(img_size=28) == blocks(img_size=(28, 28)) == blocks(patch_size=4) == [2]
 
 
 def test_every_parameter_gets_gradient_with_image_clustering():

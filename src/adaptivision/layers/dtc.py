@@ -215,8 +215,9 @@ class DynamicTokenClustering(nn.Module):
     def complexity_score(self, z: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Raw complexity ``c`` per image, (B,). z: (B, N, D); weights: (B, N) saliency or None."""
         zs = self.assignment_space(z)                                                           # (B, N, D)
-        if self.complexity == "variance":
-            return zs.var(dim=1, unbiased=False).mean(-1)
+        if self.complexity == "variance":  # per-feature variance over the tokens, averaged over features
+            # (an elementwise pass and one reduction: torch.var over dim 1 took 2.6 ms of a 60 ms nano forward)
+            return (zs - zs.mean(1, keepdim=True)).pow(2).mean((1, 2))                 # (B,)
         if self.complexity == "entropy":
             a, _ = soft_assign(zs, self.centroids, self.tau)                         # (B, N, K_max)
             p = a.mean(1)                                                            # (B, K_max) cluster usage

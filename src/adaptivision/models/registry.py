@@ -1,6 +1,8 @@
 """timm registration of the AdaptiVision family (``timm.create_model('adaptivision_small_patch16_224')``)."""
 from __future__ import annotations
 
+import re
+
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.swin_transformer import SwinTransformer
@@ -65,8 +67,15 @@ _STAGE_KEYS = {"k_min", "k_max", "k_mid", "condense_at", "img_size", "patch_size
 
 
 def stage_defaults(name: str, kwargs: dict) -> dict:
-    """The DTC stage options model ``name`` adds to ``kwargs`` (none when ``kwargs`` sets any of them)."""
-    if _STAGE_KEYS & set(kwargs):
+    """The DTC stage options model ``name`` adds to ``kwargs`` (none when ``kwargs`` sets any of them;
+    ``img_size`` / ``patch_size`` only count when they differ from the name's, e.g. ``_patch4_28``)."""
+    native = re.search(r"_patch(\d+)_(\d+)$", name or "")
+    native = dict(patch_size=int(native[1]), img_size=int(native[2])) if native else {}
+    def same(k) -> bool:
+        v = kwargs[k]
+        v = v[0] if isinstance(v, (tuple, list)) and len(set(v)) == 1 else v
+        return k in native and v == native[k]
+    if not all(same(k) for k in _STAGE_KEYS & set(kwargs)):
         return {}
     if name in DTC_STAGE_DEFAULTS:  # measured for this depth and reduction only
         return dict(DTC_STAGE_DEFAULTS[name]) if kwargs.get("reduction", "dtc") == "dtc" and "depth" not in kwargs else {}
