@@ -58,7 +58,7 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> AdaptiVision:
 # size), with room down to 32 so that one checkpoint also serves aggressive budgets (<= 1.3 GMACs).
 # Fashion-MNIST's nano model: after block 2, K 16-49 (24 for an average image), at the GMACs of
 # condensing before block 0: more accurate at the default job's length (84.15 ± 0.30% against
-# 83.88 ± 0.62%, 2 seeds; `experiment run default-job`) and 1.05x faster (docs/results.md, "The default job").
+# 83.88 ± 0.62%, 2 seeds; `experiment run default-job`) and faster (docs/results.md, "The default job").
 _RANGE_224 = dict(k_min=32, k_mid=128)
 STAGE_DEFAULTS = {f"adaptivision_{size}_patch16_224": _RANGE_224 for size in ("tiny", "small", "base")}
 DTC_STAGE_DEFAULTS = {"adaptivision_nano_patch4_28": dict(condense_at=2, k_mid=24)}  # reduction='dtc' only: the
