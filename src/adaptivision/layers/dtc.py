@@ -212,9 +212,11 @@ class DynamicTokenClustering(nn.Module):
         self.initialized.fill_(True)
 
     # --- per-image K ------------------------------------------------------------------------
-    def complexity_score(self, z: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Raw complexity ``c`` per image, (B,). z: (B, N, D); weights: (B, N) saliency or None."""
-        zs = self.assignment_space(z)                                                           # (B, N, D)
+    def complexity_score(self, z: torch.Tensor, weights: Optional[torch.Tensor] = None,
+                         zs: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Raw complexity ``c`` per image, (B,). z: (B, N, D); weights: (B, N) saliency or None;
+        zs: ``assignment_space(z)`` when the caller has it already."""
+        zs = self.assignment_space(z) if zs is None else zs                                     # (B, N, D)
         if self.complexity == "variance":  # per-feature variance over the tokens, averaged over features
             # (an elementwise pass and one reduction: torch.var over dim 1 took 2.6 ms of a 60 ms nano forward)
             return (zs - zs.mean(1, keepdim=True)).pow(2).mean((1, 2))                 # (B,)
@@ -240,14 +242,15 @@ class DynamicTokenClustering(nn.Module):
         k = torch.round(k / self.k_step) * self.k_step
         return k.clamp(self.k_min, self.k_max).long()
 
-    def num_clusters(self, z: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def num_clusters(self, z: torch.Tensor, weights: Optional[torch.Tensor] = None,
+                     zs: Optional[torch.Tensor] = None) -> torch.Tensor:
         """K per image, (B,) long. Updates the running statistics of ``c`` in training."""
         B, N = z.shape[:2]
         if not self.dynamic:
             k = self.fixed_k if self.fixed_k is not None else self.k_max
             return torch.full((B,), min(k, N), dtype=torch.long, device=z.device)
         with torch.no_grad():
-            c = self.complexity_score(z, weights)                                    # (B,)
+            c = self.complexity_score(z, weights, zs)                                # (B,)
             cf = c[torch.isfinite(c)] if self.training else c  # a NaN image must not poison the statistics
             if self.training and cf.numel():
                 m, v = cf.mean(), cf.var(unbiased=False)
@@ -281,11 +284,13 @@ class DynamicTokenClustering(nn.Module):
         return kb.clamp(self.k_min, self.k_max).long().expand_as(k)
 
     # --- condensation -------------------------------------------------------------------------
-    def seed_points(self, z: torch.Tensor, k: int) -> Optional[torch.Tensor]:
+    def seed_points(self, z: torch.Tensor, k: int, zs: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """Farthest-point indices (B, k) of each image's tokens z (B, N, D), or None with learned
         centroids. FPS prefixes are nested, so one call at the largest K of a batch serves every
         group of it (``forward(seeds=idx[rows, :K])``): one sequential loop per batch, not per K."""
-        return None if self.centroids is not None else farthest_points(self.assignment_space(z), k)
+        if self.centroids is not None:
+            return None
+        return farthest_points(self.assignment_space(z) if zs is None else zs, k)
 
     def initial_centers(self, zs: torch.Tensor, k: int, seeds: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The nested prefix of the learned centroids (K, D), or each image's own farthest-point
@@ -296,17 +301,18 @@ class DynamicTokenClustering(nn.Module):
         return torch.gather(zs, 1, idx.unsqueeze(-1).expand(-1, -1, zs.shape[-1]))   # (B, K, D)
 
     def forward(self, z: torch.Tensor, mass: torch.Tensor, k: int, weights: Optional[torch.Tensor] = None,
-                seeds: Optional[torch.Tensor] = None
+                seeds: Optional[torch.Tensor] = None, zs: Optional[torch.Tensor] = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Condense the tokens of images that all use ``k`` clusters.
 
         z: (B, N, D) tokens, mass: (B, N) their mass, weights: optional (B, N) saliency that
         scales each token's mass in the weighted mean, seeds: optional (B, >= K) farthest-point
-        indices from :meth:`seed_points` (computed here otherwise). Returns ``s`` (B, K, D) super-tokens,
+        indices from :meth:`seed_points` (computed here otherwise), zs: optional ``assignment_space(z)``
+        (the three calls of a stage share one; computed here otherwise). Returns ``s`` (B, K, D) super-tokens,
         ``m`` (B, K) their mass, ``a`` (B, N, K) assignment (for unpooling ``Z_rec = a @ s``),
         and ``zs`` (B, N, D), ``mu`` ((K, D) or (B, K, D)), the points and centroids of eq. 14.
         """
-        zs = self.assignment_space(z)                                                           # (B, N, D)
+        zs = self.assignment_space(z) if zs is None else zs                                     # (B, N, D)
         mu = self.initial_centers(zs, k, seeds)                                      # (K, D) or (B, K, D)
         a = assign(zs, mu, self.tau, self.hard)                                      # (B, N, K)
         for _ in range(self.iters):  # differentiable k-means steps, per image

@@ -30,20 +30,21 @@ class ClusterStage(DynamicTokenClustering):
         for grp in groups:
             z = grp.x[:, P:]                                                         # (b, N, D)
             w = weights[grp.index] if weights is not None else None                  # (b, N) or None
-            ks = self.num_clusters(z, w)                                             # (b,)
+            zs = self.assignment_space(z)                                            # (b, N, D) once per stage
+            ks = self.num_clusters(z, w, zs)                                         # (b,)
             ctx.num_clusters[grp.index, self.stage] = ks
             plan = self.plan(ks, z.shape[1])
-            seeds = self.seed_points(z, max(k for k, _ in plan))                     # (b, K_max) or None
+            seeds = self.seed_points(z, max(k for k, _ in plan), zs)                 # (b, K_max) or None
             for k, sel in plan:
-                out.append(self._condense_group(grp.rows(sel), k, w if sel is None or w is None else w[sel],
-                                                seeds if sel is None or seeds is None else seeds[sel], ctx))
+                w_k, seeds_k, zs_k = (t if sel is None or t is None else t[sel] for t in (w, seeds, zs))
+                out.append(self._condense_group(grp.rows(sel), k, w_k, seeds_k, zs_k, ctx))
         return out
 
-    def _condense_group(self, grp: Group, k: int, w, seeds, ctx: Context) -> Group:
+    def _condense_group(self, grp: Group, k: int, w, seeds, zs, ctx: Context) -> Group:
         P = self.num_prefix
         z = grp.x[:, P:]                                                             # (b, N, D)
         mass = grp.mass[:, P:] if grp.mass is not None else z.new_ones(z.shape[:2], dtype=torch.float32)
-        s, m, a, zs, mu = self(z, mass, k, w, seeds)                                 # (b, K, D), (b, K), (b, N, K)
+        s, m, a, zs, mu = self(z, mass, k, w, seeds, zs)                             # (b, K, D), (b, K), (b, N, K)
         ctx.cluster_terms.append((zs, mu, self.tau))
         return grp.replace(x=torch.cat([grp.x[:, :P], s], dim=1),                    # (b, P+K, D)
                            mass=torch.cat([m.new_ones(m.shape[0], P), m], dim=1),    # (b, P+K)
