@@ -237,3 +237,16 @@ def test_assign_at_inference_benchmark_smoke(tmp_path):
     dense, _ = _tiny_run(tmp_path, "dense", "reduction: none")
     with pytest.raises(ValueError, match="not a DTC model"):
         mod.evaluate_variants(dense)
+
+
+def test_the_paper_form_under_one_name():
+    """adaptivision.PAPER_DTC builds DTC as the paper describes it whatever the live defaults:
+    shared learned centroids, soft at tau 150, no k-means steps, per-image K in training, condensed
+    right after the embedding; the experiments' paper cells are that configuration."""
+    from adaptivision.experiments.registry import LEVER_CELLS
+    m = timm.create_model("adaptivision_nano_patch4_28", **adaptivision.PAPER_DTC)
+    d = m.dtc["0"]
+    assert (d.centers, d.hard, d.iters, d.tau, d.train_k) == ("learned", False, 0, 150.0, "image")
+    assert [s.block for s in m.opts.stages] == [0] and d.centroids is not None
+    paper = [c for c in LEVER_CELLS if c.label.startswith("paper")]
+    assert paper and all(adaptivision.PAPER_DTC.items() <= c.kwargs.items() for c in paper)

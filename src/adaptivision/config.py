@@ -45,6 +45,10 @@ def _as_list(v: IntOrSeq) -> Optional[list]:
 CLUSTERING = {"paper": dict(centers="learned", assign="soft", iters=0, tau=150.0),
               "image": dict(centers="fps", assign="hard", iters=2, tau=150.0),
               "image-soft": dict(centers="fps", assign="soft", iters=2, tau=20.0)}
+# DTC as the paper describes it, under one name: its shared soft centroids, per-image K in training
+# too, condensed right after the embedding (`timm.create_model(name, **adaptivision.PAPER_DTC)`);
+# every default that departs from it is in docs/model.md, "Deviations from the paper"
+PAPER_DTC = dict(clustering="paper", train_k="image", condense_at=0)
 
 
 @dataclass(frozen=True)

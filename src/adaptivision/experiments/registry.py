@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .. import config
 from ..config import unknown_key_error
 
 SCALES = ("smoke", "small", "default", "full", "paper")
@@ -79,7 +80,7 @@ GUIDANCE_CELLS = (
 # (the paper trains with per-image K: pinned, so these cells keep the meaning and the runs they were
 # recorded with when one K per training batch became the default)
 # condense_at=0 pinned: these cells were recorded before the nano model's default moved after block 2
-PAPER_DTC = {"reduction": "dtc", "clustering": "paper", "train_k": "image", "condense_at": 0}
+PAPER_DTC = {"reduction": "dtc", **config.PAPER_DTC}
 IMAGE_DTC = {"reduction": "dtc", "clustering": "image", "condense_at": 0}
 LEVER_CELLS = (
     DENSE,
