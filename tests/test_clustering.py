@@ -250,3 +250,28 @@ def test_the_paper_form_under_one_name():
     assert [s.block for s in m.opts.stages] == [0] and d.centroids is not None
     paper = [c for c in LEVER_CELLS if c.label.startswith("paper")]
     assert paper and all(adaptivision.PAPER_DTC.items() <= c.kwargs.items() for c in paper)
+
+
+def test_runs_saved_before_the_nano_stage_moved_still_load(tmp_path):
+    """A checkpoint of the nano model saved when it condensed before block 0 (its model.json
+    says nothing of where) is rebuilt before block 0, with its own outputs; new runs write
+    where they condense into model.json, so the next change of a default cannot break them."""
+    import json
+    from adaptivision.checkpoint import save_weights
+    from adaptivision.train.build import load_for_eval, model_spec
+    from adaptivision.train.config import TrainConfig
+    old = timm.create_model("adaptivision_nano_patch4_28", num_classes=10, condense_at=0).eval()
+    save_weights(old, str(tmp_path / "last.safetensors"))
+    (tmp_path / "model.json").write_text(json.dumps(dict(name="adaptivision_nano_patch4_28", num_classes=10,
+                                                         kwargs={"cmtf": False})))
+    model, _ = load_for_eval(str(tmp_path / "last.safetensors"))
+    assert [s.block for s in model.opts.stages] == [0]
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), old(x))
+    spec = model_spec(TrainConfig(), 10, dense=False)
+    assert spec["kwargs"]["condense_at"] == 2 and spec["kwargs"]["k_mid"] == 24
+    assert "k_mid" not in model_spec(TrainConfig(), 10, dense=True)["kwargs"]
+    # resuming that old run rebuilds it the same way (the checkpoint's stages win over today's default)
+    assert model_spec(TrainConfig(), 10, dense=False, checkpoint=str(tmp_path / "last.safetensors"))["kwargs"][
+        "condense_at"] == 0

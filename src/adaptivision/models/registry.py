@@ -64,6 +64,7 @@ STAGE_DEFAULTS = {f"adaptivision_{size}_patch16_224": _RANGE_224 for size in ("t
 DTC_STAGE_DEFAULTS = {"adaptivision_nano_patch4_28": dict(condense_at=2, k_mid=24)}  # reduction='dtc' only: the
 #                                   baselines that reduce at condense_at (random keep) stay where they were compared
 _STAGE_KEYS = {"k_min", "k_max", "k_mid", "condense_at", "img_size", "patch_size"}
+STAGE_OPTIONS = ("condense_at", "k_min", "k_max", "k_mid")  # what a saved model spec writes out (models/registry.py)
 
 
 def stage_defaults(name: str, kwargs: dict) -> dict:

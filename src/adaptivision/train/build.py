@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Optional
 
 import timm
 import torch
 import torch.nn as nn
+from safetensors import safe_open
 from timm.data import create_transform, resolve_data_config
 from torch.utils.data import DataLoader, Subset
 
@@ -16,15 +18,22 @@ from ..checkpoint import load_weights, read_weights
 from ..data.datasets import build_dataset, collate_skip
 from ..guidance import Guidance, class_embeddings, parse_sources
 from ..models import AdaptiVision
+from ..models.registry import STAGE_OPTIONS, stage_defaults
 from .config import DENSE_TEACHER, TrainConfig
 from .distributed import Dist
 
 DENSE_KWARGS = dict(condense_at=False, afa=False, cmtf=False)
 
 
-def model_spec(cfg: TrainConfig, num_classes: int, dense: bool, guide: Optional[Guidance] = None) -> dict:
-    """Name and keyword arguments that rebuild the model (saved as ``model.json``)."""
+def model_spec(cfg: TrainConfig, num_classes: int, dense: bool, guide: Optional[Guidance] = None,
+               checkpoint: Optional[str] = None) -> dict:
+    """Name and keyword arguments that rebuild the model (saved as ``model.json``). Where DTC
+    condenses is written out, so that a later change of a model's stage defaults cannot rebuild
+    this run differently; ``checkpoint``: an existing run's weights, whose stages win (resume)."""
     kwargs = dict(cfg.model_kwargs)
+    if cfg.model.startswith("adaptivision_") and not dense:
+        stages = checkpoint_stages(checkpoint, cfg.model, kwargs) if checkpoint else None
+        kwargs = dict(stages if stages is not None else stage_defaults(cfg.model, kwargs), **kwargs)
     if cfg.drop_path:
         kwargs["drop_path_rate"] = cfg.drop_path
     if cfg.img_size:
@@ -62,6 +71,24 @@ def build_guidance(cfg: TrainConfig, classes, model: nn.Module) -> Optional[Guid
 def guidance_kwargs(guide: Optional[Guidance], x: torch.Tensor, mode: str = "normal") -> dict:
     """``guidance=`` / ``patch_weights=`` for ``model(x, ...)`` (nothing without guidance)."""
     return guide(x, mode=mode).model_kwargs() if guide is not None else {}
+
+
+def checkpoint_stages(checkpoint: str, name: str, kwargs: dict) -> Optional[dict]:
+    """``condense_at`` of the DTC stages a checkpoint holds (its ``dtc.<block>.*`` keys), when
+    ``kwargs`` leave it to the model's default and that default now differs: a run saved before the
+    nano model's stage moved after block 2 (2026-11-26) was built before block 0 and must be
+    rebuilt so. None when ``kwargs`` say where, or the checkpoint agrees with today's default."""
+    if set(STAGE_OPTIONS) & set(kwargs) or not os.path.isfile(checkpoint) or not checkpoint.endswith(".safetensors"):
+        return None
+    try:
+        with safe_open(checkpoint, "pt") as f:
+            blocks = sorted({int(m[1]) for k in f.keys() if (m := re.match(r"dtc\.(\d+)\.", k))})
+    except Exception:  # unreadable: loading the weights names the problem
+        return None
+    default = stage_defaults(name, kwargs).get("condense_at", 0)
+    if not blocks or blocks == (default if isinstance(default, list) else [default]):
+        return None
+    return dict(condense_at=blocks if len(blocks) > 1 else blocks[0])
 
 
 def create_model(spec: dict) -> nn.Module:
@@ -124,6 +151,8 @@ def load_for_eval(checkpoint: str, model_name: Optional[str] = None) -> tuple:
     if spec["num_classes"] is None:
         head = read_weights(checkpoint).get("head.weight")  # (names a truncated or foreign file)
         spec["num_classes"] = head.shape[0] if head is not None else 0
+    if spec["name"].startswith("adaptivision_"):  # a run saved before its model's stage default moved
+        spec["kwargs"] = dict(checkpoint_stages(checkpoint, spec["name"], spec["kwargs"]) or {}, **spec["kwargs"])
     model = create_model(spec)
     load_weights(model, checkpoint)
     cfg_path = os.path.join(ckpt_dir, "config.yaml")

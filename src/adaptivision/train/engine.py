@@ -125,7 +125,8 @@ def setup(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bool = F
     if num_classes < 2 and d.main:
         log(f"warning: {cfg.dataset} at {cfg.data_dir} has {num_classes} class: every prediction is trivially right")
     guide = None if dense else build_guidance(cfg, train_ds.classes, probe)
-    spec = model_spec(cfg, num_classes, dense, guide)
+    last = os.path.join(run_dir, "last.safetensors")  # a resumed run is rebuilt as it was saved
+    spec = model_spec(cfg, num_classes, dense, guide, checkpoint=last if resume and os.path.isfile(last) else None)
     if guide is not None:  # what evaluation needs to rebuild the guidance without the training set
         spec["guidance"] = dict(sources=guide.sources, classes=[str(c) for c in train_ds.classes])
     torch.manual_seed(cfg.seed)  # again: the throw-away model above drew from the generator
