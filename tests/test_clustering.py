@@ -257,6 +257,7 @@ def test_runs_saved_before_the_nano_stage_moved_still_load(tmp_path):
     says nothing of where) is rebuilt before block 0, with its own outputs; new runs write
     where they condense into model.json, so the next change of a default cannot break them."""
     import json
+
     from adaptivision.checkpoint import save_weights
     from adaptivision.train.build import load_for_eval, model_spec
     from adaptivision.train.config import TrainConfig
