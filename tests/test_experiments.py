@@ -244,6 +244,34 @@ def test_distilled_cells_learn_from_the_dense_run_of_their_seed(done):
                dataclasses.replace(base, data_dir=os.path.join(os.path.dirname(done), "fm"))).run()
 
 
+def test_processes_sharing_an_experiment_skip_the_runs_another_one_trains(done):
+    """Two `experiment run` processes on one --out: a run whose lock another live process holds is
+    skipped untouched, and so is a student whose teacher is being trained; once the lock is gone
+    the next process trains both (the teacher first)."""
+    from adaptivision.checkpoint import lock_holder, run_lock
+    from adaptivision.experiments import registry
+    from adaptivision.experiments.runner import Runner, base_config
+    base = dataclasses.replace(base_config("smoke", "fashion-mnist", None, None),
+                               data_dir=os.path.join(os.path.dirname(done), "fm"))
+    exp = registry.Experiment("shared", "dense and a student", "train", (registry.DENSE, registry.LEVER_CELLS[22]))
+    out = os.path.join(done, "shared")
+    lines = []
+    runner = Runner(exp, out, "smoke", base, log=lines.append)
+    cfg, _ = runner.cell_config(registry.DENSE, 0)
+    dense_dir = os.path.join(cfg.output, cfg.name)
+    with run_lock(dense_dir):  # this test process plays the other process
+        assert lock_holder(dense_dir) == f"pid {os.getpid()}"
+        rec = runner.run()
+        assert os.listdir(dense_dir) == [".lock"]  # nothing written into the other process's run
+    assert [c["runs"] for c in rec["cells"]] == [[], []]
+    assert any("ViT (dense) seed 0: skipped, another process is training it" in ln for ln in lines), lines
+    assert any("teacher" in ln and "is being trained by another process" in ln for ln in lines), lines
+    assert lock_holder(dense_dir) is None
+    rec = Runner(exp, out, "smoke", base, log=lines.append).run()
+    assert [len(c["runs"]) for c in rec["cells"]] == [1, 1]
+    assert os.path.isfile(os.path.join(dense_dir, "summary.json"))
+
+
 @pytest.mark.parametrize("name", ["dtc-afa", "dtc-batch-k", "dtc-curve", "dtc-distill"])
 def test_recorded_runs_keep_their_names(name):
     """A run's name is the hash of its configuration: a new TrainConfig field or a changed default

@@ -36,10 +36,14 @@ def _atomic(path: str, write) -> None:
             os.remove(tmp)
 
 
+class RunBusyError(FileExistsError):
+    """Another live process holds the run's lock (it is training into that directory now)."""
+
+
 @contextlib.contextmanager
 def run_lock(run_dir: str):
     """Hold an exclusive lock on ``run_dir`` for a whole run: a second process training into the
-    same directory gets ``FileExistsError`` at once instead of overwriting this run's files.
+    same directory gets :class:`RunBusyError` at once instead of overwriting this run's files.
     The lock (``flock`` on ``run_dir/.lock``) goes with the process, even after ``kill -9``."""
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, ".lock")
@@ -49,8 +53,8 @@ def run_lock(run_dir: str):
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "another process"
-            raise FileExistsError(f"{run_dir} is being written by {holder}: wait for it to finish, or use "
-                                  "another name= (nothing was touched)") from None
+            raise RunBusyError(f"{run_dir} is being written by {holder}: wait for it to finish, or use "
+                               "another name= (nothing was touched)") from None
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()}")
@@ -59,6 +63,19 @@ def run_lock(run_dir: str):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def lock_holder(run_dir: str) -> Optional[str]:
+    """Who holds ``run_dir``'s lock now (``'pid N'``), or None when no live process does."""
+    path = os.path.join(run_dir, ".lock")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with run_lock(run_dir):
+            return None
+    except RunBusyError:
+        with open(path) as f:
+            return f.read().strip() or "another process"
 
 
 def save_weights(model: nn.Module, path: str, metadata: Optional[dict] = None) -> None:

@@ -2,8 +2,10 @@
 
 Runs go to ``OUT/runs/<cell>-<hash>/seed<S>`` (the ordinary run directories of the engine),
 so experiments that share a configuration share its runs, a finished run is never redone and
-an interrupted one is resumed. ``OUT/<experiment>/experiment.json`` records what was run and
-measured; ``adaptivision report`` turns it into tables and plots.
+an interrupted one is resumed. Several processes may run one experiment into one ``OUT``: each
+skips the runs another live process is training (their run locks). ``OUT/<experiment>/experiment.json``
+records what was run and measured (``--record-only`` rewrites it from every finished run);
+``adaptivision report`` turns it into tables and plots.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import timm
 import torch
 
 from .. import budget
+from ..checkpoint import RunBusyError, lock_holder
 from ..config import CLUSTERING, ModelOptions
 from ..data import collate_skip
 from ..dense import detect
@@ -186,15 +189,31 @@ class Runner:
             elif self.record_only:
                 self.log(f"[{self.exp.name}] {cell.label} seed {seed}: not finished, left out ({rel})")
                 continue
-            else:
-                if cfg.distill_from and not os.path.isfile(cfg.distill_from):
-                    raise FileNotFoundError(f"[{self.exp.name}] {cell.label} seed {seed}: its teacher {cfg.distill_from} "
-                                            "is not trained: list the dense cell before it in the experiment")
-                resume = run_dir if os.path.isfile(os.path.join(run_dir, "last.safetensors")) else None
-                self.log(f"[{self.exp.name}] {cell.label} seed {seed}: {'resuming' if resume else 'training'} {rel}")
-                engine.run(cfg, resume=resume, log=lambda *a: None)
+            elif not self._train(cfg, run_dir, f"[{self.exp.name}] {cell.label} seed {seed}", rel):
+                continue
             entry["runs"].append(dict(seed=seed, run_dir=rel))
         return entry
+
+    def _train(self, cfg: TrainConfig, run_dir: str, what: str, rel: str) -> bool:
+        """Train (or resume) one run; False, and nothing touched, when another live process is
+        training it (its run lock): several ``experiment run`` processes on one --out share the
+        work, each taking the runs nobody holds (docs/results.md, "Plateau scale")."""
+        if cfg.distill_from and not os.path.isfile(cfg.distill_from):
+            teacher = os.path.dirname(cfg.distill_from)
+            if lock_holder(teacher) is not None:
+                self.log(f"{what}: skipped, its teacher {teacher} is being trained by another process")
+                return False
+            raise FileNotFoundError(f"{what}: its teacher {cfg.distill_from} is not trained: list the dense "
+                                    "cell before it in the experiment")
+        resume = run_dir if os.path.isfile(os.path.join(run_dir, "last.safetensors")) else None
+        try:
+            if lock_holder(run_dir) is None:  # (the log line only: engine.run takes the lock itself)
+                self.log(f"{what}: {'resuming' if resume else 'training'} {rel}")
+            engine.run(cfg, resume=resume, log=lambda *a: None)
+        except RunBusyError as e:
+            self.log(f"{what}: skipped, another process is training it ({e})")
+            return False
+        return True
 
     def run(self, checkpoints: Optional[list] = None, eval_data: Optional[dict] = None) -> dict:
         kind = self.exp.kind
