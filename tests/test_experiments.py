@@ -167,6 +167,26 @@ def test_report_tables_plots_and_missing_cells(done, tmp_path):
     assert "+DTC: 1 run(s) missing or unfinished" in text
 
 
+def test_report_flags_images_per_second_measured_with_other_thread_counts(done, tmp_path):
+    """Runs trained as one-thread processes side by side (docs/results.md, "Plateau scale") measure
+    their images/s with one thread: a table that mixes them with others says so, and which cells."""
+    import shutil
+    out = tmp_path / "copy"
+    shutil.copytree(done, out, ignore=shutil.ignore_patterns("*.safetensors", "*.pt", "tb"))
+    rec = _record(str(out), "table7")
+    text = open(report([str(out / "table7")], str(tmp_path / "same"), pictures=False)).read()
+    assert "MIXED THREADS" not in text
+    # (+DTC+AFA: the report test above deletes +DTC's summary)
+    run = next(c for c in rec["cells"] if c["label"] == "+DTC+AFA")["runs"][0]["run_dir"]
+    path = out / run / "summary.json"
+    summary = json.loads(path.read_text())
+    summary["threads"] = summary["threads"] + 1
+    path.write_text(json.dumps(summary))
+    text = open(report([str(out / "table7")], str(tmp_path / "mixed"), pictures=False)).read()
+    line = next(ln for ln in text.splitlines() if "MIXED THREADS" in ln)
+    assert f"{summary['threads']}: +DTC+AFA" in line
+
+
 def test_bad_experiment_requests_are_named(tmp_path, capsys):
     assert main(["experiment", "run", "table55", "--out", str(tmp_path)]) == 2
     assert "Did you mean 'table5'" in capsys.readouterr().err

@@ -31,8 +31,10 @@ def _short(commit: str) -> str:
     return commit[:12] + ("-dirty" if commit.endswith("-dirty") else "")
 
 
-def _summary(exp_dir: str, run: dict, commits: Optional[dict] = None, label: str = "") -> Optional[dict]:
-    """The run's first summary row; ``commits``: collects {commit: [cell labels]} from its provenance."""
+def _summary(exp_dir: str, run: dict, commits: Optional[dict] = None, label: str = "",
+             threads: Optional[dict] = None) -> Optional[dict]:
+    """The run's first summary row; ``commits``: collects {commit: [cell labels]} from its provenance,
+    ``threads``: {threads of its images/s measurement: [cell labels]}."""
     path = os.path.join(exp_dir, "..", run["run_dir"], "summary.json")
     if not os.path.isfile(path):
         return None
@@ -41,7 +43,19 @@ def _summary(exp_dir: str, run: dict, commits: Optional[dict] = None, label: str
     if commits is not None:
         commit = (summary.get("provenance") or {}).get("commit") or "not recorded"
         commits.setdefault(_short(commit), []).append(label)
+    if threads is not None:
+        threads.setdefault(summary.get("threads", "not recorded"), []).append(label)
     return summary["rows"][0]
+
+
+def _threads_note(threads: dict) -> Optional[str]:
+    """Flag a table whose images/s were measured with different numbers of threads (runs trained
+    as several one-thread processes at once, docs/results.md "Plateau scale"): not comparable."""
+    if len(threads) < 2:
+        return None
+    parts = [f"{t}: {', '.join(sorted(set(labels)))}" for t, labels in sorted(threads.items(), key=str)]
+    return ("MIXED THREADS: images/s measured with different thread counts, compare it only within one ("
+            + "; ".join(parts) + ")")
 
 
 def _run_commits(rec: dict) -> dict:
@@ -70,8 +84,9 @@ def _train_table(rec: dict, exp_dir: str, notes: list) -> list:
         "params (M)", "GMACs", "mean K", "top-1 (%)", "top-5 (%)", "images/s", "seeds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     commits: dict = {}
+    threads: dict = {}
     for cell in rec["cells"]:
-        rows = [r for r in (_summary(exp_dir, run, commits, cell["label"]) for run in cell.get("runs", []))
+        rows = [r for r in (_summary(exp_dir, run, commits, cell["label"], threads) for run in cell.get("runs", []))
                 if r is not None]
         if cell.get("status"):
             notes.append(f"{cell['label']}: {cell['status']}")
@@ -86,9 +101,7 @@ def _train_table(rec: dict, exp_dir: str, notes: list) -> list:
             _stat([r["top1"] for r in rows]), _stat([r["top5"] for r in rows]), _stat([r["img_per_s"] for r in rows], 0),
             str(len(rows))]
         lines.append("| " + " | ".join(vals) + " |")
-    note = _code_note(commits)
-    if note:
-        notes.append(note)
+    notes.extend(n for n in (_code_note(commits), _threads_note(threads)) if n)
     return lines
 
 
