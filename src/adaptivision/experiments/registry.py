@@ -211,6 +211,10 @@ EXPERIMENTS = {e.name: e for e in (
                tuple(LEVER_CELLS[i] for i in (0, 18, 2, 21, 1, 19, 22, 12, 3)),
                note="run it with --scale full; dense first, so its curve fixes the plateau epochs (and it "
                     "teaches the distilled cells)"),
+    Experiment("plateau-curve", "Accuracy vs GMACs at the plateau: the dtc-plateau checkpoints at several budgets "
+               "each", "budget", tuple(LEVER_CELLS[i] for i in (0, 18, 2, 1, 21, 22)),
+               note="run it with --scale full --record-only: it evaluates the finished dtc-plateau runs and "
+                    "trains nothing"),
     Experiment("figure1bc", "Figure 1(b)/(c): segmentation mIoU vs GMACs (Fashion-MNIST mosaics; ADE20K, "
                "Cityscapes by --dataset)", "segmentation", SEG_CELLS, paper_datasets=("ade20k", "cityscapes"),
                note="one segmenter per backbone and seed, evaluated at several budgets; baselines unpooled "
