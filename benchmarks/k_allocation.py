@@ -22,6 +22,7 @@ import types
 import torch
 
 import adaptivision  # noqa: F401
+from adaptivision.benchmark import save_record
 from adaptivision.budget import apply_budget, first_dtc
 from adaptivision.data import collate_skip
 from adaptivision.profile import profile
@@ -125,11 +126,7 @@ def main() -> None:
     md += [f"| {os.path.basename(os.path.dirname(os.path.dirname(r['checkpoint'])))}/"
            f"{os.path.basename(os.path.dirname(r['checkpoint']))} | {r['rule']} | {r['mean_k']:.1f} | "
            f"{r['gmacs']:.4f} | {r['top1']:.2f} |" for r in result["rows"]]
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(result, f, indent=1)
-    with open(args.out + ".md", "w") as f:
-        f.write("\n".join(md) + "\n")
+    save_record(result, "\n".join(md), args.out)
     print("\n".join(md))
 
 

@@ -53,6 +53,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker, args.rounds)))
         return
+    from adaptivision.benchmark import save_record
     from adaptivision.provenance import provenance
     cores = os.cpu_count()
     alone = spawn(cores, args.rounds, 1)[0]
@@ -71,11 +72,7 @@ def main() -> None:
           "|---|---|---|---|---|"]
     md += [f"| {r['model']} | {r['all_threads_ms']:.1f} | {r['one_thread_alone_ms']:.1f} | "
            f"{r['one_thread_shared_ms']:.1f} | {r['throughput_gain']:.2f}x |" for r in rows]
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(result, f, indent=1)
-    with open(args.out + ".md", "w") as f:
-        f.write("\n".join(md) + "\n")
+    save_record(result, "\n".join(md), args.out)
     print("\n".join(md))
 
 

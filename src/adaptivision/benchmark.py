@@ -133,11 +133,16 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write(result: dict, out: str) -> tuple[str, str]:
+def save_record(result: dict, markdown: str, out: str) -> tuple[str, str]:
+    """``OUT.json`` (the record) and ``OUT.md`` (its table) of a benchmark; returns both paths."""
     os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
     base = out[:-5] if out.endswith(".json") else out
     with open(base + ".json", "w") as f:
         json.dump(result, f, indent=1)
     with open(base + ".md", "w") as f:
-        f.write(to_markdown(result) + "\n")
+        f.write(markdown + "\n")
     return base + ".json", base + ".md"
+
+
+def write(result: dict, out: str) -> tuple[str, str]:
+    return save_record(result, to_markdown(result), out)
