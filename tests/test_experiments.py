@@ -292,15 +292,17 @@ def test_processes_sharing_an_experiment_skip_the_runs_another_one_trains(done):
     assert os.path.isfile(os.path.join(dense_dir, "summary.json"))
 
 
-@pytest.mark.parametrize("name", ["dtc-afa", "dtc-batch-k", "dtc-curve", "dtc-distill"])
-def test_recorded_runs_keep_their_names(name):
+@pytest.mark.parametrize("scale,name,runs", [("default", "dtc-afa", 4), ("default", "dtc-batch-k", 4),
+                                             ("default", "dtc-curve", 4), ("default", "dtc-distill", 4),
+                                             ("full", "dtc-plateau", 2), ("full", "plateau-curve", 2)])
+def test_recorded_runs_keep_their_names(scale, name, runs):
     """A run's name is the hash of its configuration: a new TrainConfig field or a changed default
     that is not kept out of the identity (runner.LATER_FIELDS, ID_DEFAULTS) would rename every
     recorded run, so that finished runs are trained again. The committed records of these
     experiments (every cell pins its options) must still name their runs."""
     from adaptivision.experiments import registry
     from adaptivision.experiments.runner import Runner, base_config
-    root = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "dtc", "default")
+    root = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "dtc", scale)
     with open(os.path.join(root, name, "experiment.json")) as f:
         rec = json.load(f)
     exp = registry.get(name)
@@ -311,4 +313,4 @@ def test_recorded_runs_keep_their_names(name):
         for run in entry["runs"] if entry["label"] in cells else []:
             assert "runs/" + runner.cell_config(cells[entry["label"]], run["seed"])[0].name == run["run_dir"], entry["label"]
             checked += 1
-    assert checked >= 4
+    assert checked >= runs
