@@ -243,7 +243,9 @@ class Runner:
 
     # --- evaluation-only kinds --------------------------------------------------------------------
     def _load(self, run_dir: str):
-        ckpt = os.path.join(self.out, run_dir, "best.safetensors")
+        # the last epoch's weights, the ones the train tables report: best.safetensors is the epoch
+        # with the best *test* top-1, a pick on the test set (budget sweeps used it until 2026-11-26)
+        ckpt = os.path.join(self.out, run_dir, "last.safetensors")
         model, cfg = engine.load_for_eval(ckpt)
         return model.eval(), cfg, engine.load_guidance(ckpt, cfg, model)
 
@@ -367,7 +369,7 @@ class Runner:
             for cell in self.exp.cells:
                 for seed in range(self.seeds):
                     cfg, _ = self.cell_config(cell, seed)
-                    ckpt = os.path.join(cfg.output, cfg.name, "best.safetensors")
+                    ckpt = os.path.join(cfg.output, cfg.name, "last.safetensors")  # not a test-set pick
                     if os.path.isfile(ckpt):
                         checkpoints.append(ckpt)
         if not checkpoints:
