@@ -206,9 +206,8 @@ class Runner:
             raise FileNotFoundError(f"{what}: its teacher {cfg.distill_from} is not trained: list the dense "
                                     "cell before it in the experiment")
         resume = run_dir if os.path.isfile(os.path.join(run_dir, "last.safetensors")) else None
-        try:
-            if lock_holder(run_dir) is None:  # (the log line only: engine.run takes the lock itself)
-                self.log(f"{what}: {'resuming' if resume else 'training'} {rel}")
+        try:  # engine.run takes the run's lock itself (no probe here: a probe would hold it a moment)
+            self.log(f"{what}: {'resuming' if resume else 'training'} {rel}")
             engine.run(cfg, resume=resume, log=lambda *a: None)
         except RunBusyError as e:
             self.log(f"{what}: skipped, another process is training it ({e})")
