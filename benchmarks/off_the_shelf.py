@@ -7,6 +7,10 @@ settings and budgets, and into ToMe at several r; each is evaluated on the Fashi
 GMACs are counted by ``adaptivision.profile`` (clustering included) on the evaluated images.
 
     python benchmarks/off_the_shelf.py --run RUN_DIR [--run RUN_DIR2 ...] [--limit 10000] [--out DIR]
+                                       [--weights last|best]
+
+``--weights last`` (the default) evaluates each run's last epoch; ``best`` is the epoch with the best
+*test* top-1, a pick on the test set (the default-length record of 2026-11-25 was made with it).
 
 Writes ``off-the-shelf.json`` (every row, per run) and ``off-the-shelf.md`` (mean ± std over runs).
 """
@@ -30,7 +34,8 @@ from adaptivision.provenance import provenance
 from adaptivision.train import engine
 
 PLAIN = dict(afa=False, cmtf=False, condense_at=0)  # rows that condense later say so
-# label -> (AdaptiVision options, budget): budget is a fixed K (dynamic=False) or ('mean_k', K)
+# label -> (AdaptiVision options, budget): budget is a fixed K (dynamic=False), a list (one fixed K per
+# stage) or ('mean_k', K)
 PAPER = dict(PLAIN, clustering="paper", tau=150.0)  # learned shared centroids, soft, no k-means step
 OURS = dict(PLAIN, clustering="image")               # farthest-point centres, hard, 2 k-means steps
 
@@ -48,14 +53,17 @@ def variants(n: int) -> list:
               ("mean_k", k)) for k in (16, 24)]
     rows += [(f"fps, hard, 2 iters, after block 1, K={k}", dict(OURS, condense_at=1), k) for k in (16, 20, 24)]
     rows += [(f"fps, hard, 2 iters, after block 2, K={k}", dict(OURS, condense_at=2), k) for k in (16, 20, 24)]
+    # two stages (ToMe also condenses gradually): fewer tokens after block 1, fewer still after block 3
+    rows += [(f"fps, hard, 2 iters, two stages after blocks 1 and 3, K={k1}/{k2}", dict(OURS, condense_at=[1, 3]),
+              [k1, k2]) for k1, k2 in ((32, 16), (36, 20), (40, 24))]
     # Hourglass (grid centres, local soft k-means; no parameters, so it runs off the shelf too)
     rows += [(f"Hourglass {h}x{h} after block {b}", dict(reduction="hourglass", keep_ratio=h * h / n, reduce_at=b), None)
              for b in (1, 2) for h in (4, 5, 6)]
     return rows
 
 
-def dense_vit(run_dir: str) -> tuple:
-    model, cfg = engine.load_for_eval(os.path.join(run_dir, "best.safetensors"))
+def dense_vit(run_dir: str, weights: str = "last") -> tuple:
+    model, cfg = engine.load_for_eval(os.path.join(run_dir, f"{weights}.safetensors"))
     vit = VisionTransformer(**vit_kwargs(model))
     vit.load_state_dict(model.state_dict())
     return vit.eval(), cfg, model
@@ -67,6 +75,8 @@ def build(vit, opts, budget, calib):
     opts = dict(opts)
     if isinstance(budget, int):
         opts.update(dynamic=False, k_max=budget, k_min=min(budget, opts.get("k_min", budget)))
+    elif isinstance(budget, list):  # a fixed K per stage
+        opts.update(dynamic=False, k_max=budget, k_min=budget)
     model = adaptivision.from_timm(vit, calib, **opts).eval()
     if isinstance(budget, tuple):
         model.set_token_budget(calib, mean_k=budget[1])
@@ -75,7 +85,9 @@ def build(vit, opts, budget, calib):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--run", action="append", required=True, help="dense run directory (best.safetensors)")
+    p.add_argument("--run", action="append", required=True, help="dense run directory")
+    p.add_argument("--weights", choices=("last", "best"), default="last",
+                   help="which checkpoint of each run: its last epoch, or best (picked on the test set)")
     p.add_argument("--limit", type=int, default=10000, help="test images")
     p.add_argument("--calib", type=int, default=256, help="training images for calibration")
     p.add_argument("--out", default="benchmarks/results")
@@ -90,7 +102,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     per_run = {}
     for run in args.run:
-        vit, cfg, probe = dense_vit(run)
+        vit, cfg, probe = dense_vit(run, args.weights)
         cfg = dataclasses.replace(cfg, limit_eval=args.limit, workers=0, batch_size=256)
         ds = engine.build_eval_dataset(cfg, probe)
         _, eval_tf, mode = engine.build_transforms(cfg, probe)

@@ -180,14 +180,14 @@ def test_profile_counts_the_farthest_point_distances():
     assert diff * 1e9 == pytest.approx(16 * 16 * 32)  # N x N x D per image, nothing else differs
 
 
-def _tiny_run(tmp_path, name: str, model_kwargs: str) -> tuple:
+def _tiny_run(tmp_path, name: str, model_kwargs: str, depth: int = 3) -> tuple:
     """A 1-epoch run of a tiny nano-shaped model on a 64-image fixture: (its directory, the data)."""
     from adaptivision.cli import main
     from fixtures import make_fmnist
     data = make_fmnist(str(tmp_path / "fm"), n_train=64, n_test=32)
     assert main(["train", "--data-dir", data, "--output", str(tmp_path), "--name", name, "--epochs", "1",
                  "workers=0", "batch_size=16", "throughput_batch=8", "compare_dense=false",
-                 f"model_kwargs={{embed_dim: 32, depth: 3, num_heads: 2, {model_kwargs}}}"]) == 0
+                 f"model_kwargs={{embed_dim: 32, depth: {depth}, num_heads: 2, {model_kwargs}}}"]) == 0
     return str(tmp_path / name), data
 
 
@@ -206,7 +206,7 @@ def test_off_the_shelf_benchmark_smoke(tmp_path):
     """CI's short version of benchmarks/off_the_shelf.py: a tiny dense run, then every variant."""
     import json
 
-    run, _ = _tiny_run(tmp_path, "dense", "condense_at: false, afa: false, cmtf: false")
+    run, _ = _tiny_run(tmp_path, "dense", "condense_at: false, afa: false, cmtf: false", depth=4)  # 2 stages: 1, 3
     mod = _benchmark("off_the_shelf")
     out = tmp_path / "res"
     assert mod.main(["--run", run, "--limit", "32", "--calib", "16", "--out", str(out)]) == 0
@@ -215,6 +215,8 @@ def test_off_the_shelf_benchmark_smoke(tmp_path):
     full = rows["fps, hard, 2 iters, K=49"]  # K = N: the dense model's own predictions
     assert full["top1"] == dense["top1"] and full["gmacs"] > dense["gmacs"]
     assert rows["fps, hard, 2 iters, K=16"]["gmacs"] < rows["fps, hard, 2 iters, K=32"]["gmacs"] < dense["gmacs"]
+    two = [rows[f"fps, hard, 2 iters, two stages after blocks 1 and 3, K={k}"]["gmacs"] for k in ("32/16", "40/24")]
+    assert two[0] < two[1] < dense["gmacs"]  # each stage's K is applied
     assert "| dense |" in (out / "off-the-shelf.md").read_text()
 
 

@@ -264,6 +264,38 @@ def test_distilled_cells_learn_from_the_dense_run_of_their_seed(done):
                dataclasses.replace(base, data_dir=os.path.join(os.path.dirname(done), "fm"))).run()
 
 
+def test_finetuned_cells_start_from_the_dense_run_for_a_tenth_of_the_epochs(done):
+    """dtc-finetune: each fine-tuned cell starts from the dense cell's run of its seed (its last
+    checkpoint), for a tenth of the scale's epochs (2 of the plateau's 20, at least 1) at a tenth of
+    the learning rate; without the dense run it is refused, naming what is missing."""
+    import yaml
+
+    from adaptivision.experiments import registry
+    from adaptivision.experiments.runner import Runner, base_config
+    common = ["--scale", "smoke", "--data-dir", os.path.join(os.path.dirname(done), "fm"), "--out", done]
+    assert main(["experiment", "run", "dtc-finetune", *common]) == 0
+    cells = {c["label"]: c for c in _record(done, "dtc-finetune")["cells"]}
+    dense_dir = os.path.join(done, cells["ViT (dense)"]["runs"][0]["run_dir"])
+    with open(os.path.join(dense_dir, "config.yaml")) as f:
+        dense_lr = yaml.safe_load(f)["base_lr"]
+    tuned = [c for c in cells if "fine-tuned" in c]
+    assert len(tuned) == 4
+    for label in tuned:
+        with open(os.path.join(done, cells[label]["runs"][0]["run_dir"], "config.yaml")) as f:
+            cfg = yaml.safe_load(f)
+        assert os.path.samefile(cfg["init_from"], os.path.join(dense_dir, "last.safetensors"))
+        assert cfg["epochs"] == 1 and cfg["base_lr"] == pytest.approx(dense_lr / 10)
+    full = base_config("full", "fashion-mnist", None, None)
+    dtc = registry.FINETUNE_CELLS[2]
+    cfg, _ = Runner(registry.get("dtc-finetune"), "/x", "full", full).cell_config(dtc, 1)
+    assert cfg.epochs == 2 and cfg.init_from.startswith("/x/runs/none-") and "/seed1/" in cfg.init_from
+    alone = registry.Experiment("alone", "fine-tuning without the dense run", "train", (dtc,))
+    with pytest.raises(FileNotFoundError, match="starting point .*init_from.* is not trained"):
+        Runner(alone, os.path.join(done, "elsewhere-ft"), "smoke",
+               dataclasses.replace(base_config("smoke", "fashion-mnist", None, None),
+                                   data_dir=os.path.join(os.path.dirname(done), "fm"))).run()
+
+
 def test_processes_sharing_an_experiment_skip_the_runs_another_one_trains(done):
     """Two `experiment run` processes on one --out: a run whose lock another live process holds is
     skipped untouched, and so is a student whose teacher is being trained; once the lock is gone

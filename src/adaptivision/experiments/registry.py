@@ -27,6 +27,7 @@ class Cell:
     model: Optional[str] = None      # a different model name (e.g. a timm dense model); default: the scale's
     match_gmacs: bool = False        # set the baseline's knob so its GMACs equal the dtc cell's
     scales: tuple = SCALES           # where the cell exists (timm's Swin-T only at paper scale)
+    epochs_fraction: Optional[float] = None  # train this share of the scale's epochs (at least 1): fine-tuning
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class Experiment:
 DTC = Cell("AdaptiVision (DTC)", {"reduction": "dtc"})
 DENSE = Cell("ViT (dense)", {"reduction": "none"})
 TEACHER_DENSE = "dense"  # train=dict(distill_from=TEACHER_DENSE): the DENSE cell's run of the same seed teaches
+# (init_from=TEACHER_DENSE: the cell fine-tunes from it)
 BASELINES = (
     DENSE,
     Cell("Random keep", {"reduction": "random"}, match_gmacs=True),
@@ -125,6 +127,20 @@ LEVER_CELLS = (
          dict(IMAGE_DTC, assign="soft", tau=20.0, condense_at=2, k_mid=24, train_k="batch"),
          train=dict(distill_from=TEACHER_DENSE)),
     Cell("ToMe, distilled from dense", {"reduction": "tome", "tome_r": 5}, train=dict(distill_from=TEACHER_DENSE)),
+)
+
+# Fine-tuning from the trained dense model, the protocol of DynamicViT, EViT and ToMe's trained rows
+# (they start from a pretrained DeiT): a tenth of the scale's epochs at a tenth of the learning rate,
+# the dense model fine-tuned the same way as the control for the extra epochs
+FINETUNE = dict(init_from=TEACHER_DENSE, base_lr=1.6e-3, warmup_epochs=0.1)
+FINETUNE_CELLS = (
+    DENSE,
+    Cell("ViT (dense), fine-tuned further", {"reduction": "none"}, train=FINETUNE, epochs_fraction=0.1),
+    Cell("image, soft, tau 20, after block 2, K 24, batch K, fine-tuned from dense",
+         dict(IMAGE_DTC, assign="soft", tau=20.0, condense_at=2, k_mid=24, train_k="batch"), train=FINETUNE,
+         epochs_fraction=0.1),
+    Cell("ToMe, fine-tuned from dense", {"reduction": "tome", "tome_r": 5}, train=FINETUNE, epochs_fraction=0.1),
+    Cell("EViT, fine-tuned from dense", {"reduction": "evit"}, train=FINETUNE, match_gmacs=True, epochs_fraction=0.1),
 )
 
 # the nano model's default until it moved after block 2 (registry.STAGE_DEFAULTS): image-soft before block 0
@@ -211,6 +227,10 @@ EXPERIMENTS = {e.name: e for e in (
                tuple(LEVER_CELLS[i] for i in (0, 18, 2, 21, 1, 19, 22, 12, 3)),
                note="run it with --scale full; dense first, so its curve fixes the plateau epochs (and it "
                     "teaches the distilled cells)"),
+    Experiment("dtc-finetune", "Fine-tuned from the trained dense model: DTC, ToMe and EViT, and the dense "
+               "model fine-tuned further", "train", FINETUNE_CELLS,
+               note="run it with --scale full after dtc-plateau's dense cell (it shares that run); a tenth of the "
+                    "epochs at a tenth of the learning rate"),
     Experiment("plateau-curve", "Accuracy vs GMACs at the plateau: the dtc-plateau checkpoints at several budgets "
                "each", "budget", tuple(LEVER_CELLS[i] for i in (0, 18, 2, 1, 21, 22)),
                note="run it with --scale full --record-only: it evaluates the finished dtc-plateau runs and "

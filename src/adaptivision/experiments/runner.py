@@ -139,7 +139,10 @@ class Runner:
         extra = {}
         if cell.match_gmacs:
             kwargs, extra = self._matched(model, kwargs)
-        cfg = dataclasses.replace(self.base, model=model, model_kwargs=kwargs, seed=seed, **cell.train).validate()
+        train = dict(cell.train)
+        if cell.epochs_fraction is not None:  # a fine-tuning cell: a share of the scale's epochs
+            train.setdefault("epochs", max(1, round(self.base.epochs * cell.epochs_fraction)))
+        cfg = dataclasses.replace(self.base, model=model, model_kwargs=kwargs, seed=seed, **train).validate()
         ident = json.dumps(_identity(cfg), sort_keys=True, default=str)
         # named by what is run, not by the row label, so equal configurations share one run
         what = _slug(model if cell.model else kwargs.get("reduction", "dtc"))
@@ -147,10 +150,11 @@ class Runner:
             what = f"{what}-{_slug(cfg.guidance)}"
         name = f"{what}-{hashlib.sha1(ident.encode()).hexdigest()[:8]}"
         cfg = dataclasses.replace(cfg, output=os.path.join(self.out, "runs"), name=f"{name}/seed{seed}")
-        if cfg.distill_from == TEACHER_DENSE:  # the identity names the teacher by its cell, the run reads its file
-            teacher, _ = self.cell_config(DENSE, seed)
-            path = os.path.join(teacher.output, teacher.name, "last.safetensors")  # last, not best: no test-set pick
-            cfg = dataclasses.replace(cfg, distill_from=path)
+        # the identity names the dense run by its cell, the run reads its file (last, not best: no test-set pick)
+        for key in ("distill_from", "init_from"):
+            if getattr(cfg, key) == TEACHER_DENSE:
+                dense, _ = self.cell_config(DENSE, seed)
+                cfg = dataclasses.replace(cfg, **{key: os.path.join(dense.output, dense.name, "last.safetensors")})
         return cfg, extra
 
     def _matched(self, model_name: str, kwargs: dict) -> tuple[dict, dict]:
@@ -198,13 +202,14 @@ class Runner:
         """Train (or resume) one run; False, and nothing touched, when another live process is
         training it (its run lock): several ``experiment run`` processes on one --out share the
         work, each taking the runs nobody holds (docs/results.md, "Plateau scale")."""
-        if cfg.distill_from and not os.path.isfile(cfg.distill_from):
-            teacher = os.path.dirname(cfg.distill_from)
-            if lock_holder(teacher) is not None:
-                self.log(f"{what}: skipped, its teacher {teacher} is being trained by another process")
-                return False
-            raise FileNotFoundError(f"{what}: its teacher {cfg.distill_from} is not trained: list the dense "
-                                    "cell before it in the experiment")
+        for key, role in (("distill_from", "teacher"), ("init_from", "starting point")):
+            path = getattr(cfg, key)
+            if path and not os.path.isfile(path):
+                if lock_holder(os.path.dirname(path)) is not None:
+                    self.log(f"{what}: skipped, its {role} {os.path.dirname(path)} is being trained by another process")
+                    return False
+                raise FileNotFoundError(f"{what}: its {role} {path} ({key}) is not trained: list the dense "
+                                        "cell before it in the experiment")
         resume = run_dir if os.path.isfile(os.path.join(run_dir, "last.safetensors")) else None
         try:  # engine.run takes the run's lock itself (no probe here: a probe would hold it a moment)
             self.log(f"{what}: {'resuming' if resume else 'training'} {rel}")
