@@ -279,7 +279,7 @@ def test_finetuned_cells_start_from_the_dense_run_for_a_tenth_of_the_epochs(done
     with open(os.path.join(dense_dir, "config.yaml")) as f:
         dense_lr = yaml.safe_load(f)["base_lr"]
     tuned = [c for c in cells if "fine-tuned" in c]
-    assert len(tuned) == 4
+    assert len(tuned) == 5
     for label in tuned:
         with open(os.path.join(done, cells[label]["runs"][0]["run_dir"], "config.yaml")) as f:
             cfg = yaml.safe_load(f)
@@ -326,7 +326,8 @@ def test_processes_sharing_an_experiment_skip_the_runs_another_one_trains(done):
 
 @pytest.mark.parametrize("scale,name,runs", [("default", "dtc-afa", 4), ("default", "dtc-batch-k", 4),
                                              ("default", "dtc-curve", 4), ("default", "dtc-distill", 4),
-                                             ("full", "dtc-plateau", 2), ("full", "plateau-curve", 2)])
+                                             ("full", "dtc-plateau", 2), ("full", "plateau-curve", 2),
+                                             ("full", "dtc-finetune", 5)])
 def test_recorded_runs_keep_their_names(scale, name, runs):
     """A run's name is the hash of its configuration: a new TrainConfig field or a changed default
     that is not kept out of the identity (runner.LATER_FIELDS, ID_DEFAULTS) would rename every

@@ -141,6 +141,10 @@ FINETUNE_CELLS = (
          epochs_fraction=0.1),
     Cell("ToMe, fine-tuned from dense", {"reduction": "tome", "tome_r": 5}, train=FINETUNE, epochs_fraction=0.1),
     Cell("EViT, fine-tuned from dense", {"reduction": "evit"}, train=FINETUNE, match_gmacs=True, epochs_fraction=0.1),
+    # the DTC model fine-tuned without AFA (its f_m starts untrained): does AFA keep DTC from learning?
+    Cell("image, soft, tau 20, after block 2, K 24, AFA off, batch K, fine-tuned from dense",
+         dict(IMAGE_DTC, assign="soft", tau=20.0, condense_at=2, k_mid=24, afa=False, train_k="batch"),
+         train=FINETUNE, epochs_fraction=0.1),
 )
 
 # the nano model's default until it moved after block 2 (registry.STAGE_DEFAULTS): image-soft before block 0
@@ -231,6 +235,10 @@ EXPERIMENTS = {e.name: e for e in (
                "model fine-tuned further", "train", FINETUNE_CELLS,
                note="run it with --scale full after dtc-plateau's dense cell (it shares that run); a tenth of the "
                     "epochs at a tenth of the learning rate"),
+    Experiment("finetune-curve", "Accuracy vs GMACs after fine-tuning from the dense model: the dtc-finetune "
+               "checkpoints at several budgets each", "budget", (DENSE,) + FINETUNE_CELLS[2:],
+               note="run it with --scale full --record-only after dtc-finetune: it evaluates those runs and "
+                    "trains nothing"),
     Experiment("plateau-curve", "Accuracy vs GMACs at the plateau: the dtc-plateau checkpoints at several budgets "
                "each", "budget", tuple(LEVER_CELLS[i] for i in (0, 18, 2, 1, 21, 22)),
                note="run it with --scale full --record-only: it evaluates the finished dtc-plateau runs and "
