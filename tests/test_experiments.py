@@ -327,7 +327,7 @@ def test_processes_sharing_an_experiment_skip_the_runs_another_one_trains(done):
 @pytest.mark.parametrize("scale,name,runs", [("default", "dtc-afa", 4), ("default", "dtc-batch-k", 4),
                                              ("default", "dtc-curve", 4), ("default", "dtc-distill", 4),
                                              ("full", "dtc-plateau", 2), ("full", "plateau-curve", 2),
-                                             ("full", "dtc-finetune", 5)])
+                                             ("full", "dtc-finetune", 5), ("full", "finetune-curve", 4)])
 def test_recorded_runs_keep_their_names(scale, name, runs):
     """A run's name is the hash of its configuration: a new TrainConfig field or a changed default
     that is not kept out of the identity (runner.LATER_FIELDS, ID_DEFAULTS) would rename every
