@@ -141,7 +141,7 @@ FINETUNE_CELLS = (
          epochs_fraction=0.1),
     Cell("ToMe, fine-tuned from dense", {"reduction": "tome", "tome_r": 5}, train=FINETUNE, epochs_fraction=0.1),
     Cell("EViT, fine-tuned from dense", {"reduction": "evit"}, train=FINETUNE, match_gmacs=True, epochs_fraction=0.1),
-    # the DTC model fine-tuned without AFA (its f_m starts untrained): does AFA keep DTC from learning?
+    # the same DTC without AFA (with it, AFA's f_m is the one part that starts untrained): does AFA hold DTC back?
     Cell("image, soft, tau 20, after block 2, K 24, AFA off, batch K, fine-tuned from dense",
          dict(IMAGE_DTC, assign="soft", tau=20.0, condense_at=2, k_mid=24, afa=False, train_k="batch"),
          train=FINETUNE, epochs_fraction=0.1),
