@@ -93,6 +93,26 @@ def test_figure1a_points_follow_the_budget(done):
         assert fixed[0]["gmacs"] < fixed[1]["gmacs"] < min(g)
 
 
+def test_budget_sweeps_reuse_the_points_of_unchanged_weights(done, capsys):
+    """A second sweep of the same checkpoints (--record-only again, or another experiment over the
+    same runs) reuses each run's saved points; new weights in a run are evaluated again."""
+    first = _record(done, "figure1a")
+    common = ["--scale", "smoke", "--data-dir", os.path.join(os.path.dirname(done), "fm"), "--out", done]
+    capsys.readouterr()
+    assert main(["experiment", "run", "figure1a", *common, "--record-only"]) == 0
+    log = capsys.readouterr().out
+    runs = [run for cell in first["cells"] for run in cell["runs"]]
+    assert log.count("budget points done before") == len(runs) > 0
+    assert _record(done, "figure1a")["cells"] == first["cells"]
+    changed = os.path.join(done, runs[0]["run_dir"], "last.safetensors")
+    st = os.stat(changed)
+    os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # as if trained further
+    assert main(["experiment", "run", "figure1a", *common, "--record-only"]) == 0
+    assert capsys.readouterr().out.count("budget points done before") == len(runs) - 1
+    with open(os.path.join(done, runs[0]["run_dir"], "budget_points.json")) as f:
+        assert json.load(f)["key"]["weights"][1] == st.st_mtime_ns + 1_000_000_000
+
+
 def test_figure1bc_segments_with_every_backbone_at_its_budgets(done, tmp_path):
     rec = _record(done, "figure1bc")
     assert [c["kwargs"].get("reduction") for c in rec["cells"]] == ["none", "dtc", "evit", "hourglass", "tome"]

@@ -31,6 +31,7 @@ from ..dense import run as dense_run
 from ..guidance import MODES
 from ..models.registry import stage_defaults
 from ..profile import profile
+from ..provenance import provenance
 from ..timing import time_models
 from ..train import TrainConfig, engine
 from .registry import (
@@ -289,24 +290,43 @@ class Runner:
         """Figure 1(a): every trained model of the cell at each budget of its method."""
         method = (entry["kwargs"] or {}).get("reduction", "dtc")
         for run in entry["runs"]:
-            model, cfg, guide = self._load(run["run_dir"])
-            run["points"] = []
-            for b in BUDGETS.get(method) or [None]:  # the dense model: its one point
-                value = budget.tome_r(model, b) if method == "tome" else b
-                if value is not None:
-                    budget.set_knob(model, value)
-                res = self._eval(model, cfg, guide=guide)
-                run["points"].append(dict(knob=value, gmacs=res["gmacs"], top1=res["top1"], top5=res["top5"]))
-                self.log(f"[{self.exp.name}] {entry['label']} seed {run['seed']} knob {value}: "
-                         f"{res['gmacs']:.4f} GMACs, top-1 {res['top1']:.2f}")
-            if method != "dtc":
-                continue
-            for k in (k for k in DTC_FIXED_K if k < budget.first_dtc(model).k_min):  # after the bias points
-                budget.apply_budget(model, {"k": k}, None)
-                res = self._eval(model, cfg, guide=guide)
-                run["points"].append(dict(knob=f"K={k}", gmacs=res["gmacs"], top1=res["top1"], top5=res["top5"]))
-                self.log(f"[{self.exp.name}] {entry['label']} seed {run['seed']} K={k}: "
-                         f"{res['gmacs']:.4f} GMACs, top-1 {res['top1']:.2f}")
+            # done before on these very weights with these budgets (another experiment's sweep of the
+            # same run, or an earlier --record-only): reuse the points, an evaluation costs minutes here.
+            # The file names the commit that evaluated; delete it to evaluate again with newer code.
+            weights = os.stat(os.path.join(self.out, run["run_dir"], "last.safetensors"))
+            key = dict(weights=[weights.st_size, weights.st_mtime_ns], budgets=BUDGETS.get(method),
+                       fixed_k=DTC_FIXED_K if method == "dtc" else None)
+            saved = os.path.join(self.out, run["run_dir"], "budget_points.json")
+            if os.path.isfile(saved):
+                with open(saved) as f:
+                    old = json.load(f)
+                if old.get("key") == json.loads(json.dumps(key)):
+                    run["points"] = old["points"]
+                    self.log(f"[{self.exp.name}] {entry['label']} seed {run['seed']}: budget points done before")
+                    continue
+            self._sweep_run(entry, run, method)
+            with open(saved, "w") as f:
+                json.dump(dict(key=key, points=run["points"], commit=provenance()["commit"]), f, indent=1)
+
+    def _sweep_run(self, entry: dict, run: dict, method: str) -> None:
+        model, cfg, guide = self._load(run["run_dir"])
+        run["points"] = []
+        for b in BUDGETS.get(method) or [None]:  # the dense model: its one point
+            value = budget.tome_r(model, b) if method == "tome" else b
+            if value is not None:
+                budget.set_knob(model, value)
+            res = self._eval(model, cfg, guide=guide)
+            run["points"].append(dict(knob=value, gmacs=res["gmacs"], top1=res["top1"], top5=res["top5"]))
+            self.log(f"[{self.exp.name}] {entry['label']} seed {run['seed']} knob {value}: "
+                     f"{res['gmacs']:.4f} GMACs, top-1 {res['top1']:.2f}")
+        if method != "dtc":
+            return
+        for k in (k for k in DTC_FIXED_K if k < budget.first_dtc(model).k_min):  # after the bias points
+            budget.apply_budget(model, {"k": k}, None)
+            res = self._eval(model, cfg, guide=guide)
+            run["points"].append(dict(knob=f"K={k}", gmacs=res["gmacs"], top1=res["top1"], top5=res["top5"]))
+            self.log(f"[{self.exp.name}] {entry['label']} seed {run['seed']} K={k}: "
+                     f"{res['gmacs']:.4f} GMACs, top-1 {res['top1']:.2f}")
 
     def segmentation(self, cell: Cell) -> dict:
         """Figure 1(b)/(c): one segmenter per seed (``adaptivision segment``'s training), then mIoU
