@@ -338,9 +338,12 @@ def test_processes_sharing_an_experiment_skip_the_runs_another_one_trains(done):
     assert [c["runs"] for c in rec["cells"]] == [[], []]
     assert any("ViT (dense) seed 0: skipped, another process is training it" in ln for ln in lines), lines
     assert any("teacher" in ln and "is being trained by another process" in ln for ln in lines), lines
+    assert not any(": training " in ln for ln in lines), lines  # "training" is said only with the lock held
     assert lock_holder(dense_dir) is None
+    lines.clear()
     rec = Runner(exp, out, "smoke", base, log=lines.append).run()
     assert [len(c["runs"]) for c in rec["cells"]] == [1, 1]
+    assert sum(": training runs/" in ln for ln in lines) == 2, lines
     assert os.path.isfile(os.path.join(dense_dir, "summary.json"))
 
 

@@ -213,8 +213,8 @@ class Runner:
                                         "cell before it in the experiment")
         resume = run_dir if os.path.isfile(os.path.join(run_dir, "last.safetensors")) else None
         try:  # engine.run takes the run's lock itself (no probe here: a probe would hold it a moment)
-            self.log(f"{what}: {'resuming' if resume else 'training'} {rel}")
-            engine.run(cfg, resume=resume, log=lambda *a: None)
+            engine.run(cfg, resume=resume, log=lambda *a: None,  # says "training" only once the lock is ours
+                       started=lambda: self.log(f"{what}: {'resuming' if resume else 'training'} {rel}"))
         except RunBusyError as e:
             self.log(f"{what}: skipped, another process is training it ({e})")
             return False

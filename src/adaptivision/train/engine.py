@@ -409,9 +409,11 @@ def _log_metrics(path: str, writer, rec: dict, step: int) -> None:
 
 
 # --- the whole job ----------------------------------------------------------------------------------
-def run(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[int] = None, log=print) -> dict:
+def run(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[int] = None, log=print,
+        started=None) -> dict:
     """Train (and compare with the dense model), measure, and write the summary. ``resume``: a run
-    directory to continue; ``stop_after``: stop after that many epochs of this invocation."""
+    directory to continue; ``stop_after``: stop after that many epochs of this invocation;
+    ``started``: called once this process holds the run's lock (before any training)."""
     if cfg.distill_from == DENSE_TEACHER and not (cfg.compare_dense and cfg.model.startswith("adaptivision_")):
         raise ValueError("distill_from='dense' distills from the dense model this job trains: it needs "
                          "compare_dense=true and an adaptivision_* model (or give distill_from a teacher file)")
@@ -430,6 +432,8 @@ def run(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[int
             raise FileExistsError(f"{run_dir} already holds a run (written while this one started)")
         if d.main:
             log(f"run directory: {run_dir}")
+        if started is not None:
+            started()
         return _run_phases(cfg, run_dir, d, resume, stop_after, log)
 
 
