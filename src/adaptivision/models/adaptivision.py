@@ -183,6 +183,12 @@ class AdaptiVision(VisionTransformer):
                 groups = [run_block(blk, grp, ctx) for grp in groups]
             yield i, groups
 
+    def _remember_k(self, ctx: Context) -> None:
+        """Keep the last forward's per-image K (``model.last_num_clusters``) for inspection; not
+        while torch.export traces the model (an attribute set in a traced forward is a side effect)."""
+        if not torch.compiler.is_exporting():
+            self.last_num_clusters = ctx.num_clusters.detach()                      # (B,)
+
     def _context(self, x: torch.Tensor, guidance=None, patch_weights=None, **flags) -> Context:
         B = x.shape[0]
         return Context(B, self.num_prefix_tokens, self.embed_guidance(guidance, B), patch_weights,
@@ -201,7 +207,7 @@ class AdaptiVision(VisionTransformer):
         groups: List[Group] = []
         for _, groups in self._blocks(x, ctx, last):  # noqa: B007 (we need the last)
             pass
-        self.last_num_clusters = ctx.num_clusters.detach()
+        self._remember_k(ctx)
         feats, mass = assemble([grp.replace(x=self.norm(grp.x)) for grp in groups], x.shape[0])
         aux = sum(ctx.aux_losses) / len(ctx.aux_losses) if ctx.aux_losses else None
         return TokenOutput(feats, mass, ctx.num_clusters, ctx.cluster_terms, aux, groups)
@@ -271,7 +277,7 @@ class AdaptiVision(VisionTransformer):
                 y = self._unpool(groups, B, norm)                                   # (B, P+N, D)
                 prefixes.append(y[:, :P])
                 inters.append(y[:, P:])
-        self.last_num_clusters = ctx.num_clusters.detach()
+        self._remember_k(ctx)
         if output_fmt == "NCHW":
             H, W = self.patch_embed.dynamic_feat_size((height, width))
             inters = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in inters]
