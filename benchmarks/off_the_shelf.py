@@ -23,6 +23,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Optional
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -123,7 +124,7 @@ def main(argv=None) -> int:
             model = build(vit, opts, budget, calib)
             prof = adaptivision.profile(model, images)
             ev = engine.evaluate(model, loader, engine.setup_distributed("cpu"))
-            rows.append(dict(label=label, gmacs=prof["gmacs"], mean_k=(prof.get("mean_k") or [None])[0],
+            rows.append(dict(label=label, gmacs=prof["gmacs"], mean_k=_first_or_all(prof.get("mean_k")),
                              top1=ev["top1"], images=ev["images"], **({"commit": commit} if args.only else {})))
             print(f"{os.path.basename(run)} | {label:50s} | {prof['gmacs']:.4f} GMACs | K {rows[-1]['mean_k']} | "
                   f"top-1 {ev['top1']:.2f} | {time.time() - t0:.0f} s", flush=True)
@@ -141,6 +142,11 @@ def main(argv=None) -> int:
     return 0
 
 
+def _first_or_all(ks: Optional[list]):
+    """The profile's mean K per stage: a number for one stage, the list for several."""
+    return None if not ks else ks[0] if len(ks) == 1 else list(ks)
+
+
 def _stat(v: list, digits: int) -> str:
     if len(v) == 1:
         return f"{v[0]:.{digits}f}"
@@ -153,8 +159,9 @@ def to_markdown(per_run: dict) -> str:
              "|---|---|---|---|"]
     for i, row in enumerate(runs[0]):
         cells = [r[i] for r in runs]
-        k = row["mean_k"]
-        lines.append(f"| {row['label']} | {'—' if k is None else f'{k:.1f}'} | {_stat([c['gmacs'] for c in cells], 4)} "
+        k = row["mean_k"]  # one value, or one per stage for a two-stage row
+        k = "—" if k is None else " / ".join(f"{v:.1f}" for v in (k if isinstance(k, list) else [k]))
+        lines.append(f"| {row['label']} | {k} | {_stat([c['gmacs'] for c in cells], 4)} "
                      f"| {_stat([c['top1'] for c in cells], 2)} |")
     return "\n".join(lines) + "\n"
 

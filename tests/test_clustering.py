@@ -217,6 +217,9 @@ def test_off_the_shelf_benchmark_smoke(tmp_path):
     assert rows["fps, hard, 2 iters, K=16"]["gmacs"] < rows["fps, hard, 2 iters, K=32"]["gmacs"] < dense["gmacs"]
     two = [rows[f"fps, hard, 2 iters, two stages after blocks 1 and 3, K={k}"]["gmacs"] for k in ("32/16", "40/24")]
     assert two[0] < two[1] < dense["gmacs"]  # each stage's K is applied
+    ks = rows["fps, hard, 2 iters, two stages after blocks 1 and 3, K=32/16"]["mean_k"]
+    assert ks == pytest.approx([32, 16])  # both stages' K, as the label says
+    assert "| 32.0 / 16.0 |" in (out / "off-the-shelf.md").read_text()
     assert "| dense |" in (out / "off-the-shelf.md").read_text()
 
 
