@@ -8,6 +8,7 @@ from dataclasses import MISSING as dataclasses_MISSING
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from adaptivision.checkpoint import load_weights
@@ -659,13 +660,15 @@ def test_distillation_from_a_trained_teacher(fmnist, tmp_path):
             TrainConfig.build(overrides=[bad])
 
 
-def test_the_job_distills_from_its_own_dense_model(fmnist, tmp_path):
-    """distill_from=dense: the job trains the dense model first and the AdaptiVision model learns
-    from its last checkpoint; the summary keeps its rows (AdaptiVision, dense) and says so; without
-    the dense comparison it is refused."""
+def test_the_default_job_distills_from_its_own_dense_model(fmnist, tmp_path):
+    """distill_from='auto' (the default) is 'dense' in the default job: it trains the dense model
+    first and the AdaptiVision model learns from its last checkpoint; the summary keeps its rows
+    (AdaptiVision, dense) and says so; config.yaml saves the resolved value; explicit
+    distill_from=dense without the dense comparison is refused."""
     assert main(["train", "--data-dir", fmnist, "--output", str(tmp_path), "--name", "job", "--epochs", "1",
-                 *QUICK, "distill_from=dense"]) == 0
+                 *QUICK]) == 0
     run = tmp_path / "job"
+    assert yaml.safe_load((run / "config.yaml").read_text())["distill_from"] == "dense"
     teacher = run / "dense" / "last.safetensors"
     assert teacher.stat().st_mtime <= (run / "config.yaml").stat().st_mtime  # dense finished before the student began
     student = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -680,3 +683,18 @@ def test_the_job_distills_from_its_own_dense_model(fmnist, tmp_path):
         engine.run(TrainConfig.build(overrides=["distill_from=dense", "compare_dense=false",
                                                 f"output={tmp_path}", "name=refused"]))
     assert not (tmp_path / "refused").exists()  # refused before the run directory was made
+
+
+@pytest.mark.parametrize("overrides,teacher", [
+    ([], "dense"),                                                          # the default job
+    (["compare_dense=false"], None),                                        # no dense model to learn from
+    (["model_kwargs={reduction: tome, tome_r: 2}"], None),                  # baselines train as their papers do
+    (["model_kwargs={condense_at: false, afa: false, cmtf: false}"], None),  # nothing condensed: nothing to recover
+    (["model=vit_tiny_patch16_224"], None),                                 # a timm model trains alone
+    (["distill_from=null"], None),                                          # asked off
+    (["distill_from=/x/t.safetensors"], "/x/t.safetensors"),                # a named teacher stays
+])
+def test_auto_distillation_resolves_to_the_jobs_dense_model_only_for_dtc(overrides, teacher):
+    cfg = TrainConfig.build(overrides=overrides)
+    assert cfg.resolved().distill_from == teacher
+    assert cfg.resolved().resolved() == cfg.resolved()

@@ -78,7 +78,7 @@ def base_config(scale: str, dataset: str, data_dir: Optional[str], epochs: Optio
     changes = dict(compare_dense=False, data_dir=data_dir if data_dir is not None else cfg.data_dir)
     if epochs is not None:
         changes["epochs"] = epochs
-    return dataclasses.replace(cfg, **changes)
+    return dataclasses.replace(cfg, **changes).resolved()  # cells distill only where they say so
 
 
 def _slug(text: str) -> str:
@@ -93,7 +93,7 @@ LATER_FIELDS = ("init_from", "guidance", "text_model", "text_template", "guidanc
 
 def _identity(cfg: TrainConfig) -> dict:
     """What makes two runs the same run (every config field but seed, name and output)."""
-    defaults = dataclasses.asdict(TrainConfig())
+    defaults = dict(dataclasses.asdict(TrainConfig()), distill_from=None)  # as when the first runs were named
     ident = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("seed", "name", "output")}
     for k in LATER_FIELDS:
         if ident[k] == defaults[k]:

@@ -186,6 +186,7 @@ def _spec_beside(checkpoint: str) -> Optional[dict]:
 def teacher_path(cfg: TrainConfig, run_dir: str) -> Optional[str]:
     """The file ``distill_from`` names; 'dense': the job's own dense model, ``run_dir/dense``'s last
     checkpoint (the last, not the test-set best)."""
+    cfg = cfg.resolved()
     if cfg.distill_from == DENSE_TEACHER:
         return os.path.join(run_dir, "dense", "last.safetensors")
     return cfg.distill_from

@@ -21,6 +21,7 @@ from ..data.datasets import DATASETS
 from ..guidance.provider import parse_sources
 
 DENSE_TEACHER = "dense"  # distill_from='dense': the dense model trained by the same job teaches
+AUTO = "auto"  # distill_from='auto' (the default): 'dense' when the job trains the dense model beside a DTC model
 
 SCHEDULES = ("cosine", "tanh", "step", "multistep", "poly", "constant", "none")
 
@@ -76,8 +77,9 @@ class TrainConfig:
     align_temperature: float = 0.07         # InfoNCE temperature of L_align
     detach_tokens: bool = True              # L_cluster moves the centroids only (docs/model.md)
     # distillation from a trained teacher (a run's checkpoint, e.g. the dense ViT of the same shape)
-    distill_from: Optional[str] = None      # teacher .safetensors with its model.json beside it, or 'dense': the
-    #                                         dense model this job trains first (compare_dense) (None: off)
+    distill_from: Optional[str] = AUTO      # teacher .safetensors with its model.json beside it, or 'dense': the
+    #                                         dense model this job trains first (compare_dense) (None: off); 'auto':
+    #                                         'dense' for a DTC model with compare_dense, else off (docs/training.md)
     distill_weight: float = 0.5             # alpha: loss = (1 - alpha) task loss + alpha distillation term
     distill_tau: float = 1.0                # 'soft': temperature of the KL term (Hinton et al.; x tau^2)
     distill_kind: str = "soft"              # 'soft' (KL to the teacher's softened outputs) | 'hard' (CE to its argmax, DeiT)
@@ -190,6 +192,16 @@ class TrainConfig:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--resume {run_dir}: no config.yaml there, so it is not a run directory")
         return cls.build(path)
+
+    def resolved(self) -> "TrainConfig":
+        """``distill_from='auto'`` made concrete: 'dense' when this job trains the dense model of the
+        same shape (compare_dense) beside an AdaptiVision model that condenses with DTC (measured: +0.5
+        points at the default length, +1.0 at the plateau, docs/results.md "Distillation"), else off."""
+        if self.distill_from != AUTO:
+            return self
+        dtc = self.model.startswith("adaptivision_") and self.model_kwargs.get("reduction", "dtc") == "dtc" \
+            and self.model_kwargs.get("condense_at", True) is not False
+        return replace(self, distill_from=DENSE_TEACHER if self.compare_dense and dtc else None)
 
     def check_resume(self, new: "TrainConfig", run_dir: str) -> None:
         """Raise if ``new`` changes a field of this (saved) configuration outside ``RESUME_SAFE``."""

@@ -414,6 +414,7 @@ def run(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[int
     """Train (and compare with the dense model), measure, and write the summary. ``resume``: a run
     directory to continue; ``stop_after``: stop after that many epochs of this invocation;
     ``started``: called once this process holds the run's lock (before any training)."""
+    cfg = cfg.resolved()  # distill_from='auto' -> 'dense' or off, as saved in config.yaml
     if cfg.distill_from == DENSE_TEACHER and not (cfg.compare_dense and cfg.model.startswith("adaptivision_")):
         raise ValueError("distill_from='dense' distills from the dense model this job trains: it needs "
                          "compare_dense=true and an adaptivision_* model (or give distill_from a teacher file)")
