@@ -690,6 +690,9 @@ def test_the_default_job_distills_from_its_own_dense_model(fmnist, tmp_path):
     (["compare_dense=false"], None),                                        # no dense model to learn from
     (["model_kwargs={reduction: tome, tome_r: 2}"], None),                  # baselines train as their papers do
     (["model_kwargs={condense_at: false, afa: false, cmtf: false}"], None),  # nothing condensed: nothing to recover
+    (["model_kwargs={condense_at: [], afa: false, cmtf: false}"], None),
+    (["model_kwargs={condense_at: 0}"], "dense"),                           # block 0 is a block
+    (["model_kwargs={condense_at: [1, 3]}"], "dense"),
     (["model=vit_tiny_patch16_224"], None),                                 # a timm model trains alone
     (["distill_from=null"], None),                                          # asked off
     (["distill_from=/x/t.safetensors"], "/x/t.safetensors"),                # a named teacher stays

@@ -199,8 +199,9 @@ class TrainConfig:
         points at the default length, +1.0 at the plateau, docs/results.md "Distillation"), else off."""
         if self.distill_from != AUTO:
             return self
-        dtc = self.model.startswith("adaptivision_") and self.model_kwargs.get("reduction", "dtc") == "dtc" \
-            and self.model_kwargs.get("condense_at", True) is not False
+        at = self.model_kwargs.get("condense_at", 0)  # False / None / (): no condensation (0 is block 0)
+        condenses = not (at is False or at is None or (isinstance(at, (list, tuple)) and not at))
+        dtc = self.model.startswith("adaptivision_") and self.model_kwargs.get("reduction", "dtc") == "dtc" and condenses
         return replace(self, distill_from=DENSE_TEACHER if self.compare_dense and dtc else None)
 
     def check_resume(self, new: "TrainConfig", run_dir: str) -> None:
