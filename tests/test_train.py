@@ -60,6 +60,9 @@ def test_train_help_lists_every_config_field_with_its_default(capsys):
         assert line is not None, f.name
         head = f"  {f.name}={default!r}"
         assert line.startswith(head) and line[len(head):].strip(), line  # the default, then one line of help
+    # a comment continued on the next source lines stays with its field, not printed as a group heading
+    assert "'auto': 'dense' for a DTC model" in next(ln for ln in out.splitlines() if ln.startswith("  distill_from="))
+    assert not any(ln.endswith("else off (docs/training.md):") for ln in out.splitlines())
     assert "guidance (DESIGN.md" in out and "lambda_align=0.0" in out
 
 

@@ -227,11 +227,14 @@ def config_help() -> str:
     import inspect
     import re
     comment, heading = {}, {}
-    group = None
+    group = last = None
     for ln in inspect.getsource(TrainConfig).splitlines():
         m = re.match(r"^    (\w+): [^=]+=.*?(?:\s+#\s*(.*))?$", ln)
         if m:
-            comment[m.group(1)], heading[m.group(1)], group = m.group(2) or "", group, None
+            last = m.group(1)
+            comment[last], heading[last], group = m.group(2) or "", group, None
+        elif last and re.match(r"^    #\s{2,}\S", ln):  # the field comment above, continued
+            comment[last] += " " + ln.strip()[1:].strip()
         elif ln.startswith("    # "):
             group = ln.strip()[2:]
     out = []
