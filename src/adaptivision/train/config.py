@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import yaml
 
-from ..config import ModelOptions, unknown_key_error
+from ..config import ModelOptions, _as_list, unknown_key_error
 from ..data.datasets import DATASETS
 from ..guidance.provider import parse_sources
 
@@ -199,8 +199,7 @@ class TrainConfig:
         points at the default length, +1.0 at the plateau, docs/results.md "Distillation"), else off."""
         if self.distill_from != AUTO:
             return self
-        at = self.model_kwargs.get("condense_at", 0)  # False / None / (): no condensation (0 is block 0)
-        condenses = not (at is False or at is None or (isinstance(at, (list, tuple)) and not at))
+        condenses = bool(_as_list(self.model_kwargs.get("condense_at", 0)))  # as ModelOptions reads it (0: block 0)
         dtc = self.model.startswith("adaptivision_") and self.model_kwargs.get("reduction", "dtc") == "dtc" and condenses
         return replace(self, distill_from=DENSE_TEACHER if self.compare_dense and dtc else None)
 
