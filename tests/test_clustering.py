@@ -281,3 +281,32 @@ def test_runs_saved_before_the_nano_stage_moved_still_load(tmp_path):
     # resuming that old run rebuilds it the same way (the checkpoint's stages win over today's default)
     assert model_spec(TrainConfig(), 10, dense=False, checkpoint=str(tmp_path / "last.safetensors"))["kwargs"][
         "condense_at"] == 0
+
+
+def test_padded_groups_benchmark_smoke(tmp_path):
+    """CI's short version of benchmarks/padded_groups.py on a tiny default job (dense + DTC): the
+    padded executions reproduce the per-K top-1, run as at most G batches and count their padding."""
+    import json
+
+    from adaptivision.cli import main
+    from fixtures import make_fmnist
+    data = make_fmnist(str(tmp_path / "fm"), n_train=64, n_test=32)
+    assert main(["train", "--data-dir", data, "--output", str(tmp_path), "--name", "job", "--epochs", "1",
+                 "workers=0", "batch_size=16", "throughput_batch=8",
+                 "model_kwargs={embed_dim: 32, depth: 3, num_heads: 2, condense_at: 1, cmtf: false}"]) == 0
+    mod = _benchmark("padded_groups")
+    out = tmp_path / "res" / "padded"
+    assert mod.main(["--run", str(tmp_path / "job"), "--batch-size", "16", "--groups", "1,2", "--rounds", "2",
+                     "--out", str(out)]) == 0
+    rec = json.loads(out.with_suffix(".json").read_text())
+    top1 = {r["label"]: r["top1"] for r in rec["rows"]}
+    timing = {r["label"]: t for r, t in zip(rec["rows"], rec["timing"]["16"], strict=True)}
+    per_k = "per-image K, one batch per K"
+    for g in (1, 2):
+        label = f"per-image K, max_groups={g}"
+        assert top1[label] == top1[per_k]
+        assert timing[label]["groups"] <= g and timing[label]["gmacs"] >= timing[per_k]["gmacs"]
+    assert timing["dense ViT (same run)"]["speedup"] == 1.0
+    assert "| per-image K, max_groups=1 |" in out.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit, match="dense"):
+        mod.main(["--run", str(tmp_path / "job" / "dense")])

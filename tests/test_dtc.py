@@ -1,11 +1,14 @@
 """Dynamic Token Clustering behaviour: per-image K, grouping, budgets, initialisation."""
+import copy
+
 import pytest
 import timm
 import torch
 
 from adaptivision import AdaptiVisionLoss, profile
 from adaptivision.layers import DynamicTokenClustering
-from conftest import read_fmnist, textured_and_flat, tiny_model
+from adaptivision.layers.tokens import _cheapest_split
+from conftest import perturb_zero_init, read_fmnist, textured_and_flat, tiny_model
 
 
 def _warm_stats(model, x, **kw):
@@ -350,3 +353,60 @@ def test_batch_k_in_training_is_the_mean_of_the_per_image_ks_and_inference_stays
     assert torch.allclose(out_batch, out_img)
     with pytest.raises(ValueError, match="train_k"):
         tiny_model(train_k="per-batch")
+
+
+def test_cheapest_split_by_hand():
+    # lengths 17/25/33 for 12/30/22 images: {17, 25} + {33} processes 42*25 + 22*33 = 1776 tokens,
+    # {17} + {25, 33} 12*17 + 52*33 = 1920, all in one 64*33 = 2112
+    assert _cheapest_split([17, 25, 33], [12, 30, 22], 2) == [0, 2, 3]
+    assert _cheapest_split([17, 25, 33], [12, 30, 22], 1) == [0, 3]
+    assert _cheapest_split([17, 25, 33], [12, 30, 22], 5) == [0, 1, 2, 3]
+    assert _cheapest_split([17, 25, 33], [40, 1, 1], 2) == [0, 1, 3]     # 40*17 + 2*33 < 41*25 + 33
+
+
+@pytest.mark.parametrize("extra", [dict(), dict(global_pool="avg", class_token=False, cmtf=False),
+                                   dict(condense_at=[0, 2], k_min=[8, 2], k_max=[16, 8])])
+def test_padded_groups_give_each_image_its_own_output(extra):
+    """max_groups runs several K as one batch padded with masked slots: the same logits and
+    features (zero on padding), at most that many batches, and the padding counted in the MACs."""
+    x = textured_and_flat(6, 2)
+    model = _warm_stats(tiny_model(budget_jitter=0.0, **extra), x)
+    perturb_zero_init(model)
+    kw = dict(guidance=torch.randn(2, 32)) if len(model.cmtf) else {}
+    with torch.no_grad():
+        ref = model.forward_tokens(x, **kw)
+        logits = model(x, **kw)
+        assert len(ref.groups) >= 3                                           # several K really ran
+        gmacs = profile(model, x, **kw)["gmacs"]
+        for g in (1, 2):
+            model.opts.max_groups = g
+            out = model.forward_tokens(x, **kw)
+            assert len(out.groups) <= g
+            assert torch.equal(out.num_clusters, ref.num_clusters)
+            assert torch.allclose(out.features, ref.features, atol=1e-5)      # padding slots are 0 in both
+            assert torch.equal(out.mass, ref.mass)
+            assert torch.allclose(model(x, **kw), logits, atol=1e-5)
+            assert profile(model, x, **kw)["gmacs"] > gmacs                    # the padding is paid for
+        model.opts.max_groups = None
+
+
+def test_padded_groups_in_training_give_the_same_gradients():
+    x = textured_and_flat(6, 2)
+    ref = _warm_stats(tiny_model(budget_jitter=0.0, train_k="image", cmtf=False), x)
+    perturb_zero_init(ref)
+    padded = copy.deepcopy(ref)
+    padded.opts.max_groups = 1
+    grads = []
+    for model in (ref, padded):
+        model.train()
+        model(x).logsumexp(-1).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n, g in grads[0].items():
+        assert torch.allclose(g, grads[1][n], atol=1e-5), n
+
+
+def test_max_groups_must_be_a_positive_integer():
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="max_groups"):
+            tiny_model(max_groups=bad)

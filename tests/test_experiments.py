@@ -370,3 +370,20 @@ def test_recorded_runs_keep_their_names(scale, name, runs):
             assert "runs/" + runner.cell_config(cells[entry["label"]], run["seed"])[0].name == run["run_dir"], entry["label"]
             checked += 1
     assert checked >= runs
+
+
+def test_only_runs_the_chosen_cells_and_the_teacher_they_need():
+    """--only LABEL: those cells, plus the dense cell when one learns from it; an unknown label
+    names the experiment's cells; the record says it is partial."""
+    from adaptivision.experiments import registry
+    from adaptivision.experiments.runner import Runner, base_config
+    base = base_config("smoke", "fashion-mnist", None, None)
+    exp = registry.get("dtc-plateau")
+    distilled = "ToMe, distilled from dense"
+    runner = Runner(exp, "/x", "smoke", base, only=[distilled])
+    assert [c.label for c in runner.cells] == ["ViT (dense)", distilled]
+    assert runner.record["only"] == ["ViT (dense)", distilled]
+    assert [c.label for c in Runner(exp, "/x", "smoke", base, only=["ToMe"]).cells] == ["ToMe"]
+    assert Runner(exp, "/x", "smoke", base).cells == exp.cells and "only" not in Runner(exp, "/x", "smoke", base).record
+    with pytest.raises(ValueError, match="not a cell of dtc-plateau; its cells: 'ViT \\(dense\\)'"):
+        Runner(exp, "/x", "smoke", base, only=["tome"])

@@ -71,9 +71,13 @@ def test_forward_outputs_are_those_before_the_redesign(case):
     assert got.keys() == want.keys()
     for key, value in want.items():
         tol = 1e-4 if key == "grad" else 1e-5  # a sum of ~1e5 gradient entries
+        # sums of LayerNorm'd tokens (the pooled / final features, DTC's assignment space) are zero
+        # by construction at initialisation: only their rounding is left, and it depends on the CPU
+        # (on an AMD EPYC unlike the snapshot's machine: up to 2.2e-4 for 1e5 summed entries)
+        zero_sum = 5e-4 if key in ("pooled", "final", "cluster") else 1e-5
         flat = torch.tensor(value, dtype=torch.float64).flatten().tolist()
         assert torch.tensor(got[key], dtype=torch.float64).flatten().tolist() == pytest.approx(
-            flat, rel=tol, abs=1e-5), f"{case}: {key}"
+            flat, rel=tol, abs=zero_sum), f"{case}: {key}"
 
 
 def _timm_block(gated: bool) -> Block:

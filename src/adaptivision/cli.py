@@ -97,7 +97,7 @@ def _experiment(args) -> int:
             raise ValueError(f"--eval-data takes NAME=DIR (e.g. imagenet-a=/data/imagenet-a), got {item!r}")
         eval_data[name] = path
     run_experiment(args.name, args.out, args.scale, args.dataset, args.data_dir, args.epochs, args.seeds,
-                   list(args.overrides), args.checkpoint, eval_data, record_only=args.record_only)
+                   list(args.overrides), args.checkpoint, eval_data, record_only=args.record_only, only=args.only)
     return 0
 
 
@@ -261,6 +261,8 @@ def main(argv=None) -> int:
     x.add_argument("--out", default="experiments", help="runs and records go here (shared by experiments)")
     x.add_argument("--record-only", action="store_true", dest="record_only",
                    help="train nothing: record the runs finished so far (a report of a partial experiment)")
+    x.add_argument("--only", action="append", metavar="LABEL",
+                   help="train only this cell (its row label, repeatable), and the dense cell it learns from")
     x.add_argument("--checkpoint", action="append", help="table6: a checkpoint to evaluate (repeatable)")
     x.add_argument("--eval-data", action="append", dest="eval_data", metavar="NAME=DIR",
                    help="table6: extra evaluation set, e.g. imagenet-a=/data/imagenet-a (repeatable)")

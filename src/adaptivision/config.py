@@ -94,6 +94,9 @@ class ModelOptions:
     budget_jitter: float = 1.0          # training-time random shift of the budget bias
     stat_momentum: float = 0.1          # running mean/std of the complexity score
     assign_norm: bool = True            # distances on LayerNorm'd tokens (scale-free tau); False = raw tokens
+    max_groups: Optional[int] = None    # inference with per-image K: run the condensed blocks as at most this many
+    #                                     batches, padded with masked slots (same outputs; padding is computed and counted);
+    #                                     None = one batch per K (docs/performance.md, "Padded groups")
     unpool: str = "assign"              # dense outputs: 'assign' (Z_rec = A S) | 'skip' (Z_pre + A (S - S_0))
     # --- AdaptiveFocus Attention (paper 3.3) ---
     afa: Optional[bool] = None          # default: on with reduction='dtc' (it modulates cluster slots)
@@ -189,6 +192,8 @@ class ModelOptions:
         _check(self.afa_hidden is None or self.afa_hidden >= 1, "afa_hidden", self.afa_hidden,
                "None or an integer >= 1")
         _check(self.norm in ("pre", "post"), "norm", self.norm, "'pre' or 'post'")
+        _check(self.max_groups is None or (isinstance(self.max_groups, int) and not isinstance(self.max_groups, bool)
+               and self.max_groups >= 1), "max_groups", self.max_groups, "None or an integer >= 1")
         _check(self.unpool in ("assign", "skip"), "unpool", self.unpool, "'assign' or 'skip'")
         _check(self.gate in ("gated", "paper"), "gate", self.gate, "'gated' or 'paper'")
         _check(self.align_dim is None or int(self.align_dim) >= 1, "align_dim", self.align_dim,

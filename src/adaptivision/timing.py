@@ -88,10 +88,16 @@ def time_models(models: list, x: torch.Tensor, warmup: int = 3, rounds: int = 15
 
 
 def throughput(model: nn.Module, input_size: tuple, batch: int, device: torch.device,
-               warmup: int = 3, repeats: int = 10, amp: str = "none") -> dict:
-    """timm-benchmark style: inference mode, warm-up, fixed batch; median images/s of repeats."""
+               warmup: int = 3, repeats: int = 10, amp: str = "none",
+               images: Optional[torch.Tensor] = None) -> dict:
+    """timm-benchmark style: inference mode, warm-up, fixed batch; median images/s of repeats.
+    ``images`` (real ones, repeated to ``batch``) instead of noise: with per-image K the time
+    depends on what the images hold (noise gives every image about the same K)."""
     model.eval()
-    x = torch.randn(batch, *input_size, device=device)
+    if images is None:
+        x = torch.randn(batch, *input_size, device=device)
+    else:
+        x = images.to(device).repeat((batch + len(images) - 1) // len(images), *[1] * (images.dim() - 1))[:batch]
     times = time_models([model], x, warmup, repeats, amp)[0]
     med = statistics.median(times)
     return dict(img_per_s=batch / med, batch=batch, repeats=repeats,

@@ -125,13 +125,29 @@ def _commit(spec: dict) -> Optional[str]:
 
 class Runner:
     def __init__(self, exp: Experiment, out: str, scale: str, base: TrainConfig, seeds: int = 1,
-                 log: Callable = print, record_only: bool = False):
+                 log: Callable = print, record_only: bool = False, only: Optional[list] = None):
         self.exp, self.out, self.scale, self.base, self.seeds, self.log = exp, out, scale, base, seeds, log
         self.record_only = record_only  # record the finished runs, train nothing
+        self.cells = self._chosen(only)
         self.record = dict(experiment=exp.name, title=exp.title, kind=exp.kind, scale=scale, dataset=base.dataset,
                            model=base.model, epochs=base.epochs, seeds=seeds, key=exp.key, cells=[],
                            started=time.strftime("%Y-%m-%d %H:%M:%S"))
+        if only:  # a partial record says so
+            self.record["only"] = [c.label for c in self.cells]
         self._dtc_gmacs: Optional[float] = None
+
+    def _chosen(self, only: Optional[list]) -> tuple:
+        """The cells to run: all, or those labelled in ``only`` plus the dense cell that a chosen
+        cell learns from or starts from (its teacher must be trained first)."""
+        if not only:
+            return self.exp.cells
+        labels = [c.label for c in self.exp.cells]
+        unknown = [o for o in only if o not in labels]
+        if unknown:
+            raise ValueError(f"--only {unknown[0]!r} is not a cell of {self.exp.name}; its cells: "
+                             + "; ".join(map(repr, labels)))
+        needs_dense = any(TEACHER_DENSE in c.train.values() for c in self.exp.cells if c.label in only)
+        return tuple(c for c in self.exp.cells if c.label in only or (needs_dense and c == DENSE))
 
     # --- configurations ---------------------------------------------------------------------------
     def cell_config(self, cell: Cell, seed: int) -> tuple[TrainConfig, dict]:
@@ -231,7 +247,7 @@ class Runner:
         elif kind == "robustness":
             self.record["cells"] = self.robustness(checkpoints, eval_data or {})
         else:
-            self.record["cells"] = [self.train_cell(c) for c in self.exp.cells]
+            self.record["cells"] = [self.train_cell(c) for c in self.cells]
             for entry in self.record["cells"]:
                 if kind == "budget":
                     self.budget_sweep(entry)
@@ -440,10 +456,12 @@ class Runner:
 def run_experiment(name: str, out: str = "experiments", scale: str = "small", dataset: str = "fashion-mnist",
                    data_dir: Optional[str] = None, epochs: Optional[int] = None, seeds: int = 1,
                    overrides: Optional[list] = None, checkpoints: Optional[list] = None,
-                   eval_data: Optional[dict] = None, log: Callable = print, record_only: bool = False) -> dict:
-    """Run (or with ``record_only``, only record the finished runs of) experiment ``name``."""
+                   eval_data: Optional[dict] = None, log: Callable = print, record_only: bool = False,
+                   only: Optional[list] = None) -> dict:
+    """Run (or with ``record_only``, only record the finished runs of) experiment ``name``;
+    ``only``: the labels of the cells to run (with the dense teacher they need)."""
     exp = get(name)
     if seeds < 1:
         raise ValueError(f"Invalid value for 'seeds': {seeds!r}; allowed: an integer >= 1.")
     base = base_config(scale, dataset, data_dir, epochs, overrides)
-    return Runner(exp, out, scale, base, seeds, log, record_only).run(checkpoints, eval_data)
+    return Runner(exp, out, scale, base, seeds, log, record_only, only).run(checkpoints, eval_data)

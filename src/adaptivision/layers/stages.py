@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from .cmtf import CrossModalTokenFusion
 from .dtc import DynamicTokenClustering
-from .tokens import Context, Group
+from .tokens import Context, Group, unpad_groups
 
 
 class ClusterStage(DynamicTokenClustering):
@@ -23,6 +23,7 @@ class ClusterStage(DynamicTokenClustering):
 
     def forward_groups(self, groups: List[Group], ctx: Context) -> List[Group]:
         P = self.num_prefix
+        groups = unpad_groups(groups)  # a stage clusters each image's real tokens only
         if ctx.seeding:  # init_clusters: seed the centroids from these tokens (k-means++)
             self.init_centroids(torch.cat([grp.x[:, P:].reshape(-1, grp.x.shape[-1]) for grp in groups]))
         weights = ctx.patch_weights if self.stage == 0 else None

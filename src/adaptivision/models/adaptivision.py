@@ -9,7 +9,8 @@ The trunk is one loop over blocks: before block i the stages registered at i (a 
 DTC's, CMTF's, in that order) map token groups to token groups, then the block does
 (:mod:`adaptivision.layers.tokens`). Images of one batch may get different K; each group of
 equal K runs as one dense batch (no padding, so fewer tokens really cost less) and the results
-are put back in input order. An image's output does not depend on its batch-mates. A forward
+are put back in input order; with ``max_groups`` neighbouring groups run as one batch padded with
+masked slots, which is faster where per-call overhead outweighs the padding (small models). An image's output does not depend on its batch-mates. A forward
 keeps nothing on the model: what the objective, pooling and unpooling need is returned
 (:class:`TokenOutput`).
 """
@@ -30,7 +31,7 @@ from .. import budget
 from ..config import ModelOptions
 from ..layers import make_afa_block
 from ..layers.stages import ClusterStage, FusionStage, embed_source
-from ..layers.tokens import Context, Group, assemble, run_block, unpool
+from ..layers.tokens import Context, Group, assemble, pad_groups, run_block, unpool
 from ..reduction import ATTACH
 
 __all__ = ["AdaptiVision", "TokenOutput"]
@@ -175,8 +176,11 @@ class AdaptiVision(VisionTransformer):
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))    # (B, P+N, D)
         groups = [Group(torch.arange(x.shape[0], device=x.device), x)]
         for i, blk in enumerate(self.blocks[: None if last is None else last + 1]):
-            for stage in self.stages_before(i):
+            stages = self.stages_before(i)
+            for stage in stages:
                 groups = stage.forward_groups(groups, ctx)
+            if stages and self.opts.max_groups and not (ctx.dense or ctx.seeding):
+                groups = pad_groups(groups, self.opts.max_groups)  # fewer, padded batches (exact)
             if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
                 groups = [checkpoint(run_block, blk, grp, ctx, use_reentrant=False) for grp in groups]
             else:

@@ -50,10 +50,10 @@ def evaluate(model: nn.Module, loader: DataLoader, d: Dist, amp: str = "none",
 def measure(model: nn.Module, images: torch.Tensor, batch: int, device: torch.device, repeats: int = 10,
             guide: Optional[Guidance] = None) -> dict:
     """Params (M), mean GMACs over ``images`` (each with its own K, CMTF counted with the
-    guidance the model is given), mean K and images/s (the model alone, guidance precomputed)."""
+    guidance the model is given), mean K and images/s (the model alone, guidance precomputed, on these images)."""
     model = model.to(device).eval()
     images = images.to(device)
     prof = profile(model, images, **guidance_kwargs(guide, images))
-    tp = throughput(model, tuple(images.shape[1:]), batch, device, repeats=repeats)
+    tp = throughput(model, tuple(images.shape[1:]), batch, device, repeats=repeats, images=images)
     return dict(params_m=prof["params"] / 1e6, gmacs=prof["gmacs"], mean_k=prof.get("mean_k"),
                 img_per_s=tp["img_per_s"])
