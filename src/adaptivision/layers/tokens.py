@@ -110,8 +110,9 @@ def pad_groups(groups: list, max_groups: int) -> list:
     are merged and padded to the longest with slots of mass 0 that attention masks out exactly
     (``Group.valid``), so every image's output is what its own group gives. The split minimises
     the tokens processed (padding included, and counted: the MAC hooks see the padded shapes).
-    Fewer, larger batches pay off where per-call overhead outweighs the padded tokens (small
-    models on CPU, and GPUs); docs/performance.md measures it."""
+    Fewer, larger batches can only pay where a call costs more than the padded tokens: at nano
+    on a 2-core CPU they did not (three K groups; docs/performance.md, "Per-image K on the trained
+    default job"); on a GPU it is not measured yet."""
     if len(groups) <= max_groups:
         return groups
     groups = sorted(groups, key=lambda g: g.x.shape[1])
