@@ -147,3 +147,20 @@ def test_cuda_paths_sdpa_amp_channels_last():
             assert torch.isfinite(gpu(x.cuda())).all()
     assert main(["benchmark", "--models", "adaptivision_nano_patch4_28:reduction=none,adaptivision_nano_patch4_28",
                  "--device", "cuda", "--amp", "--channels-last", "--rounds", "2", "--batch-size", "8"]) == 0
+
+
+def test_benchmark_spec_takes_each_models_own_weights(tmp_path):
+    """NAME:weights=PATH loads that model's file, so a dense and a DTC run can be timed side by
+    side (--checkpoint would give both the same file); a file that does not fit is named."""
+    import timm
+    from safetensors.torch import save_file
+
+    from adaptivision.benchmark import build
+    dense = timm.create_model("adaptivision_nano_patch4_28", reduction="none")
+    path = str(tmp_path / "dense.safetensors")
+    save_file(dense.state_dict(), path)
+    x = torch.randn(4, 1, 28, 28)
+    model, _ = build(f"adaptivision_nano_patch4_28:reduction=none:weights={path}", None, x, checkpoint="/nonexistent")
+    assert all(torch.equal(v, dense.state_dict()[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="does not fit the model"):
+        build(f"adaptivision_nano_patch4_28:weights={path}", None, x)

@@ -46,6 +46,8 @@ def mixed_batch(batch: int, chans: int, size: int, seed: int = 0) -> torch.Tenso
 def build(spec: str, img_size: Optional[int], images: torch.Tensor, checkpoint: Optional[str] = None,
           default_budget: Optional[dict] = None) -> tuple[torch.nn.Module, dict]:
     name, kwargs, budget = parse_spec(spec)
+    # NAME:weights=PATH: this model's own weights (e.g. a run's dense/last.safetensors beside its DTC)
+    checkpoint = kwargs.pop("weights", None) or checkpoint
     if img_size:
         kwargs.setdefault("img_size", img_size)
     model = timm.create_model(name, **kwargs)

@@ -270,7 +270,7 @@ def main(argv=None) -> int:
     x.set_defaults(fn=_experiment)
     b = sub.add_parser("benchmark", help="images/s next to GMACs, speed-up over the first model")
     b.add_argument("--models", required=True,
-                   help="comma-separated NAME[:key=value...] (timm names, model options, gmacs=|mean_k=|bias=|k=)")
+                   help="comma-separated NAME[:key=value...] (timm names, model options, gmacs=|mean_k=|bias=|k=, weights=PATH: that model's own .safetensors)")
     b.add_argument("--img-size", type=int, dest="img_size")
     b.add_argument("--batch-size", type=int, default=64, dest="batch_size")
     b.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
