@@ -21,6 +21,8 @@ import yaml
 def record(run_dir: str) -> dict:
     with open(os.path.join(run_dir, "summary.json")) as f:
         rec = json.load(f)
+    if "config" in rec and not os.path.isfile(os.path.join(run_dir, "config.yaml")):
+        return rec  # a committed record copied back into --out (docs/results.md, "Plateau scale"): as it was
     with open(os.path.join(run_dir, "config.yaml")) as f:
         rec["config"] = yaml.safe_load(f)
     with open(os.path.join(run_dir, "model.json")) as f:

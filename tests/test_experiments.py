@@ -387,3 +387,32 @@ def test_only_runs_the_chosen_cells_and_the_teacher_they_need():
     assert Runner(exp, "/x", "smoke", base).cells == exp.cells and "only" not in Runner(exp, "/x", "smoke", base).record
     with pytest.raises(ValueError, match="not a cell of dtc-plateau; its cells: 'ViT \\(dense\\)'"):
         Runner(exp, "/x", "smoke", base, only=["tome"])
+
+
+def test_commit_records_folds_a_run_and_keeps_a_restored_record(tmp_path):
+    """benchmarks/commit_records.py: a finished run's summary gets its config, spec and epochs
+    folded in; a committed record copied back into --out (no config.yaml beside it) is kept as it was."""
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "commit_records.py"
+    spec = importlib.util.spec_from_file_location("commit_records", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "exp"
+    fresh, restored = out / "runs" / "a" / "seed1", out / "runs" / "a" / "seed0"
+    fresh.mkdir(parents=True)
+    restored.mkdir(parents=True)
+    (fresh / "summary.json").write_text(json.dumps({"rows": [{"top1": 1.0}]}))
+    (fresh / "config.yaml").write_text("seed: 1\n")
+    (fresh / "model.json").write_text(json.dumps({"name": "m"}))
+    (fresh / "metrics.jsonl").write_text('{"kind": "step"}\n{"kind": "epoch", "epoch": 0}\n')
+    old = {"rows": [{"top1": 2.0}], "config": {"seed": 0}, "model_spec": {"name": "m"}, "epochs": []}
+    (restored / "summary.json").write_text(json.dumps(old))
+    (out / "x").mkdir()
+    cells = [{"runs": [{"seed": 0, "run_dir": "runs/a/seed0"}, {"seed": 1, "run_dir": "runs/a/seed1"}]}]
+    (out / "x" / "experiment.json").write_text(json.dumps({"experiment": "x", "cells": cells}))
+    dest = tmp_path / "dest"
+    assert mod.main(str(out / "x"), str(dest)) == 0
+    assert json.loads((dest / "runs/a/seed0/summary.json").read_text()) == old
+    new = json.loads((dest / "runs/a/seed1/summary.json").read_text())
+    assert new["config"] == {"seed": 1} and new["model_spec"] == {"name": "m"} and new["epochs"] == [{"kind": "epoch", "epoch": 0}]
