@@ -329,8 +329,13 @@ for name, p in model.named_parameters():
     other = [torch.empty_like(p) for _ in range(2)]
     dist.all_gather(other, p.detach().contiguous())
     assert torch.equal(other[0], other[1]), name
-print("ranks agree")
-dist.destroy_process_group()
+print("ranks agree", flush=True)
+dist.barrier()
+# gloo's teardown (destroy_process_group, or interpreter exit with the group alive) aborted rank 1
+# with "terminate called without an active exception" in 5 of 5 runs on a 2026-11-26 machine, after
+# the check above had passed; what this test checks is done, so leave without that teardown
+import os
+os._exit(0)
 """
 
 
