@@ -27,7 +27,7 @@ from adaptivision.budget import apply_budget
 from adaptivision.data.datasets import collate_skip
 from adaptivision.profile import profile
 from adaptivision.provenance import provenance
-from adaptivision.timing import time_models
+from adaptivision.timing import tile_batch, time_models
 from adaptivision.train import engine
 
 
@@ -61,7 +61,7 @@ def measure(run: str, batch_sizes: list, groups: list, rounds: int, warmup: int 
         print(f"{r['label']:40s} top-1 {r['top1']:.2f}", flush=True)
     timing = {}
     for b in batch_sizes:
-        x = images.repeat((b + len(images) - 1) // len(images), 1, 1, 1)[:b]
+        x = tile_batch(images, b)
         prof = [profile(r["model"], x) for r in rows]
         times = time_models([r["model"] for r in rows], x, warmup, rounds)
         ref = statistics.median(times[0])

@@ -164,3 +164,17 @@ def test_benchmark_spec_takes_each_models_own_weights(tmp_path):
     assert all(torch.equal(v, dense.state_dict()[k]) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="does not fit the model"):
         build(f"adaptivision_nano_patch4_28:weights={path}", None, x)
+
+
+def test_throughput_times_the_images_it_is_given(monkeypatch):
+    """The end-of-run summary times the evaluation images (tiled to the batch), not noise: with
+    per-image K the time depends on what the images hold."""
+    from adaptivision import timing
+    from adaptivision.train.evaluate import measure
+    x = torch.arange(3.0).view(3, 1, 1, 1).expand(3, 1, 28, 28).contiguous()
+    assert timing.tile_batch(x, 7)[:, 0, 0, 0].tolist() == [0, 1, 2, 0, 1, 2, 0]
+    seen = []
+    monkeypatch.setattr(timing, "time_models", lambda models, xb, *a, **k: seen.append(xb) or [[0.1, 0.1]])
+    model = timm.create_model("adaptivision_nano_patch4_28", embed_dim=32, depth=2, num_heads=2)
+    measure(model, x, 5, torch.device("cpu"), repeats=2)
+    assert torch.equal(seen[0], timing.tile_batch(x, 5))

@@ -96,7 +96,7 @@ class ModelOptions:
     assign_norm: bool = True            # distances on LayerNorm'd tokens (scale-free tau); False = raw tokens
     max_groups: Optional[int] = None    # inference with per-image K: run the condensed blocks as at most this many
     #                                     batches, padded with masked slots (same outputs; padding is computed and counted);
-    #                                     None = one batch per K (docs/performance.md, "Padded groups")
+    #                                     None = one batch per K (docs/performance.md, "...and padded groups")
     unpool: str = "assign"              # dense outputs: 'assign' (Z_rec = A S) | 'skip' (Z_pre + A (S - S_0))
     # --- AdaptiveFocus Attention (paper 3.3) ---
     afa: Optional[bool] = None          # default: on with reduction='dtc' (it modulates cluster slots)

@@ -87,6 +87,12 @@ def time_models(models: list, x: torch.Tensor, warmup: int = 3, rounds: int = 15
 
 
 
+def tile_batch(images: torch.Tensor, batch: int) -> torch.Tensor:
+    """``images`` repeated along the batch until there are ``batch`` of them (B, ...)."""
+    reps = -(-batch // len(images))                                                 # ceil(batch / n)
+    return images.repeat(reps, *[1] * (images.dim() - 1))[:batch]
+
+
 def throughput(model: nn.Module, input_size: tuple, batch: int, device: torch.device,
                warmup: int = 3, repeats: int = 10, amp: str = "none",
                images: Optional[torch.Tensor] = None) -> dict:
@@ -97,7 +103,7 @@ def throughput(model: nn.Module, input_size: tuple, batch: int, device: torch.de
     if images is None:
         x = torch.randn(batch, *input_size, device=device)
     else:
-        x = images.to(device).repeat((batch + len(images) - 1) // len(images), *[1] * (images.dim() - 1))[:batch]
+        x = tile_batch(images.to(device), batch)
     times = time_models([model], x, warmup, repeats, amp)[0]
     med = statistics.median(times)
     return dict(img_per_s=batch / med, batch=batch, repeats=repeats,

@@ -10,7 +10,8 @@ DTC's, CMTF's, in that order) map token groups to token groups, then the block d
 (:mod:`adaptivision.layers.tokens`). Images of one batch may get different K; each group of
 equal K runs as one dense batch (no padding, so fewer tokens really cost less) and the results
 are put back in input order; with ``max_groups`` neighbouring groups run as one batch padded with
-masked slots, which is faster where per-call overhead outweighs the padding (small models). An image's output does not depend on its batch-mates. A forward
+masked slots (same outputs; at nano on a CPU not faster, docs/performance.md). An image's output
+does not depend on its batch-mates. A forward
 keeps nothing on the model: what the objective, pooling and unpooling need is returned
 (:class:`TokenOutput`).
 """
