@@ -389,6 +389,56 @@ def test_only_runs_the_chosen_cells_and_the_teacher_they_need():
         Runner(exp, "/x", "smoke", base, only=["tome"])
 
 
+def test_only_seed_trains_that_seed_and_records_the_others(monkeypatch, tmp_path):
+    """--only-seed S: seed S is trained, another seed is recorded when its run is finished (a record
+    copied back from another machine) and left out otherwise; a seed beyond --seeds is refused."""
+    from adaptivision.experiments import registry
+    from adaptivision.experiments.runner import Runner, base_config
+    base = base_config("smoke", "fashion-mnist", None, None)
+    exp = registry.get("dtc-plateau")
+    trained = []
+    monkeypatch.setattr(Runner, "_train", lambda self, cfg, run_dir, what, rel: trained.append(cfg.seed) or True)
+    runner = Runner(exp, str(tmp_path), "smoke", base, seeds=3, log=lambda *a: None, only_seeds=[1])
+    dense = exp.cells[0]
+    finished = tmp_path / runner.train_cell(dense)["runs"][0]["run_dir"].replace("seed1", "seed2")
+    assert trained == [1] and runner.record["only_seeds"] == [1]
+    finished.mkdir(parents=True)
+    (finished / "summary.json").write_text("{}")
+    trained.clear()
+    assert [r["seed"] for r in runner.train_cell(dense)["runs"]] == [1, 2] and trained == [1]
+    for bad in ([3], [-1]):
+        with pytest.raises(ValueError, match=f"--only-seed {bad[0]} is not one of the 3 seed"):
+            Runner(exp, str(tmp_path), "smoke", base, seeds=3, only_seeds=bad)
+
+
+def test_budget_sweep_takes_the_earlier_points_of_a_run_whose_weights_are_gone(done, tmp_path, capsys):
+    """A run restored from its committed summary (weights lost with a machine) keeps the budget
+    points of the experiment's earlier record in --out; without them the error names the run."""
+    import shutil
+    first = _record(done, "figure1a")
+    out = tmp_path / "restored"
+    for run in (r for cell in first["cells"] for r in cell["runs"]):
+        (out / run["run_dir"]).mkdir(parents=True)
+        shutil.copy(os.path.join(done, run["run_dir"], "summary.json"), out / run["run_dir"])
+    (out / "figure1a").mkdir()
+    shutil.copy(os.path.join(done, "figure1a", "experiment.json"), out / "figure1a")
+    common = ["--scale", "smoke", "--data-dir", os.path.join(os.path.dirname(done), "fm"), "--out", str(out)]
+    capsys.readouterr()
+    assert main(["experiment", "run", "figure1a", *common, "--record-only"]) == 0
+    runs = [run for cell in first["cells"] for run in cell["runs"]]
+    assert capsys.readouterr().out.count("weights gone, budget points from the earlier record") == len(runs) > 0
+    again = _record(str(out), "figure1a")
+    assert [[r["points"] for r in c["runs"]] for c in again["cells"]] == [[r["points"] for r in c["runs"]]
+                                                                           for c in first["cells"]]
+    assert all(r["points_from"] == first["finished"] for c in again["cells"] for r in c["runs"])
+    lost = json.loads((out / "figure1a" / "experiment.json").read_text())
+    del lost["cells"][1]["runs"][0]["points"]
+    (out / "figure1a" / "experiment.json").write_text(json.dumps(lost))
+    assert main(["experiment", "run", "figure1a", *common, "--record-only"]) != 0
+    err = capsys.readouterr().err
+    assert "last.safetensors is missing" in err and f"{lost['cells'][1]['label']!r} seed 0" in err
+
+
 def test_commit_records_folds_a_run_and_keeps_a_restored_record(tmp_path):
     """benchmarks/commit_records.py: a finished run's summary gets its config, spec and epochs
     folded in; a committed record copied back into --out (no config.yaml beside it) is kept as it was."""

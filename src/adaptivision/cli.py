@@ -97,7 +97,8 @@ def _experiment(args) -> int:
             raise ValueError(f"--eval-data takes NAME=DIR (e.g. imagenet-a=/data/imagenet-a), got {item!r}")
         eval_data[name] = path
     run_experiment(args.name, args.out, args.scale, args.dataset, args.data_dir, args.epochs, args.seeds,
-                   list(args.overrides), args.checkpoint, eval_data, record_only=args.record_only, only=args.only)
+                   list(args.overrides), args.checkpoint, eval_data, record_only=args.record_only, only=args.only,
+                   only_seeds=args.only_seeds)
     return 0
 
 
@@ -263,6 +264,8 @@ def main(argv=None) -> int:
                    help="train nothing: record the runs finished so far (a report of a partial experiment)")
     x.add_argument("--only", action="append", metavar="LABEL",
                    help="train only this cell (its row label, repeatable), and the dense cell it learns from")
+    x.add_argument("--only-seed", action="append", type=int, dest="only_seeds", metavar="S",
+                   help="train only this seed (repeatable, < --seeds); the other seeds' finished runs are recorded")
     x.add_argument("--checkpoint", action="append", help="table6: a checkpoint to evaluate (repeatable)")
     x.add_argument("--eval-data", action="append", dest="eval_data", metavar="NAME=DIR",
                    help="table6: extra evaluation set, e.g. imagenet-a=/data/imagenet-a (repeatable)")

@@ -125,15 +125,29 @@ def _commit(spec: dict) -> Optional[str]:
 
 class Runner:
     def __init__(self, exp: Experiment, out: str, scale: str, base: TrainConfig, seeds: int = 1,
-                 log: Callable = print, record_only: bool = False, only: Optional[list] = None):
+                 log: Callable = print, record_only: bool = False, only: Optional[list] = None,
+                 only_seeds: Optional[list] = None):
         self.exp, self.out, self.scale, self.base, self.seeds, self.log = exp, out, scale, base, seeds, log
         self.record_only = record_only  # record the finished runs, train nothing
+        bad = [s for s in only_seeds or [] if not 0 <= s < seeds]
+        if bad:
+            raise ValueError(f"--only-seed {bad[0]} is not one of the {seeds} seed(s) run (0 to {seeds - 1}): "
+                             "raise --seeds")
+        # seeds to train; the others are recorded when finished (another machine trained them)
+        self.train_seeds = set(only_seeds) if only_seeds else set(range(seeds))
         self.cells = self._chosen(only)
         self.record = dict(experiment=exp.name, title=exp.title, kind=exp.kind, scale=scale, dataset=base.dataset,
                            model=base.model, epochs=base.epochs, seeds=seeds, key=exp.key, cells=[],
                            started=time.strftime("%Y-%m-%d %H:%M:%S"))
         if only:  # a partial record says so
             self.record["only"] = [c.label for c in self.cells]
+        if only_seeds:
+            self.record["only_seeds"] = sorted(self.train_seeds)
+        earlier = os.path.join(out, exp.name, "experiment.json")  # read before this run rewrites it
+        self._earlier = {}
+        if os.path.isfile(earlier):
+            with open(earlier) as f:
+                self._earlier = json.load(f)
         self._dtc_gmacs: Optional[float] = None
 
     def _chosen(self, only: Optional[list]) -> tuple:
@@ -207,7 +221,7 @@ class Runner:
             rel = os.path.relpath(run_dir, self.out)
             if os.path.isfile(os.path.join(run_dir, "summary.json")):
                 self.log(f"[{self.exp.name}] {cell.label} seed {seed}: done before ({rel})")
-            elif self.record_only:
+            elif self.record_only or seed not in self.train_seeds:
                 self.log(f"[{self.exp.name}] {cell.label} seed {seed}: not finished, left out ({rel})")
                 continue
             elif not self._train(cfg, run_dir, f"[{self.exp.name}] {cell.label} seed {seed}", rel):
@@ -306,10 +320,14 @@ class Runner:
         """Figure 1(a): every trained model of the cell at each budget of its method."""
         method = (entry["kwargs"] or {}).get("reduction", "dtc")
         for run in entry["runs"]:
+            ckpt = os.path.join(self.out, run["run_dir"], "last.safetensors")
+            if not os.path.isfile(ckpt):  # a run restored from its committed record, weights gone
+                self._earlier_points(entry, run, ckpt)
+                continue
             # done before on these very weights with these budgets (another experiment's sweep of the
             # same run, or an earlier --record-only): reuse the points, an evaluation costs minutes here.
             # The file names the commit that evaluated; delete it to evaluate again with newer code.
-            weights = os.stat(os.path.join(self.out, run["run_dir"], "last.safetensors"))
+            weights = os.stat(ckpt)
             key = dict(weights=[weights.st_size, weights.st_mtime_ns], budgets=BUDGETS.get(method),
                        fixed_k=DTC_FIXED_K if method == "dtc" else None)
             saved = os.path.join(self.out, run["run_dir"], "budget_points.json")
@@ -323,6 +341,23 @@ class Runner:
             self._sweep_run(entry, run, method)
             with open(saved, "w") as f:
                 json.dump(dict(key=key, points=run["points"], commit=provenance()["commit"]), f, indent=1)
+
+    def _earlier_points(self, entry: dict, run: dict, ckpt: str) -> None:
+        """The points of a run whose weights are gone (a machine reset; its summary.json copied back
+        from the committed records), taken from this experiment's earlier record in ``--out`` (copy
+        the committed experiment.json there): a second seed's sweep then joins the first one's."""
+        for cell in self._earlier.get("cells", []):
+            for old in cell.get("runs", []) if cell.get("label") == entry["label"] else []:
+                if old.get("seed") == run["seed"] and old.get("run_dir") == run["run_dir"] and old.get("points"):
+                    run["points"] = old["points"]
+                    run["points_from"] = self._earlier.get("finished")  # the report can tell them apart
+                    self.log(f"[{self.exp.name}] {entry['label']} seed {run['seed']}: weights gone, budget "
+                             f"points from the earlier record ({self._earlier.get('finished')})")
+                    return
+        raise FileNotFoundError(
+            f"{self.exp.name}: {ckpt} is missing and {os.path.join(self.out, self.exp.name, 'experiment.json')} "
+            f"has no budget points of {entry['label']!r} seed {run['seed']}: train the run again, or copy the "
+            "committed record of this experiment there")
 
     def _sweep_run(self, entry: dict, run: dict, method: str) -> None:
         model, cfg, guide = self._load(run["run_dir"])
@@ -457,11 +492,12 @@ def run_experiment(name: str, out: str = "experiments", scale: str = "small", da
                    data_dir: Optional[str] = None, epochs: Optional[int] = None, seeds: int = 1,
                    overrides: Optional[list] = None, checkpoints: Optional[list] = None,
                    eval_data: Optional[dict] = None, log: Callable = print, record_only: bool = False,
-                   only: Optional[list] = None) -> dict:
+                   only: Optional[list] = None, only_seeds: Optional[list] = None) -> dict:
     """Run (or with ``record_only``, only record the finished runs of) experiment ``name``;
-    ``only``: the labels of the cells to run (with the dense teacher they need)."""
+    ``only``: the labels of the cells to run (with the dense teacher they need); ``only_seeds``:
+    the seeds to train (the others are recorded where finished)."""
     exp = get(name)
     if seeds < 1:
         raise ValueError(f"Invalid value for 'seeds': {seeds!r}; allowed: an integer >= 1.")
     base = base_config(scale, dataset, data_dir, epochs, overrides)
-    return Runner(exp, out, scale, base, seeds, log, record_only, only).run(checkpoints, eval_data)
+    return Runner(exp, out, scale, base, seeds, log, record_only, only, only_seeds).run(checkpoints, eval_data)
