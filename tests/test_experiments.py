@@ -431,12 +431,17 @@ def test_budget_sweep_takes_the_earlier_points_of_a_run_whose_weights_are_gone(d
     assert [[r["points"] for r in c["runs"]] for c in again["cells"]] == [[r["points"] for r in c["runs"]]
                                                                            for c in first["cells"]]
     assert all(r["points_from"] == first["finished"] for c in again["cells"] for r in c["runs"])
+    assert main(["experiment", "run", "figure1a", *common, "--record-only"]) == 0  # recorded again: same date
+    assert all(r["points_from"] == first["finished"] for c in _record(str(out), "figure1a")["cells"] for r in c["runs"])
     lost = json.loads((out / "figure1a" / "experiment.json").read_text())
     del lost["cells"][1]["runs"][0]["points"]
     (out / "figure1a" / "experiment.json").write_text(json.dumps(lost))
     assert main(["experiment", "run", "figure1a", *common, "--record-only"]) != 0
     err = capsys.readouterr().err
     assert "last.safetensors is missing" in err and f"{lost['cells'][1]['label']!r} seed 0" in err
+    (out / "figure1a" / "experiment.json").write_text("{")
+    assert main(["experiment", "run", "figure1a", *common, "--record-only"]) != 0
+    assert "experiment.json is not a readable experiment record" in capsys.readouterr().err
 
 
 def test_commit_records_folds_a_run_and_keeps_a_restored_record(tmp_path):

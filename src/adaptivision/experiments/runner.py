@@ -147,7 +147,11 @@ class Runner:
         self._earlier = {}
         if os.path.isfile(earlier):
             with open(earlier) as f:
-                self._earlier = json.load(f)
+                try:
+                    self._earlier = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{earlier} is not a readable experiment record ({e}): move it away "
+                                     "or copy the committed one there") from e
         self._dtc_gmacs: Optional[float] = None
 
     def _chosen(self, only: Optional[list]) -> tuple:
@@ -350,9 +354,10 @@ class Runner:
             for old in cell.get("runs", []) if cell.get("label") == entry["label"] else []:
                 if old.get("seed") == run["seed"] and old.get("run_dir") == run["run_dir"] and old.get("points"):
                     run["points"] = old["points"]
-                    run["points_from"] = self._earlier.get("finished")  # the report can tell them apart
+                    # when the points were measured: kept through later re-recordings
+                    run["points_from"] = old.get("points_from", self._earlier.get("finished"))
                     self.log(f"[{self.exp.name}] {entry['label']} seed {run['seed']}: weights gone, budget "
-                             f"points from the earlier record ({self._earlier.get('finished')})")
+                             f"points from the earlier record (measured {run['points_from']})")
                     return
         raise FileNotFoundError(
             f"{self.exp.name}: {ckpt} is missing and {os.path.join(self.out, self.exp.name, 'experiment.json')} "
