@@ -86,7 +86,6 @@ def time_models(models: list, x: torch.Tensor, warmup: int = 3, rounds: int = 15
     return times
 
 
-
 def tile_batch(images: torch.Tensor, batch: int) -> torch.Tensor:
     """``images`` repeated along the batch until there are ``batch`` of them (B, ...)."""
     reps = -(-batch // len(images))                                                 # ceil(batch / n)
