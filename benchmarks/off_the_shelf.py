@@ -7,7 +7,10 @@ settings and budgets, and into ToMe at several r; each is evaluated on the Fashi
 GMACs are counted by ``adaptivision.profile`` (clustering included) on the evaluated images.
 
     python benchmarks/off_the_shelf.py --run RUN_DIR [--run RUN_DIR2 ...] [--limit 10000] [--out DIR]
-                                       [--weights last|best]
+                                       [--weights last|best] [--only LABEL ...] [--append]
+
+``--append`` adds the named runs to the record already in ``--out`` and keeps its other runs (a dense
+model whose weights are gone keeps its rows); rows that only some runs have say how many.
 
 ``--weights last`` (the default) evaluates each run's last epoch; ``best`` is the epoch with the best
 *test* top-1, a pick on the test set (the default-length record of 2026-11-25 was made with it).
@@ -57,6 +60,9 @@ def variants(n: int) -> list:
     # two stages (ToMe also condenses gradually): fewer tokens after block 1, fewer still after block 3
     rows += [(f"fps, hard, 2 iters, two stages after blocks 1 and 3, K={k1}/{k2}", dict(OURS, condense_at=[1, 3]),
               [k1, k2]) for k1, k2 in ((32, 16), (36, 20), (40, 24))]
+    # the same at the budgets around 70% of the dense GMACs (issue 15's goal 2), added 2026-11-27
+    rows += [(f"fps, hard, 2 iters, two stages after blocks 1 and 3, K={k1}/{k2}", dict(OURS, condense_at=[1, 3]),
+              [k1, k2]) for k1, k2 in ((34, 18), (38, 22))]
     # Hourglass (grid centres, local soft k-means; no parameters, so it runs off the shelf too)
     rows += [(f"Hourglass {h}x{h} after block {b}", dict(reduction="hourglass", keep_ratio=h * h / n, reduce_at=b), None)
              for b in (1, 2) for h in (4, 5, 6)]
@@ -94,14 +100,19 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--only", action="append", help="evaluate only the rows whose label contains this (repeatable) "
                    "and merge them into the existing record in --out (each merged row names its commit)")
+    p.add_argument("--append", action="store_true", help="add these runs to the record in --out, keeping the "
+                   "runs already there (each added row names its commit)")
     args = p.parse_args(argv)
     path = os.path.join(args.out, "off-the-shelf.json")
     old = {}
-    if args.only and os.path.isfile(path):
+    if (args.only or args.append) and os.path.isfile(path):
         with open(path) as f:
             old = json.load(f)
+        if not (isinstance(old, dict) and isinstance(old.get("runs"), dict)):
+            raise ValueError(f"{path} is not a record of this benchmark (no 'runs' mapping)")
     torch.manual_seed(0)
-    per_run = {}
+    # --append: the runs already recorded stay (their weights may be gone); named runs are re-evaluated
+    per_run = {r: rows for r, rows in old.get("runs", {}).items() if args.append and r not in args.run}
     for run in args.run:
         vit, cfg, probe = dense_vit(run, args.weights)
         cfg = dataclasses.replace(cfg, limit_eval=args.limit, workers=0, batch_size=256)
@@ -125,7 +136,7 @@ def main(argv=None) -> int:
             prof = adaptivision.profile(model, images)
             ev = engine.evaluate(model, loader, engine.setup_distributed("cpu"))
             rows.append(dict(label=label, gmacs=prof["gmacs"], mean_k=_first_or_all(prof.get("mean_k")),
-                             top1=ev["top1"], images=ev["images"], **({"commit": commit} if args.only else {})))
+                             top1=ev["top1"], images=ev["images"], **({"commit": commit} if old else {})))
             print(f"{os.path.basename(run)} | {label:50s} | {prof['gmacs']:.4f} GMACs | K {rows[-1]['mean_k']} | "
                   f"top-1 {ev['top1']:.2f} | {time.time() - t0:.0f} s", flush=True)
         per_run[run] = rows
@@ -154,14 +165,16 @@ def _stat(v: list, digits: int) -> str:
 
 
 def to_markdown(per_run: dict) -> str:
-    runs = list(per_run.values())
+    runs = [{r["label"]: r for r in rows} for rows in per_run.values()]
+    labels = list(dict.fromkeys(label for rows in runs for label in rows))  # in the order first evaluated
     lines = [f"| method (off the shelf, {len(runs)} dense model(s)) | mean K | GMACs | top-1 (%) |",
              "|---|---|---|---|"]
-    for i, row in enumerate(runs[0]):
-        cells = [r[i] for r in runs]
-        k = row["mean_k"]  # one value, or one per stage for a two-stage row
+    for label in labels:
+        cells = [rows[label] for rows in runs if label in rows]
+        k = cells[0]["mean_k"]  # one value, or one per stage for a two-stage row
         k = "—" if k is None else " / ".join(f"{v:.1f}" for v in (k if isinstance(k, list) else [k]))
-        lines.append(f"| {row['label']} | {k} | {_stat([c['gmacs'] for c in cells], 4)} "
+        some = f" ({len(cells)} of {len(runs)} models)" if len(cells) < len(runs) else ""
+        lines.append(f"| {label}{some} | {k} | {_stat([c['gmacs'] for c in cells], 4)} "
                      f"| {_stat([c['top1'] for c in cells], 2)} |")
     return "\n".join(lines) + "\n"
 

@@ -1,5 +1,6 @@
 """Per-image clustering (``clustering='image'``): farthest-point centres, hard assignment with a
 straight-through gradient, k-means steps; and the K = N case, where it must be the dense ViT."""
+import os
 import pytest
 import timm
 import torch
@@ -221,6 +222,21 @@ def test_off_the_shelf_benchmark_smoke(tmp_path):
     assert ks == pytest.approx([32, 16])  # both stages' K, as the label says
     assert "| 32.0 / 16.0 |" in (out / "off-the-shelf.md").read_text()
     assert "| dense |" in (out / "off-the-shelf.md").read_text()
+
+    # --append: a second dense model joins the record; the first keeps its rows (its weights may be gone)
+    other, _ = _tiny_run(tmp_path, "dense-b", "condense_at: false, afa: false, cmtf: false", depth=4)
+    os.remove(os.path.join(run, "last.safetensors"))
+    assert mod.main(["--run", other, "--limit", "32", "--calib", "16", "--out", str(out), "--append",
+                     "--only", "K=49"]) == 0
+    rec = json.loads((out / "off-the-shelf.json").read_text())
+    assert list(rec["runs"]) == [run, other] and rec["runs"][run] == list(rows.values())
+    assert [r["label"] for r in rec["runs"][other]] == ["fps, hard, 2 iters, K=49"] and rec["runs"][other][0]["commit"]
+    md = (out / "off-the-shelf.md").read_text()
+    assert "2 dense model(s)" in md and "| dense (1 of 2 models) |" in md
+    assert "| fps, hard, 2 iters, K=49 | 49.0 |" in md and " ± " in md.split("K=49 |")[1].split("\n")[0]
+    (out / "off-the-shelf.json").write_text("[]")
+    with pytest.raises(ValueError, match="not a record of this benchmark"):
+        mod.main(["--run", other, "--out", str(out), "--append"])
 
 
 def test_assign_at_inference_benchmark_smoke(tmp_path):
