@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/mosaic_segmentation.py [--steps 300] [--out benchmarks/results/mosaic]
     .venv/bin/python benchmarks/mosaic_segmentation.py --smoke      # a few steps, for CI
     .venv/bin/python benchmarks/mosaic_segmentation.py --backbones adaptivision-image --steps 900 --lr 3e-3
+    .venv/bin/python benchmarks/mosaic_segmentation.py --summarize A.json B.json [--out C]  # mean ± std over seeds
 
 Backbones: adaptivision_nano_patch4_28 at 56x56 (196 patches), Segmenter linear decoder,
 AdamW, cosine schedule, batch 32; training canvases from the Fashion-MNIST training images,
@@ -14,7 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
+from typing import Optional
 
 import timm
 import torch
@@ -25,6 +28,7 @@ from adaptivision.data.datasets import fashion_mnist
 from adaptivision.data.mosaic import MOSAIC_CLASSES, FashionMosaics
 from adaptivision.dense import Segmenter, evaluate_segmenter, train_segmenter
 from adaptivision.experiments.report import plot_curves
+from adaptivision.provenance import provenance
 
 BACKBONES = {"dense": dict(reduction="none"), "adaptivision": dict(cmtf=False, clustering="paper"),
              "adaptivision-image": dict(cmtf=False, clustering="image"),
@@ -55,10 +59,16 @@ def main(argv=None) -> int:
     p.add_argument("--eval-size", type=int, default=500)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="benchmarks/results/mosaic")
+    p.add_argument("--out", default=None, help="where the record goes: OUT.json, OUT.md, OUT.png "
+                   "(default benchmarks/results/mosaic; '' writes nothing); with --summarize, OUT.md only")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--backbones", default=",".join(BACKBONES), help=f"comma-separated, of {', '.join(BACKBONES)}")
+    p.add_argument("--summarize", nargs="+", metavar="JSON",
+                   help="train nothing: the mean ± std over these records (one per seed) of each backbone and knob")
     a = p.parse_args(argv)
+    if a.summarize:
+        return summarize(a.summarize, a.out)
+    a.out = "benchmarks/results/mosaic" if a.out is None else a.out
     names = a.backbones.split(",")
     unknown = sorted(set(names) - set(BACKBONES))
     if unknown:
@@ -85,12 +95,48 @@ def main(argv=None) -> int:
     if a.out:
         os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
         with open(a.out + ".json", "w") as f:
-            json.dump(dict(rows=rows, steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed), f, indent=1)
+            json.dump(dict(rows=rows, steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed, provenance=provenance()),
+                      f, indent=1)
         with open(a.out + ".md", "w") as f:
             f.write("\n".join(md) + "\n")
         curves = {name: sorted((r["gmacs"], r["miou"]) for r in rows if r["backbone"] == name) for name in names}
         print("plot:", plot_curves(os.path.dirname(a.out) or ".", os.path.basename(a.out), "GMACs per image", "mIoU (%)",
                              curves, "Fashion-MNIST mosaics: mIoU vs GMACs"))
+    return 0
+
+
+def summarize(paths: list, out: Optional[str] = None) -> int:
+    """One table from several records of the same recipe (one per seed): mean ± std of each backbone
+    at each knob; a recipe that differs between the records is an error that names it."""
+    recs = []
+    for path in paths:
+        with open(path) as f:
+            recs.append(json.load(f))
+    for key in ("steps", "batch", "lr"):
+        if len({r.get(key) for r in recs}) > 1:
+            raise ValueError(f"the records differ in {key}: " + ", ".join(f"{p}: {r.get(key)}" for p, r in zip(paths, recs, strict=True)))
+    cells: dict = {}
+    for r in recs:
+        for row in r["rows"]:
+            runs = cells.setdefault((row["backbone"], row["knob"]), [])
+            if any(seed == r["seed"] for seed, _ in runs):
+                raise ValueError(f"two records of {row['backbone']} seed {r['seed']}: one record per seed")
+            runs.append((r["seed"], row))
+    r0 = recs[0]
+    md = [f"Fashion-MNIST mosaics 56x56, {r0['steps']} steps of batch {r0['batch']}, lr {r0['lr']}; "
+          f"mean ± std over seeds; records: {', '.join(os.path.basename(p) for p in paths)}.", "",
+          "| backbone | knob | GMACs | mIoU (%) | seeds |", "|---|---|---|---|---|"]
+    for (name, knob), runs in cells.items():
+        miou = [row["miou"] for _, row in runs]
+        std = f" ± {statistics.stdev(miou):.2f}" if len(miou) > 1 else ""
+        md.append(f"| {name} | {knob if knob is not None else '—'} | "
+                  f"{statistics.mean(row['gmacs'] for _, row in runs):.4f} | {statistics.mean(miou):.2f}{std} | "
+                  f"{', '.join(str(s) for s, _ in runs)} |")
+    print("\n".join(md))
+    if out:
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        with open(out + ".md", "w") as f:
+            f.write("\n".join(md) + "\n")
     return 0
 
 

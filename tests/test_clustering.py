@@ -1,6 +1,7 @@
 """Per-image clustering (``clustering='image'``): farthest-point centres, hard assignment with a
 straight-through gradient, k-means steps; and the K = N case, where it must be the dense ViT."""
 import os
+
 import pytest
 import timm
 import torch

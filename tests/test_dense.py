@@ -3,6 +3,7 @@ detector on every backbone kind, COCO mAP, the segment / detect commands."""
 import json
 import math
 import os
+import statistics
 
 import numpy as np
 import pytest
@@ -113,6 +114,23 @@ def test_mosaic_benchmark_smoke(tmp_path):
         av = [r["gmacs"] for r in rows if r["backbone"] == name]
         assert av == sorted(av)
     assert all(0 <= r["miou"] <= 100 for r in rows)
+    assert json.loads((tmp_path / "m.json").read_text())["provenance"]["commit"]
+
+    # --summarize: one table over the seeds' records, mean ± std per backbone and knob
+    assert mod.main(["--smoke", "--data-dir", data, "--out", str(tmp_path / "m1"), "--backbones", "dense",
+                     "--seed", "1"]) == 0
+    dense = [json.loads((tmp_path / f"{m}.json").read_text())["rows"][0]["miou"] for m in ("m", "m1")]
+    assert mod.main(["--summarize", str(tmp_path / "m.json"), str(tmp_path / "m1.json"), "--out", str(tmp_path / "s")]) == 0
+    table = (tmp_path / "s.md").read_text()
+    mean, std = statistics.mean(dense), statistics.stdev(dense)
+    assert f"| dense | — | {rows[0]['gmacs']:.4f} | {mean:.2f} ± {std:.2f} | 0, 1 |" in table
+    assert "| tome | 4 |" in table and "± " not in table.split("| tome | 4 |")[1].split("\n")[0]  # one seed: no spread
+    with pytest.raises(ValueError, match="two records of dense seed 0"):
+        mod.main(["--summarize", str(tmp_path / "m.json"), str(tmp_path / "m.json")])
+    other = json.loads((tmp_path / "m1.json").read_text())
+    (tmp_path / "m2.json").write_text(json.dumps(dict(other, steps=3)))
+    with pytest.raises(ValueError, match="the records differ in steps"):
+        mod.main(["--summarize", str(tmp_path / "m.json"), str(tmp_path / "m2.json")])
 
 
 def test_segment_command_trains_evaluates_and_protects_runs(tmp_path, capsys):

@@ -131,6 +131,11 @@ LEVER_CELLS = (
     Cell("image, soft, tau 20, after block 2, K 24, AFA off, batch K, distilled from dense",
          dict(IMAGE_DTC, assign="soft", tau=20.0, condense_at=2, k_mid=24, afa=False, train_k="batch"),
          train=dict(distill_from=TEACHER_DENSE)),
+    # condense gradually, as ToMe does: 40 super-tokens after block 1, 16 (8-32) after block 3, at 66% of
+    # the dense GMACs against the one stage's 69% (off the shelf, two stages beat one at the plateau)
+    Cell("image, soft, tau 20, two stages after blocks 1 and 3, K 40/16, batch K",
+         dict(IMAGE_DTC, assign="soft", tau=20.0, condense_at=[1, 3], k_min=[32, 8], k_max=[49, 32], k_mid=40,
+              train_k="batch")),
 )
 
 # Fine-tuning from the trained dense model, the protocol of DynamicViT, EViT and ToMe's trained rows
@@ -231,6 +236,10 @@ EXPERIMENTS = {e.name: e for e in (
                "train", (DENSE, DEFAULT_JOB_BLOCK0) + tuple(LEVER_CELLS[i] for i in (18, 21)),
                note="run it with --scale default --seeds 2; the after-block-2 cell is the nano default "
                     "(the same model as {'reduction': 'dtc'}); shares its runs with dtc-batch-k and dtc-distill"),
+    Experiment("dtc-stages", "Two DTC stages against one: condensing gradually, as ToMe merges", "train",
+               tuple(LEVER_CELLS[i] for i in (0, 2, 18, 24)),
+               note="run it with --scale default --seeds 2; shares its dense, ToMe and one-stage runs with "
+                    "dtc-batch-k"),
     Experiment("dtc-plateau", "The default-length candidates trained to plateau (--scale full)", "train",
                tuple(LEVER_CELLS[i] for i in (0, 18, 2, 21, 1, 19, 22, 23, 12, 3)),
                note="run it with --scale full; dense first, so its curve fixes the plateau epochs (and it "
