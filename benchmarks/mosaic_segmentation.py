@@ -30,8 +30,8 @@ from adaptivision.dense import Segmenter, evaluate_segmenter, train_segmenter
 from adaptivision.experiments.report import plot_curves
 from adaptivision.provenance import provenance
 
-BACKBONES = {"dense": dict(reduction="none"), "adaptivision": dict(cmtf=False, clustering="paper"),
-             "adaptivision-image": dict(cmtf=False, clustering="image"),
+BACKBONES = {"dense": dict(reduction="none"), "adaptivision": dict(cmtf=False, clustering="paper", unpool="assign"),
+             "adaptivision-image": dict(cmtf=False, clustering="image", unpool="assign"),
              "adaptivision-image-skip": dict(cmtf=False, clustering="image", unpool="skip"),
              "tome": dict(reduction="tome")}
 BUDGETS = {"dense": [None], "adaptivision": [-2.0, 0.0, 2.0], "adaptivision-image": [-2.0, 0.0, 2.0],

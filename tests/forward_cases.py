@@ -39,7 +39,7 @@ CASES += [
     ("nano avg pool", NANO, dict(global_pool="avg", clustering="paper", condense_at=0), "eval"),
     ("nano avg pool tome", NANO, dict(global_pool="avg", reduction="tome", tome_r=4), "eval"),
     ("nano unpool skip", NANO, dict(unpool="skip", condense_at=[1, 3]), "dense"),
-    ("nano unpool assign", NANO, dict(clustering="paper", condense_at=0), "dense"),
+    ("nano unpool assign", NANO, dict(clustering="paper", condense_at=0, unpool="assign"), "dense"),
     ("nano tome dense", NANO, dict(reduction="tome", tome_r=4), "dense"),
     ("nano evit dense", NANO, dict(reduction="evit"), "dense"),
 ]

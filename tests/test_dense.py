@@ -150,6 +150,12 @@ def test_segment_command_trains_evaluates_and_protects_runs(tmp_path, capsys):
     assert main(["segment", *common, "--name", "av"]) == 2          # never overwritten
     assert "already holds" in capsys.readouterr().err
 
+    # the spec pins the live unpool default; a spec from before the pinning rebuilds with 'assign'
+    from adaptivision.dense.run import build
+    assert spec["kwargs"] == {"unpool": "skip"} and build(spec).backbone.unpool == "skip"
+    old = dict(spec, kwargs={})
+    assert build(old).backbone.unpool == "assign" and build(dict(old, kwargs={"unpool": "skip"})).backbone.unpool == "skip"
+
 
 def test_mosaic_boxes_are_the_visible_extent_of_each_item(tmp_path):
     src = fashion_mnist(make_fmnist(str(tmp_path), n_train=20, n_test=10), train=False)
@@ -245,6 +251,9 @@ def test_detect_cli_trains_evaluates_and_refuses_a_foreign_checkpoint(tmp_path, 
     assert main(["detect", *common, "--name", "b", "reduction=hourglass"]) == 0
     spec = json.load(open(tmp_path / "a" / "detect.json"))
     assert spec["kwargs"] == {"reduction": "none"} and 0 <= spec["results"]["map"] <= 100
+    from adaptivision.dense import detect  # a DTC backbone's spec from before unpool was pinned: 'assign'
+    assert detect.build(dict(spec, kwargs={})).backbone.trunk.backbone.unpool == "assign"
+    assert detect.pinned_kwargs(spec["model"], {}) == {"unpool": "skip"}
     capsys.readouterr()
     assert main(["detect", "--checkpoint", str(tmp_path / "a" / "detector.safetensors"), "--data-dir", data,
                  "--eval-size", "4"]) == 0

@@ -97,7 +97,9 @@ class ModelOptions:
     max_groups: Optional[int] = None    # inference with per-image K: run the condensed blocks as at most this many
     #                                     batches, padded with masked slots (same outputs; padding is computed and counted);
     #                                     None = one batch per K (docs/performance.md, "...and padded groups")
-    unpool: str = "assign"              # dense outputs: 'assign' (Z_rec = A S) | 'skip' (Z_pre + A (S - S_0))
+    unpool: str = "skip"                # dense outputs: 'skip' (Z_pre + A (S - S_0), Hourglass's reconstruction;
+    #                                     the default since 2026-11-27, above 'assign' on every mosaic seed and
+    #                                     budget, docs/results.md) | 'assign' (Z_rec = A S, the paper's unpooling)
     # --- AdaptiveFocus Attention (paper 3.3) ---
     afa: Optional[bool] = None          # default: on with reduction='dtc' (it modulates cluster slots)
     afa_rank: int = 1                   # R in M = 1 + sum_r u_r v_r^T

@@ -28,6 +28,7 @@ from ..profile import profile
 from ..provenance import provenance
 from ..timing import time_models
 from .detector import build_detector, num_classes_of
+from .run import backbone_kwargs, pinned_kwargs
 from .train import fit
 
 
@@ -110,7 +111,7 @@ def measure(detector, ds, batch: int = 32, rounds: int = 5) -> dict:
 
 
 def build(spec: dict):
-    backbone = timm.create_model(spec["model"], img_size=spec["img_size"], **spec["kwargs"])
+    backbone = timm.create_model(spec["model"], img_size=spec["img_size"], **backbone_kwargs(spec))
     if backbone.patch_embed.proj.in_channels != spec["in_chans"]:
         raise ValueError(f"{spec['model']} takes {backbone.patch_embed.proj.in_channels} channels but the "
                          f"mosaics have {spec['in_chans']}: choose another --model or in_chans=")
@@ -132,7 +133,7 @@ def run(data_dir: Optional[str] = None, model: str = "adaptivision_nano_patch4_2
     if os.path.exists(os.path.join(run_dir, "detector.safetensors")):
         raise FileExistsError(f"{run_dir} already holds a detection run: pass another --name (nothing overwritten)")
     tr, ev = datasets(data_dir, img_size, eval_size)
-    spec = dict(model=model, kwargs=dict(kwargs or {}), img_size=img_size, dataset="mosaic", classes=list(tr.classes),
+    spec = dict(model=model, kwargs=pinned_kwargs(model, kwargs), img_size=img_size, dataset="mosaic", classes=list(tr.classes),
                 in_chans=int(tr[0][0].shape[0]), channels=channels, steps=steps, batch=batch, lr=lr, seed=seed,
                 min_visible=tr.min_visible)
     torch.manual_seed(seed)

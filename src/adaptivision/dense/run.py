@@ -15,6 +15,7 @@ from torch.utils.data import Subset
 
 from ..budget import apply_budget
 from ..checkpoint import load_weights, save_weights
+from ..config import ModelOptions
 from ..data.datasets import fashion_mnist
 from ..data.mosaic import MOSAIC_CLASSES, FashionMosaics
 from ..data.segmentation import build_segmentation
@@ -40,8 +41,26 @@ def datasets(name: str, data_dir: Optional[str], img_size: int, eval_size: Optio
     return tr, ev, classes
 
 
+def pinned_kwargs(model: str, kwargs: Optional[dict]) -> dict:
+    """The backbone options a new run writes into its spec: AdaptiVision's ``unpool`` resolved, so that
+    a later change of its default cannot change what a saved segmenter or detector computes."""
+    kwargs = dict(kwargs or {})
+    if model.startswith("adaptivision_") and kwargs.get("reduction", "dtc") == "dtc":  # baselines unpool their own way
+        kwargs.setdefault("unpool", ModelOptions.unpool)
+    return kwargs
+
+
+def backbone_kwargs(spec: dict) -> dict:
+    """The options to rebuild a spec's backbone with: specs written before ``unpool`` was pinned
+    (2026-11-27) were trained with ``'assign'``, the default then."""
+    kwargs = dict(spec["kwargs"])
+    if spec["model"].startswith("adaptivision_") and kwargs.get("reduction", "dtc") == "dtc":
+        kwargs.setdefault("unpool", "assign")
+    return kwargs
+
+
 def build(spec: dict) -> Segmenter:
-    backbone = timm.create_model(spec["model"], img_size=spec["img_size"], **spec["kwargs"])
+    backbone = timm.create_model(spec["model"], img_size=spec["img_size"], **backbone_kwargs(spec))
     if spec.get("in_chans") and backbone.patch_embed.proj.in_channels != spec["in_chans"]:
         raise ValueError(f"{spec['model']} takes {backbone.patch_embed.proj.in_channels} channels but "
                          f"{spec['dataset']} has {spec['in_chans']}: choose another --model or in_chans=")
@@ -60,7 +79,7 @@ def run(dataset: str = "mosaic", data_dir: Optional[str] = None, model: Optional
     if os.path.exists(os.path.join(run_dir, "segmenter.safetensors")):
         raise FileExistsError(f"{run_dir} already holds a segmentation run: pass another --name (nothing overwritten)")
     tr, ev, classes = datasets(dataset, data_dir, img_size, eval_size)
-    spec = dict(model=model, kwargs=dict(kwargs or {}), img_size=img_size, decoder=decoder, dataset=dataset,
+    spec = dict(model=model, kwargs=pinned_kwargs(model, kwargs), img_size=img_size, decoder=decoder, dataset=dataset,
                 classes=list(classes), in_chans=int(tr[0][0].shape[0]), steps=steps, batch=batch, lr=lr, seed=seed)
     torch.manual_seed(seed)
     seg = build(spec)

@@ -104,7 +104,7 @@ def _identity(cfg: TrainConfig) -> dict:
 # The model defaults that run identities are measured against: those when the first runs were
 # recorded. Changing a live default must give new runs, not silently reuse old ones, so a DTC
 # cell's clustering preset, temperature and training K are always written out when they differ from these.
-ID_DEFAULTS = dict(ModelOptions().to_dict(), clustering="paper", tau=150.0, train_k="image")
+ID_DEFAULTS = dict(ModelOptions().to_dict(), clustering="paper", tau=150.0, train_k="image", unpool="assign")
 
 
 def _non_default(kwargs: dict, model: Optional[str] = None) -> dict:
