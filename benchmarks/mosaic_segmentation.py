@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/mosaic_segmentation.py [--steps 300] [--out benchmarks/results/mosaic]
     .venv/bin/python benchmarks/mosaic_segmentation.py --smoke      # a few steps, for CI
     .venv/bin/python benchmarks/mosaic_segmentation.py --backbones adaptivision-image --steps 900 --lr 3e-3
-    .venv/bin/python benchmarks/mosaic_segmentation.py --summarize A.json B.json [--out C]  # mean ± std over seeds
+    .venv/bin/python benchmarks/mosaic_segmentation.py --summarize A.json B.json:dense,tome [--out C]  # mean ± std
 
 Backbones: adaptivision_nano_patch4_28 at 56x56 (196 patches), Segmenter linear decoder,
 AdamW, cosine schedule, batch 32; training canvases from the Fashion-MNIST training images,
@@ -63,8 +63,9 @@ def main(argv=None) -> int:
                    "(default benchmarks/results/mosaic; '' writes nothing); with --summarize, OUT.md only")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--backbones", default=",".join(BACKBONES), help=f"comma-separated, of {', '.join(BACKBONES)}")
-    p.add_argument("--summarize", nargs="+", metavar="JSON",
-                   help="train nothing: the mean ± std over these records (one per seed) of each backbone and knob")
+    p.add_argument("--summarize", nargs="+", metavar="JSON[:BACKBONES]",
+                   help="train nothing: the mean ± std over these records (one per seed) of each backbone and knob; "
+                        "JSON:dense,tome takes only those backbones' rows of that record")
     a = p.parse_args(argv)
     if a.summarize:
         return summarize(a.summarize, a.out)
@@ -109,9 +110,16 @@ def summarize(paths: list, out: Optional[str] = None) -> int:
     """One table from several records of the same recipe (one per seed): mean ± std of each backbone
     at each knob; a recipe that differs between the records is an error that names it."""
     recs = []
-    for path in paths:
+    for arg in paths:  # PATH or PATH:BACKBONE,BACKBONE (only those rows of that record)
+        path, _, only = arg.partition(":")
         with open(path) as f:
-            recs.append(json.load(f))
+            rec = json.load(f)
+        if only:
+            unknown = set(only.split(",")) - {row["backbone"] for row in rec["rows"]}
+            if unknown:
+                raise ValueError(f"{path} has no rows of {sorted(unknown)}")
+            rec = dict(rec, rows=[row for row in rec["rows"] if row["backbone"] in only.split(",")])
+        recs.append(rec)
     for key in ("steps", "batch", "lr"):
         if len({r.get(key) for r in recs}) > 1:
             raise ValueError(f"the records differ in {key}: " + ", ".join(f"{p}: {r.get(key)}" for p, r in zip(paths, recs, strict=True)))

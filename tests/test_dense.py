@@ -125,6 +125,12 @@ def test_mosaic_benchmark_smoke(tmp_path):
     mean, std = statistics.mean(dense), statistics.stdev(dense)
     assert f"| dense | — | {rows[0]['gmacs']:.4f} | {mean:.2f} ± {std:.2f} | 0, 1 |" in table
     assert "| tome | 4 |" in table and "± " not in table.split("| tome | 4 |")[1].split("\n")[0]  # one seed: no spread
+    part = mod.main(["--summarize", str(tmp_path / "m.json") + ":tome,dense", str(tmp_path / "m1.json"),
+                     "--out", str(tmp_path / "p")])
+    assert part == 0 and "| adaptivision |" not in (tmp_path / "p.md").read_text()
+    assert "| tome | 4 |" in (tmp_path / "p.md").read_text()
+    with pytest.raises(ValueError, match="has no rows of \\['hourglass'\\]"):
+        mod.main(["--summarize", str(tmp_path / "m.json") + ":hourglass"])
     with pytest.raises(ValueError, match="two records of dense seed 0"):
         mod.main(["--summarize", str(tmp_path / "m.json"), str(tmp_path / "m.json")])
     other = json.loads((tmp_path / "m1.json").read_text())
