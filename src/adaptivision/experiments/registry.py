@@ -131,8 +131,8 @@ LEVER_CELLS = (
     Cell("image, soft, tau 20, after block 2, K 24, AFA off, batch K, distilled from dense",
          dict(IMAGE_DTC, assign="soft", tau=20.0, condense_at=2, k_mid=24, afa=False, train_k="batch"),
          train=dict(distill_from=TEACHER_DENSE)),
-    # condense gradually, as ToMe does: 40 super-tokens after block 1, 16 (8-32) after block 3, at 66% of
-    # the dense GMACs against the one stage's 69% (off the shelf, two stages beat one at the plateau)
+    # condense gradually, as ToMe does: 40 super-tokens after block 1, 8-32 after block 3 (about 20 once
+    # trained), at the one stage's GMACs (off the shelf two stages were a little better at the plateau)
     Cell("image, soft, tau 20, two stages after blocks 1 and 3, K 40/16, batch K",
          dict(IMAGE_DTC, assign="soft", tau=20.0, condense_at=[1, 3], k_min=[32, 8], k_max=[49, 32], k_mid=40,
               train_k="batch")),
