@@ -248,7 +248,7 @@ EXPERIMENTS = {e.name: e for e in (
                "train", tuple(LEVER_CELLS[i] for i in (0, 2, 18, 25)),
                note="run it with --scale default --seeds 2; shares its dense, ToMe and jittered runs with dtc-batch-k"),
     Experiment("dtc-plateau", "The default-length candidates trained to plateau (--scale full)", "train",
-               tuple(LEVER_CELLS[i] for i in (0, 18, 2, 21, 1, 19, 22, 23, 12, 3)),
+               tuple(LEVER_CELLS[i] for i in (0, 18, 2, 21, 1, 19, 22, 23, 12, 3, 25)),
                note="run it with --scale full; dense first, so its curve fixes the plateau epochs (and it "
                     "teaches the distilled cells)"),
     Experiment("dtc-finetune", "Fine-tuned from the trained dense model: DTC, ToMe and EViT, and the dense "
