@@ -27,7 +27,7 @@ from adaptivision import budget
 from adaptivision.data.datasets import fashion_mnist
 from adaptivision.data.mosaic import MOSAIC_CLASSES, FashionMosaics
 from adaptivision.dense import Segmenter, evaluate_segmenter, train_segmenter
-from adaptivision.experiments.report import plot_curves
+from adaptivision.experiments.report import _stat, plot_curves
 from adaptivision.provenance import provenance
 
 BACKBONES = {"dense": dict(reduction="none"), "adaptivision": dict(cmtf=False, clustering="paper", unpool="assign"),
@@ -135,10 +135,8 @@ def summarize(paths: list, out: Optional[str] = None) -> int:
           f"mean ± std over seeds; records: {', '.join(os.path.basename(p) for p in paths)}.", "",
           "| backbone | knob | GMACs | mIoU (%) | seeds |", "|---|---|---|---|---|"]
     for (name, knob), runs in cells.items():
-        miou = [row["miou"] for _, row in runs]
-        std = f" ± {statistics.stdev(miou):.2f}" if len(miou) > 1 else ""
         md.append(f"| {name} | {knob if knob is not None else '—'} | "
-                  f"{statistics.mean(row['gmacs'] for _, row in runs):.4f} | {statistics.mean(miou):.2f}{std} | "
+                  f"{statistics.fmean(row['gmacs'] for _, row in runs):.4f} | {_stat([row['miou'] for _, row in runs])} | "
                   f"{', '.join(str(s) for s, _ in runs)} |")
     print("\n".join(md))
     if out:

@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import sys
 import time
 from typing import Optional
@@ -33,6 +32,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import adaptivision
 from adaptivision.data import build_dataset, collate_skip
+from adaptivision.experiments.report import _stat
 from adaptivision.models.from_timm import vit_kwargs
 from adaptivision.provenance import provenance
 from adaptivision.train import engine
@@ -156,12 +156,6 @@ def main(argv=None) -> int:
 def _first_or_all(ks: Optional[list]):
     """The profile's mean K per stage: a number for one stage, the list for several."""
     return None if not ks else ks[0] if len(ks) == 1 else list(ks)
-
-
-def _stat(v: list, digits: int) -> str:
-    if len(v) == 1:
-        return f"{v[0]:.{digits}f}"
-    return f"{statistics.mean(v):.{digits}f} ± {statistics.stdev(v):.{digits}f}"
 
 
 def to_markdown(per_run: dict) -> str:
