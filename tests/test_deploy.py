@@ -1,4 +1,5 @@
 """Compile, export and benchmark paths (issue 5): same outputs, bounded recompiles, working CLI."""
+import importlib.util
 import json
 
 import pytest
@@ -131,6 +132,31 @@ def test_speed_target_benchmark_smoke(tmp_path):
     res = json.loads((tmp_path / "smoke.json").read_text())
     assert len(res["throughput"]["rows"]) == 6 and len(res["targets"]) == 7
     assert all(isinstance(t["met"], bool) for t in res["targets"])
+
+
+def test_gpu_groups_and_profile_scripts_run_on_cpu(tmp_path):
+    """CI's short versions of benchmarks/gpu_groups.sh and gpu_profile.py (run on an H100 for
+    docs/performance.md): every model of the comparison timed, and a profile per model."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+    root = pathlib.Path(__file__).parents[1]
+    nano = "adaptivision_nano_patch4_28"
+    env = dict(os.environ, OUT=str(tmp_path), PY=sys.executable, DEV="cpu", BS="8", ROUNDS="1", K="24", M=nano,
+               DENSE=f"{nano}:reduction=none")
+    subprocess.run(["bash", str(root / "benchmarks" / "gpu_groups.sh")], env=env, check=True, capture_output=True)
+    rows = json.loads((tmp_path / "gpu-groups-fp32.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == [f"{nano}:reduction=none", nano, f"{nano}:max_groups=4",
+                                          f"{nano}:max_groups=2", f"{nano}:max_groups=1", f"{nano}:k=24"]
+    assert rows[4]["gmacs"] >= rows[1]["gmacs"]                  # one padded batch computes its padding
+    spec = importlib.util.spec_from_file_location("gpu_profile", root / "benchmarks" / "gpu_profile.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--models", f"{nano},{nano}:k=24", "--batch-size", "4", "--img-size", "28", "--in-chans", "1",
+                     "--steps", "1", "--top", "5", "--out", str(tmp_path / "prof")]) == 0
+    texts = [(tmp_path / "prof" / f"profile-{i}.txt").read_text() for i in range(2)]
+    assert texts[1].startswith(f"## {nano}:k=24: ") and "ms per forward" in texts[1] and "aten::" in texts[1]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA paths: run where a GPU is available")
