@@ -140,6 +140,15 @@ LEVER_CELLS = (
     # test 0.68 lower): is the budget jitter (a random K shift per batch) a regulariser it cannot afford?
     Cell("image, soft, tau 20, after block 2, K 24, batch K, no budget jitter",
          dict(IMAGE_DTC, assign="soft", tau=20.0, condense_at=2, k_mid=24, train_k="batch", budget_jitter=0.0)),
+    # one block later at the same GMACs (fewer super-tokens from better-mixed tokens: off the shelf condensing
+    # after block 2 beat block 0); K in steps of 4 so that a mean of 17 is reachable
+    Cell("image, soft, tau 20, after block 3, K 17, batch K, no budget jitter",
+         dict(IMAGE_DTC, assign="soft", tau=20.0, condense_at=3, k_min=8, k_mid=17, k_step=4, train_k="batch",
+              budget_jitter=0.0)),
+    # the two levers that cost nothing in accuracy alone, together: no jitter and no AFA
+    Cell("image, soft, tau 20, after block 2, K 24, AFA off, batch K, no budget jitter",
+         dict(IMAGE_DTC, assign="soft", tau=20.0, condense_at=2, k_mid=24, afa=False, train_k="batch",
+              budget_jitter=0.0)),
 )
 
 # Fine-tuning from the trained dense model, the protocol of DynamicViT, EViT and ToMe's trained rows
@@ -247,6 +256,9 @@ EXPERIMENTS = {e.name: e for e in (
     Experiment("dtc-jitter", "The budget jitter: DTC trained at one budget against a random shift per batch",
                "train", tuple(LEVER_CELLS[i] for i in (0, 2, 18, 25)),
                note="run it with --scale default --seeds 2; shares its dense, ToMe and jittered runs with dtc-batch-k"),
+    Experiment("dtc-later", "Without the jitter: condensing one block later, and without AFA, at the same GMACs",
+               "train", tuple(LEVER_CELLS[i] for i in (0, 2, 25, 26, 27)),
+               note="run it with --scale default --seeds 2; shares its dense, ToMe and no-jitter runs with dtc-jitter"),
     Experiment("dtc-plateau", "The default-length candidates trained to plateau (--scale full)", "train",
                tuple(LEVER_CELLS[i] for i in (0, 18, 2, 21, 1, 19, 22, 23, 12, 3, 25)),
                note="run it with --scale full; dense first, so its curve fixes the plateau epochs (and it "
