@@ -372,6 +372,56 @@ def test_recorded_runs_keep_their_names(scale, name, runs):
     assert checked >= runs
 
 
+@pytest.mark.parametrize("scale", ["default", "full"])
+def test_every_dtc_cell_builds_the_model_it_names(scale):
+    """A cell's options equal to ID_DEFAULTS are left out of its run's name, and some of those are no
+    longer the live defaults (clustering 'paper', train_k 'image', condense_at 0, unpool 'assign',
+    budget_jitter 1): the model each cell trains must still have every option the cell names, and a
+    cell that leaves the jitter out keeps the value its runs were recorded with."""
+    from adaptivision.experiments import registry
+    from adaptivision.experiments.runner import Runner, base_config
+    from adaptivision.train.build import create_model, model_spec
+    base = base_config(scale, "fashion-mnist", None, None)
+    runner = Runner(registry.get("dtc-levers"), "/x", scale, base)
+    for cell in registry.LEVER_CELLS:
+        if cell.model or cell.match_gmacs or cell.kwargs.get("reduction", "dtc") != "dtc":
+            continue
+        cfg, _ = runner.cell_config(cell, 0)
+        opts = create_model(model_spec(cfg, 10, dense=False)).opts
+        for key, want in cell.kwargs.items():
+            got = getattr(opts, key)
+            assert (got == want) or (key == "condense_at" and [s.block for s in opts.stages] == [want]), (cell.label, key)
+        assert opts.budget_jitter == cell.kwargs.get("budget_jitter", 1.0), cell.label
+        assert opts.unpool == "assign", cell.label
+    paper = runner.cell_config(registry.LEVER_CELLS[3], 0)[0]
+    assert {k: paper.model_kwargs[k] for k in ("clustering", "train_k", "condense_at")} == \
+        dict(clustering="paper", train_k="image", condense_at=0)
+
+
+def test_a_run_started_before_the_pins_resumes_with_its_own_options(monkeypatch, tmp_path):
+    """A run saved with the options left out (before cells were built with them written out) is
+    resumed with its saved options, not refused as a changed configuration."""
+    import dataclasses
+
+    from adaptivision.experiments import registry
+    from adaptivision.experiments import runner as runner_mod
+    from adaptivision.experiments.runner import Runner, base_config
+    base = base_config("smoke", "fashion-mnist", None, None)
+    runner = Runner(registry.get("dtc-levers"), str(tmp_path), "smoke", base)
+    cfg, _ = runner.cell_config(registry.LEVER_CELLS[3], 0)                  # the paper cell: all pinned
+    run_dir = os.path.join(cfg.output, cfg.name)
+    os.makedirs(run_dir)
+    dataclasses.replace(cfg, model_kwargs={}).save(os.path.join(run_dir, "config.yaml"))
+    open(os.path.join(run_dir, "last.safetensors"), "wb").close()
+    seen = []
+    monkeypatch.setattr(runner_mod.engine, "run", lambda c, resume=None, **kw: seen.append((c.model_kwargs, resume)))
+    assert runner._train(cfg, run_dir, "paper", "rel")
+    assert seen == [({}, run_dir)]
+    dataclasses.replace(cfg, model_kwargs={"tau": 5.0}).save(os.path.join(run_dir, "config.yaml"))
+    assert runner._train(cfg, run_dir, "paper", "rel")                      # another config: engine refuses it
+    assert seen[-1] == (cfg.model_kwargs, run_dir)
+
+
 def test_only_runs_the_chosen_cells_and_the_teacher_they_need():
     """--only LABEL: those cells, plus the dense cell when one learns from it; an unknown label
     names the experiment's cells; the record says it is partial."""

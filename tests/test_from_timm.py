@@ -36,9 +36,10 @@ def test_off_the_shelf_condensation_calibrated_on_a_batch(tmp_path):
     x = torch.randn(6, 3, 224, 224) * torch.linspace(0.2, 2, 6).view(6, 1, 1, 1)  # images of varied contrast
     default = adaptivision.from_timm(vit, x, k_min=32, k_max=160)
     assert list(default.dtc) == ["1"] and default.dtc["1"].centers == "fps"  # the defaults here: after block 1, fps
-    model = adaptivision.from_timm(vit, x, k_min=32, k_max=160, clustering="paper", condense_at=0).eval()
+    model = adaptivision.from_timm(vit, x, k_min=32, k_max=160, clustering="paper", condense_at=0,
+                                   budget_jitter=0.5).eval()
     dtc = model.dtc["0"]
-    assert bool(dtc.initialized) and bool(dtc.stats_seen) and dtc.budget_jitter == 1.0
+    assert bool(dtc.initialized) and bool(dtc.stats_seen) and dtc.budget_jitter == 0.5  # off while calibrating only
     with torch.no_grad():
         logits = model(x)
     assert logits.shape == (6, 1000) and torch.isfinite(logits).all()

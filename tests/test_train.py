@@ -709,3 +709,22 @@ def test_auto_distillation_resolves_to_the_jobs_dense_model_only_for_dtc(overrid
     cfg = TrainConfig.build(overrides=overrides)
     assert cfg.resolved().distill_from == teacher
     assert cfg.resolved().resolved() == cfg.resolved()
+
+
+def test_budget_jitter_is_written_out_and_resumes_as_the_run_trained(tmp_path):
+    """The jitter default became 0 (2026-11-27): a new run's spec says its jitter, and resuming a run
+    whose spec predates that (no budget_jitter in model.json) goes on with the old default 1."""
+    from adaptivision.train.build import model_spec
+    cfg = TrainConfig(model="adaptivision_nano_patch4_28")
+    assert model_spec(cfg, 10, dense=False)["kwargs"]["budget_jitter"] == 0.0
+    assert "budget_jitter" not in model_spec(cfg, 10, dense=True)["kwargs"]
+    assert "budget_jitter" not in model_spec(TrainConfig(model_kwargs={"reduction": "tome"}), 10, dense=False)["kwargs"]
+    old, new = tmp_path / "old", tmp_path / "new"
+    for run, kwargs in ((old, {"cmtf": False}), (new, {"cmtf": False, "budget_jitter": 0.0})):
+        run.mkdir()
+        (run / "model.json").write_text(json.dumps(dict(name=cfg.model, num_classes=10, kwargs=kwargs)))
+        (run / "last.safetensors").write_bytes(b"")
+    assert model_spec(cfg, 10, dense=False, checkpoint=str(old / "last.safetensors"))["kwargs"]["budget_jitter"] == 1.0
+    assert model_spec(cfg, 10, dense=False, checkpoint=str(new / "last.safetensors"))["kwargs"]["budget_jitter"] == 0.0
+    explicit = TrainConfig(model=cfg.model, model_kwargs={"budget_jitter": 2.0})
+    assert model_spec(explicit, 10, dense=False, checkpoint=str(old / "last.safetensors"))["kwargs"]["budget_jitter"] == 2.0

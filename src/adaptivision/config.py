@@ -91,7 +91,8 @@ class ModelOptions:
     dynamic: bool = True                # per-image K; False = fixed K (k_max unless a budget is set)
     train_k: str = "batch"              # K in training: 'batch' (the batch's mean K, one group: as accurate, 1.2-1.4x
     #                                     faster updates; docs/results.md) | 'image' (per image, the paper); inference: per image
-    budget_jitter: float = 1.0          # training-time random shift of the budget bias
+    budget_jitter: float = 0.0          # training: random shift of the budget bias per batch, uniform in +-this
+    #                                     (0 since 2026-11-27: +0.54 top-1 at the plateau, docs/results.md; 1 before)
     stat_momentum: float = 0.1          # running mean/std of the complexity score
     assign_norm: bool = True            # distances on LayerNorm'd tokens (scale-free tau); False = raw tokens
     max_groups: Optional[int] = None    # inference with per-image K: run the condensed blocks as at most this many

@@ -104,7 +104,10 @@ def _identity(cfg: TrainConfig) -> dict:
 # The model defaults that run identities are measured against: those when the first runs were
 # recorded. Changing a live default must give new runs, not silently reuse old ones, so a DTC
 # cell's clustering preset, temperature and training K are always written out when they differ from these.
-ID_DEFAULTS = dict(ModelOptions().to_dict(), clustering="paper", tau=150.0, train_k="image", unpool="assign")
+# The other changed defaults (unpool, budget_jitter) are not resolved: a cell that leaves them out keeps
+# the value its runs were recorded with (``_explicit`` builds it so); cells name the new value to get it.
+ID_DEFAULTS = dict(ModelOptions().to_dict(), clustering="paper", tau=150.0, train_k="image", unpool="assign",
+                   budget_jitter=1.0)
 
 
 def _non_default(kwargs: dict, model: Optional[str] = None) -> dict:
@@ -116,6 +119,19 @@ def _non_default(kwargs: dict, model: Optional[str] = None) -> dict:
         kwargs.setdefault("tau", CLUSTERING[kwargs["clustering"]]["tau"])
         kwargs.setdefault("train_k", ModelOptions.train_k)
     return {k: v for k, v in kwargs.items() if k not in ID_DEFAULTS or ID_DEFAULTS[k] != v}
+
+
+def _explicit(kwargs: dict) -> dict:
+    """What a DTC cell's model is built with: its ``_non_default`` options, plus the ``ID_DEFAULTS``
+    value of every option they leave out whose live default is now another. Leaving one out means
+    "equal to ID_DEFAULTS", so without this a paper cell (``clustering='paper'``, ``train_k='image'``,
+    ``condense_at=0``, all equal to ID_DEFAULTS) would be built with today's defaults under its old name."""
+    if kwargs.get("reduction", "dtc") != "dtc":
+        return dict(kwargs)
+    live = ModelOptions().to_dict()
+    pins = {k: v for k, v in ID_DEFAULTS.items() if live.get(k) != v}
+    pins["condense_at"] = ID_DEFAULTS["condense_at"]  # live: the model's stage default (nano: after block 2)
+    return dict({k: v for k, v in pins.items() if k not in kwargs}, **kwargs)
 
 
 def _commit(spec: dict) -> Optional[str]:
@@ -178,7 +194,10 @@ class Runner:
         if cell.epochs_fraction is not None:  # a fine-tuning cell: a share of the scale's epochs
             train.setdefault("epochs", max(1, round(self.base.epochs * cell.epochs_fraction)))
         cfg = dataclasses.replace(self.base, model=model, model_kwargs=kwargs, seed=seed, **train).validate()
+        # named by the options that differ from ID_DEFAULTS; built with every pinned one written out
         ident = json.dumps(_identity(cfg), sort_keys=True, default=str)
+        if not cell.model:
+            cfg = dataclasses.replace(cfg, model_kwargs=_explicit(kwargs))
         # named by what is run, not by the row label, so equal configurations share one run
         what = _slug(model if cell.model else kwargs.get("reduction", "dtc"))
         if cfg.guidance != "none":
@@ -246,6 +265,10 @@ class Runner:
                 raise FileNotFoundError(f"{what}: its {role} {path} ({key}) is not trained: list the dense "
                                         "cell before it in the experiment")
         resume = run_dir if os.path.isfile(os.path.join(run_dir, "last.safetensors")) else None
+        if resume and os.path.isfile(os.path.join(run_dir, "config.yaml")):
+            saved = TrainConfig.saved(run_dir).model_kwargs
+            if saved != cfg.model_kwargs and _explicit(saved) == cfg.model_kwargs:
+                cfg = dataclasses.replace(cfg, model_kwargs=saved)  # started before the pins were written out
         try:  # engine.run takes the run's lock itself (no probe here: a probe would hold it a moment)
             engine.run(cfg, resume=resume, log=lambda *a: None,  # says "training" only once the lock is ours
                        started=lambda: self.log(f"{what}: {'resuming' if resume else 'training'} {rel}"))

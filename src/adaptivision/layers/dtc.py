@@ -126,7 +126,7 @@ class DynamicTokenClustering(nn.Module):
 
     def __init__(self, dim: int, *, k_min: int, k_max: int, k_step: int = 8, tau: float = 150.0,
                  iters: int = 0, normalize: bool = True, complexity: str = "variance",
-                 dynamic: bool = True, train_k: str = "batch", budget_jitter: float = 1.0, stat_momentum: float = 0.1,
+                 dynamic: bool = True, train_k: str = "batch", budget_jitter: float = 0.0, stat_momentum: float = 0.1,
                  assign_norm: bool = True, k_mid: Optional[int] = None, centers: str = "learned",
                  hard: bool = False):
         super().__init__()

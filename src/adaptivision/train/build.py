@@ -15,6 +15,7 @@ from timm.data import create_transform, resolve_data_config
 from torch.utils.data import DataLoader, Subset
 
 from ..checkpoint import load_weights, read_weights
+from ..config import ModelOptions
 from ..data.datasets import build_dataset, collate_skip
 from ..guidance import Guidance, class_embeddings, parse_sources
 from ..models import AdaptiVision
@@ -34,6 +35,8 @@ def model_spec(cfg: TrainConfig, num_classes: int, dense: bool, guide: Optional[
     if cfg.model.startswith("adaptivision_") and not dense:
         stages = checkpoint_stages(checkpoint, cfg.model, kwargs) if checkpoint else None
         kwargs = dict(stages if stages is not None else stage_defaults(cfg.model, kwargs), **kwargs)
+        if kwargs.get("reduction", "dtc") == "dtc" and "budget_jitter" not in kwargs:
+            kwargs["budget_jitter"] = checkpoint_jitter(checkpoint) if checkpoint else ModelOptions.budget_jitter
     if cfg.drop_path:
         kwargs["drop_path_rate"] = cfg.drop_path
     if cfg.img_size:
@@ -71,6 +74,13 @@ def build_guidance(cfg: TrainConfig, classes, model: nn.Module) -> Optional[Guid
 def guidance_kwargs(guide: Optional[Guidance], x: torch.Tensor, mode: str = "normal") -> dict:
     """``guidance=`` / ``patch_weights=`` for ``model(x, ...)`` (nothing without guidance)."""
     return guide(x, mode=mode).model_kwargs() if guide is not None else {}
+
+
+def checkpoint_jitter(checkpoint: str) -> float:
+    """The budget jitter a run being resumed trained with: its ``model.json`` says it since the default
+    became 0 (2026-11-27); a run saved before, whose spec does not say, trained with the old default 1."""
+    spec = _spec_beside(checkpoint)
+    return float((spec or {}).get("kwargs", {}).get("budget_jitter", 1.0 if spec else ModelOptions.budget_jitter))
 
 
 def checkpoint_stages(checkpoint: str, name: str, kwargs: dict) -> Optional[dict]:
