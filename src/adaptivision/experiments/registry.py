@@ -247,8 +247,10 @@ EXPERIMENTS = {e.name: e for e in (
                note="run it with --scale default --seeds 2; the dense cell comes first: it is the teacher"),
     Experiment("default-job", "The default job's model (`adaptivision train`): before block 0 or after block 2",
                "train", (DENSE, DEFAULT_JOB_BLOCK0) + tuple(LEVER_CELLS[i] for i in (18, 21)),
-               note="run it with --scale default --seeds 2; the after-block-2 cell is the nano default "
-                    "(the same model as {'reduction': 'dtc'}); shares its runs with dtc-batch-k and dtc-distill"),
+               note="run it with --scale default --seeds 2; the after-block-2 cell is the nano default as it was "
+                    "until 2026-11-27, with the budget jitter (as is {'reduction': 'dtc'} in the runner; the "
+                    "default job's model now: dtc-jitter's no-jitter cell); shares its runs with dtc-batch-k "
+                    "and dtc-distill"),
     Experiment("dtc-stages", "Two DTC stages against one: condensing gradually, as ToMe merges", "train",
                tuple(LEVER_CELLS[i] for i in (0, 2, 18, 24)),
                note="run it with --scale default --seeds 2; shares its dense, ToMe and one-stage runs with "
