@@ -118,10 +118,11 @@ def summarize(paths: list, out: Optional[str] = None) -> int:
         with open(path) as f:
             rec = json.load(f)
         if only:
-            unknown = set(only.split(",")) - {row["backbone"] for row in rec["rows"]}
+            keep = set(only.split(","))
+            unknown = keep - {row["backbone"] for row in rec["rows"]}
             if unknown:
                 raise ValueError(f"{path} has no rows of {sorted(unknown)}")
-            rec = dict(rec, rows=[row for row in rec["rows"] if row["backbone"] in only.split(",")])
+            rec = dict(rec, rows=[row for row in rec["rows"] if row["backbone"] in keep])
         recs.append(rec)
     for key in ("steps", "batch", "lr"):
         if len({r.get(key) for r in recs}) > 1:
