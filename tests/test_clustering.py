@@ -327,3 +327,78 @@ def test_padded_groups_benchmark_smoke(tmp_path):
     assert "| per-image K, max_groups=1 |" in out.with_suffix(".md").read_text()
     with pytest.raises(SystemExit, match="dense"):
         mod.main(["--run", str(tmp_path / "job" / "dense")])
+
+
+# --- the spatial term (spatial > 0): position in the distance, SLIC's compactness --------------------
+def test_token_positions_by_hand():
+    # 2x2 grid, raster order: (0,0) (0,1) (1,0) (1,1). Stage 1: cluster 0 = patches 0, 1 and half of 2;
+    # cluster 1 = the other half of 2 and patch 3 -> masses 2.5, 1.5; positions
+    # ((0,0)+(0,1)+0.5(1,0))/2.5 = (0.2, 0.4) and (0.5(1,0)+(1,1))/1.5 = (1, 2/3). Stage 2 merges both,
+    # weighted by mass: (2.5(0.2,0.4) + 1.5(1,2/3))/4 = (0.5, 0.5), the grid's centre (mass is conserved)
+    from adaptivision.layers.dtc import token_positions
+    grid = token_positions((2, 2), (), torch.device("cpu"))
+    assert grid.tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]
+    a1 = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]])           # (1, 4, 2)
+    assert torch.allclose(token_positions((2, 2), (a1,), torch.device("cpu")),
+                          torch.tensor([[[0.2, 0.4], [1.0, 2 / 3]]]))
+    a2 = torch.ones(1, 2, 1)
+    assert torch.allclose(token_positions((2, 2), (a1, a2), torch.device("cpu")), torch.tensor([[[0.5, 0.5]]]))
+
+
+def test_place_adds_the_slic_term_to_every_distance():
+    # squared distance grows by spatial * REF_WIDTH * |dp|^2 / S^2 with S^2 = N / k_ref: here
+    # 0.5 * 384 * |dp|^2 * 10 / 16 (k_ref = mid-range (4 + 16) / 2 = 10, N = 16 patches)
+    from adaptivision.layers.dtc import REF_WIDTH, token_positions
+    layer = DynamicTokenClustering(8, k_min=4, k_max=16, centers="fps", spatial=0.5)
+    zs = layer.assignment_space(torch.randn(1, 16, 8))                              # (1, 16, 8)
+    pos = token_positions((4, 4), (), zs.device)                                     # (16, 2)
+    placed = layer.place(zs, pos)                                                    # (1, 16, 10)
+    assert placed.shape == (1, 16, 10) and torch.equal(placed[..., :8], zs)
+    extra = torch.cdist(placed, placed).pow(2) - torch.cdist(zs, zs).pow(2)
+    expected = 0.5 * REF_WIDTH * torch.cdist(pos, pos).pow(2) * 10 / 16
+    assert torch.allclose(extra[0], expected, rtol=1e-4, atol=1e-2)
+    assert torch.equal(DynamicTokenClustering(8, k_min=4, k_max=16, centers="fps").place(zs, pos), zs)  # off: as is
+    with pytest.raises(ValueError, match="spatial > 0 clusters by position"):
+        layer(torch.randn(1, 16, 8), torch.ones(1, 16), 4)  # the bare layer cannot guess the positions
+
+
+def _spatial_spread(model, x) -> float:
+    """Mean squared distance (in patches) of each patch from its cluster's position, assignment-weighted."""
+    from adaptivision.layers.dtc import token_positions
+    with torch.no_grad():
+        out = model.forward_tokens(x, dense=True)
+    total = 0.0
+    for grp in out.groups:
+        a = grp.assign[0]                                                            # (b, N, K)
+        pos = token_positions((4, 4), (), x.device)                                  # (N, 2)
+        centre = token_positions((4, 4), (a,), x.device)                             # (b, K, 2)
+        d2 = (pos[None, :, None] - centre[:, None]).pow(2).sum(-1)                    # (b, N, K)
+        total += float((a * d2).sum() / a.sum())
+    return total / len(out.groups)
+
+
+def test_a_spatial_weight_makes_clusters_compact_and_trains():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 16, 16)
+    spreads = {}
+    for spatial in (0.0, 50.0):
+        torch.manual_seed(1)
+        model = tiny_model(clustering="image", cmtf=False, spatial=spatial, dynamic=False, k_max=4).eval()
+        spreads[spatial] = _spatial_spread(model, x)
+    # 16 patches in 4 clusters: 2x2 blocks would give 0.5; features alone scatter clusters over the grid
+    assert spreads[50.0] < 0.75 < spreads[0.0], spreads
+    model = tiny_model(clustering="image-soft", cmtf=False, spatial=1.0, condense_at=[0, 2], k_min=[8, 2],
+                       k_max=[16, 8])
+    perturb = [p for n, p in model.named_parameters() if "fc_v" in n]
+    with torch.no_grad():
+        for p in perturb:
+            p.normal_(0, 0.02)
+    model(torch.randn(4, 3, 16, 16)).sum().backward()  # two stages: the second places super-tokens by mass
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, missing
+
+
+@pytest.mark.parametrize("bad", [dict(spatial=-1.0), dict(spatial=1.0, clustering="paper")])
+def test_an_impossible_spatial_weight_is_refused(bad):
+    with pytest.raises(ValueError, match="spatial"):
+        tiny_model(cmtf=False, **bad)

@@ -95,6 +95,8 @@ class ModelOptions:
     #                                     (0 since 2026-11-27: +0.54 top-1 at the plateau, docs/results.md; 1 before)
     stat_momentum: float = 0.1          # running mean/std of the complexity score
     assign_norm: bool = True            # distances on LayerNorm'd tokens (scale-free tau); False = raw tokens
+    spatial: float = 0.0                # weight of patch-grid position in the distance (SLIC's compactness; not in
+    #                                     the paper); > 0 needs centers='fps' (docs/model.md)
     max_groups: Optional[int] = None    # inference with per-image K: run the condensed blocks as at most this many
     #                                     batches, padded with masked slots (same outputs; padding is computed and counted);
     #                                     None = one batch per K (docs/performance.md, "...and padded groups")
@@ -190,6 +192,9 @@ class ModelOptions:
                "'variance', 'entropy' or 'saliency'")
         _check(self.train_k in ("image", "batch"), "train_k", self.train_k, "'image' or 'batch'")
         _check(self.budget_jitter >= 0, "budget_jitter", self.budget_jitter, "a float >= 0")
+        _check(self.spatial >= 0, "spatial", self.spatial, "a float >= 0")
+        _check(not self.spatial or self.centers == "fps", "spatial", self.spatial,
+               "0 with centers='learned' (learned centroids have no position; clustering='image' or 'image-soft')")
         _check(0 < self.stat_momentum <= 1, "stat_momentum", self.stat_momentum, "a float in (0, 1]")
         _check(self.afa_rank >= 1, "afa_rank", self.afa_rank, "an integer >= 1")
         _check(self.afa_hidden is None or self.afa_hidden >= 1, "afa_hidden", self.afa_hidden,

@@ -149,6 +149,18 @@ LEVER_CELLS = (
     Cell("image, soft, tau 20, after block 2, K 24, AFA off, batch K, no budget jitter",
          dict(IMAGE_DTC, assign="soft", tau=20.0, condense_at=2, k_mid=24, afa=False, train_k="batch",
               budget_jitter=0.0)),
+    # position in the distance (SLIC's compactness): features alone let a cluster gather patches from all
+    # over the image (the background's look-alike patches above all); a weight makes clusters contiguous
+    Cell("image, soft, tau 20, after block 2, K 24, batch K, no budget jitter, spatial 0.25",
+         dict(IMAGE_DTC, assign="soft", tau=20.0, condense_at=2, k_mid=24, train_k="batch", budget_jitter=0.0,
+              spatial=0.25)),
+    Cell("image, soft, tau 20, after block 2, K 24, batch K, no budget jitter, spatial 1",
+         dict(IMAGE_DTC, assign="soft", tau=20.0, condense_at=2, k_mid=24, train_k="batch", budget_jitter=0.0,
+              spatial=1.0)),
+    # the default job's model (no jitter since 2026-11-27) distilled as the default job trains it
+    Cell("image, soft, tau 20, after block 2, K 24, batch K, no budget jitter, distilled from dense",
+         dict(IMAGE_DTC, assign="soft", tau=20.0, condense_at=2, k_mid=24, train_k="batch", budget_jitter=0.0),
+         train=dict(distill_from=TEACHER_DENSE)),
 )
 
 # Fine-tuning from the trained dense model, the protocol of DynamicViT, EViT and ToMe's trained rows
@@ -261,8 +273,11 @@ EXPERIMENTS = {e.name: e for e in (
     Experiment("dtc-later", "Without the jitter: condensing one block later, and without AFA, at the same GMACs",
                "train", tuple(LEVER_CELLS[i] for i in (0, 2, 25, 26, 27)),
                note="run it with --scale default --seeds 2; shares its dense, ToMe and no-jitter runs with dtc-jitter"),
+    Experiment("dtc-spatial", "Position in the clustering distance (SLIC's compactness), without the jitter",
+               "train", tuple(LEVER_CELLS[i] for i in (0, 2, 25, 28, 29)),
+               note="run it with --scale default --seeds 2; shares its dense, ToMe and no-jitter runs with dtc-jitter"),
     Experiment("dtc-plateau", "The default-length candidates trained to plateau (--scale full)", "train",
-               tuple(LEVER_CELLS[i] for i in (0, 18, 2, 21, 1, 19, 22, 23, 12, 3, 25, 27)),
+               tuple(LEVER_CELLS[i] for i in (0, 18, 2, 21, 1, 19, 22, 23, 12, 3, 25, 27, 30)),
                note="run it with --scale full; dense first, so its curve fixes the plateau epochs (and it "
                     "teaches the distilled cells)"),
     Experiment("dtc-finetune", "Fine-tuned from the trained dense model: DTC, ToMe and EViT, and the dense "

@@ -16,6 +16,10 @@ Where the centres come from (``centers``):
   starts empty, and FPS prefixes are nested too: the first ``K'`` picks are the FPS seeding
   for ``K'``.
 
+``spatial > 0`` (not in the paper; SLIC superpixels' compactness term) adds each token's patch-grid
+position to the assignment space, so that distances grow with how far apart two tokens lie in
+the image as well as how different they look (:meth:`DynamicTokenClustering.place`).
+
 ``assign='soft'`` is eq. 2's softmax at temperature ``tau``; ``'hard'`` assigns each token to
 its nearest centre (one-hot in the forward pass, eq. 2's soft gradient in the backward pass:
 straight-through), so a super-token is the mean of a disjoint set of patches.
@@ -86,6 +90,25 @@ def assign(zs: torch.Tensor, mu: torch.Tensor, tau: float, hard: bool) -> torch.
     return one_hot + a - a.detach() if a.requires_grad else one_hot
 
 
+def token_positions(grid: tuple, assigns: tuple, device: torch.device) -> torch.Tensor:
+    """Where the tokens entering a stage sit on the patch grid, in patch units (row, col).
+
+    Patches sit on the ``grid`` (h, w) in raster order; a super-token sits at the mass-weighted
+    mean position of what it condensed, ``p_k = sum_i a_ik m_i p_i / sum_i a_ik m_i`` (eq. 3's mean
+    applied to positions), stage after stage along ``assigns`` (each (b, N_in, N_out)).
+    Returns (N, 2) before any stage, (b, K, 2) after one."""
+    h, w = grid
+    rows, cols = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    pos = torch.stack([rows, cols], -1).reshape(h * w, 2).float()                    # (N, 2)
+    mass = None
+    for a in assigns:
+        a = a.float()                                                                # (b, N_in, N_out)
+        aw = a if mass is None else a * mass.unsqueeze(-1)                           # (b, N_in, N_out)
+        mass = aw.sum(1)                                                             # (b, N_out)
+        pos = torch.einsum("bnk,...nc->bkc", aw, pos) / mass.clamp_min(1e-6).unsqueeze(-1)  # (b, N_out, 2)
+    return pos
+
+
 @torch.no_grad()
 def farthest_points(zs: torch.Tensor, k: int) -> torch.Tensor:
     """Farthest-point sampling per image: indices (B, k) of ``k`` tokens of zs (B, N, D), each
@@ -128,7 +151,7 @@ class DynamicTokenClustering(nn.Module):
                  iters: int = 0, normalize: bool = True, complexity: str = "variance",
                  dynamic: bool = True, train_k: str = "batch", budget_jitter: float = 0.0, stat_momentum: float = 0.1,
                  assign_norm: bool = True, k_mid: Optional[int] = None, centers: str = "learned",
-                 hard: bool = False):
+                 hard: bool = False, spatial: float = 0.0):
         super().__init__()
         if not 1 <= k_min <= k_max:
             raise ValueError(f"Invalid K range [{k_min}, {k_max}]; allowed: 1 <= k_min <= k_max.")
@@ -144,6 +167,9 @@ class DynamicTokenClustering(nn.Module):
                              "'entropy' or 'saliency'.")
         if train_k not in ("image", "batch"):
             raise ValueError(f"Invalid value for 'train_k': {train_k!r}; allowed: 'image' or 'batch'.")
+        if not spatial >= 0 or (spatial > 0 and centers != "fps"):
+            raise ValueError(f"Invalid value for 'spatial': {spatial!r}; allowed: >= 0, and > 0 only with "
+                             "centers='fps' (learned centroids have no position)")
         if complexity == "entropy" and centers != "learned":
             raise ValueError("complexity='entropy' measures usage of the learned centroids: it needs centers='learned'")
         self.dim, self.k_min, self.k_max, self.k_step = dim, k_min, k_max, k_step
@@ -151,7 +177,7 @@ class DynamicTokenClustering(nn.Module):
         self.complexity, self.dynamic, self.budget_jitter = complexity, dynamic, budget_jitter
         self.train_k = train_k
         self.stat_momentum, self.assign_norm = stat_momentum, assign_norm
-        self.centers, self.hard = centers, hard
+        self.centers, self.hard, self.spatial = centers, hard, spatial
         # per-image centres own no parameter: a model without one has none that gets no gradient
         # A fresh model's centroids are the same in every process whatever the global RNG (DDP
         # broadcasts nothing it does not have to): random points of the assignment space from a
@@ -180,7 +206,7 @@ class DynamicTokenClustering(nn.Module):
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, k=[{self.k_min}, {self.k_max}] step {self.k_step}, tau={self.tau}, "
                 f"iters={self.iters}, centers={self.centers}, hard={self.hard}, complexity={self.complexity}, "
-                f"dynamic={self.dynamic}, train_k={self.train_k}")
+                f"dynamic={self.dynamic}, train_k={self.train_k}" + (f", spatial={self.spatial}" if self.spatial else ""))
 
     def assignment_space(self, z: torch.Tensor) -> torch.Tensor:
         """The space in which distances are measured (float32).
@@ -192,6 +218,21 @@ class DynamicTokenClustering(nn.Module):
         if not self.assign_norm:
             return z
         return normed_space(z)
+
+    def place(self, zs: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The assignment space with each token's position appended, (B, N, D + 2): the squared
+        distance of two tokens grows by ``spatial * REF_WIDTH * ||p_i - p_j||^2 / S^2``, ``S =
+        sqrt(N / k_ref)`` the side of an average cluster in patches (``k_ref``: ``k_mid``, else
+        mid-range), as SLIC weighs position against colour. At ``spatial = 1`` two tokens one
+        cluster side apart are as far as two orthogonal ones are half-way. zs: (B, N, D) from
+        :meth:`assignment_space`; pos: (N, 2) or (B, N, 2) from :func:`token_positions`."""
+        if not self.spatial:
+            return zs
+        N = zs.shape[1]
+        k_ref = self.k_mid if self.k_mid is not None else (self.k_min + self.k_max) / 2
+        scale = math.sqrt(self.spatial * REF_WIDTH * min(k_ref, N) / N)              # sqrt(spatial * REF_WIDTH) / S
+        pos = (pos * scale).to(zs.dtype).expand(zs.shape[0], N, 2)                   # (B, N, 2)
+        return torch.cat([zs, pos], dim=-1)                                          # (B, N, D + 2)
 
     @torch.no_grad()
     def init_centroids(self, tokens: torch.Tensor, max_points: int = 8192, seed: int = 0) -> None:
@@ -312,6 +353,9 @@ class DynamicTokenClustering(nn.Module):
         ``m`` (B, K) their mass, ``a`` (B, N, K) assignment (for unpooling ``Z_rec = a @ s``),
         and ``zs`` (B, N, D), ``mu`` ((K, D) or (B, K, D)), the points and centroids of eq. 14.
         """
+        if zs is None and self.spatial:
+            raise ValueError("spatial > 0 clusters by position too: pass zs=self.place(self.assignment_space(z), "
+                             "token_positions(...)) (ClusterStage does)")
         zs = self.assignment_space(z) if zs is None else zs                                     # (B, N, D)
         mu = self.initial_centers(zs, k, seeds)                                      # (K, D) or (B, K, D)
         a = assign(zs, mu, self.tau, self.hard)                                      # (B, N, K)

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from .cmtf import CrossModalTokenFusion
-from .dtc import DynamicTokenClustering
+from .dtc import DynamicTokenClustering, token_positions
 from .tokens import Context, Group, unpad_groups
 
 
@@ -33,6 +33,8 @@ class ClusterStage(DynamicTokenClustering):
             w = weights[grp.index] if weights is not None else None                  # (b, N) or None
             zs = self.assignment_space(z)                                            # (b, N, D) once per stage
             ks = self.num_clusters(z, w, zs)                                         # (b,)
+            if self.spatial:  # K from the features alone; clusters from features and position
+                zs = self.place(zs, token_positions(ctx.grid, grp.assign, z.device))  # (b, N, D + 2)
             ctx.num_clusters[grp.index, self.stage] = ks
             plan = self.plan(ks, z.shape[1])
             seeds = self.seed_points(z, max(k for k, _ in plan), zs)                 # (b, K_max) or None

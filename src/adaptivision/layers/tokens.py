@@ -71,6 +71,7 @@ class Context:
     num_prefix: int
     guidance: Optional[torch.Tensor] = None       # (B, M, D) embedded guidance tokens for CMTF
     patch_weights: Optional[torch.Tensor] = None  # (B, N) per-patch saliency for the first DTC stage
+    grid: Optional[tuple] = None                  # (h, w) patch grid of this forward's images
     dense: bool = False                           # record assignments (and skips) for unpooling
     seeding: bool = False                         # DTC stages seed their centroids from these tokens
     prop_attn: bool = False

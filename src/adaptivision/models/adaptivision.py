@@ -79,7 +79,7 @@ class AdaptiVision(VisionTransformer):
                 normalize=o.normalize, complexity=o.complexity, dynamic=o.dynamic, train_k=o.train_k,
                 budget_jitter=o.budget_jitter,
                 stat_momentum=o.stat_momentum, assign_norm=o.assign_norm, centers=o.centers,
-                hard=o.assign == "hard", stage=s, num_prefix=P)
+                hard=o.assign == "hard", spatial=o.spatial, stage=s, num_prefix=P)
             for s, st in enumerate(stages)})
         if opts.afa and stages:  # blocks after the first condensation attend over K+P tokens
             for i in range(stages[0].block, len(self.blocks)):
@@ -174,7 +174,9 @@ class AdaptiVision(VisionTransformer):
 
     def _blocks(self, x: torch.Tensor, ctx: Context, last: Optional[int] = None):
         """Embedding, then each block with its stages; yields ``(block index, groups)``."""
-        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))    # (B, P+N, D)
+        x = self.patch_embed(x)                                                      # (B, N, D) or (B, h, w, D)
+        ctx.grid = tuple(x.shape[1:3]) if x.dim() == 4 else tuple(self.patch_embed.grid_size)  # (h, w) patches
+        x = self.norm_pre(self.patch_drop(self._pos_embed(x)))                       # (B, P+N, D)
         groups = [Group(torch.arange(x.shape[0], device=x.device), x)]
         for i, blk in enumerate(self.blocks[: None if last is None else last + 1]):
             stages = self.stages_before(i)
