@@ -36,9 +36,13 @@ BACKBONES = {"dense": dict(reduction="none"),
              "adaptivision": dict(cmtf=False, clustering="paper", unpool="assign", budget_jitter=1.0),
              "adaptivision-image": dict(cmtf=False, clustering="image", unpool="assign", budget_jitter=1.0),
              "adaptivision-image-skip": dict(cmtf=False, clustering="image", unpool="skip", budget_jitter=1.0),
+             # the same with position in the clustering distance (DTC's spatial term: contiguous clusters)
+             "adaptivision-image-skip-spatial": dict(cmtf=False, clustering="image", unpool="skip", budget_jitter=1.0,
+                                                     spatial=0.5),
              "tome": dict(reduction="tome")}
 BUDGETS = {"dense": [None], "adaptivision": [-2.0, 0.0, 2.0], "adaptivision-image": [-2.0, 0.0, 2.0],
            "adaptivision-image-skip": [-2.0, -1.0, 0.0, 2.0],  # -1: ~60% of the dense GMACs (goal 3: <= 70%)
+           "adaptivision-image-skip-spatial": [-2.0, -1.0, 0.0, 2.0],
            "tome": [4, 8, 12]}
 
 

@@ -106,11 +106,12 @@ def test_mosaic_benchmark_smoke(tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     data = make_fmnist(str(tmp_path / "fm"), n_train=20, n_test=10)
-    names = ["dense", "adaptivision", "adaptivision-image-skip", "tome"]
+    names = ["dense", "adaptivision", "adaptivision-image-skip", "adaptivision-image-skip-spatial", "tome"]
     assert mod.main(["--smoke", "--data-dir", data, "--out", str(tmp_path / "m"), "--backbones", ",".join(names)]) == 0
     rows = json.loads((tmp_path / "m.json").read_text())["rows"]
-    assert [r["backbone"] for r in rows] == ["dense"] + ["adaptivision"] * 3 + ["adaptivision-image-skip"] * 4 + ["tome"] * 3
-    for name in ("adaptivision", "adaptivision-image-skip"):
+    assert [r["backbone"] for r in rows] == (["dense"] + ["adaptivision"] * 3 + ["adaptivision-image-skip"] * 4
+                                             + ["adaptivision-image-skip-spatial"] * 4 + ["tome"] * 3)
+    for name in ("adaptivision", "adaptivision-image-skip", "adaptivision-image-skip-spatial"):
         av = [r["gmacs"] for r in rows if r["backbone"] == name]
         assert av == sorted(av)
     assert all(0 <= r["miou"] <= 100 for r in rows)
