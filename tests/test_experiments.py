@@ -398,6 +398,24 @@ def test_every_dtc_cell_builds_the_model_it_names(scale):
         dict(clustering="paper", train_k="image", condense_at=0)
 
 
+def test_segmentation_and_detection_cells_train_the_backbone_their_runs_were_recorded_with():
+    """figure1bc / table3 runs are named by their cells' kwargs as written; their recorded seeds
+    (2026-11-26) trained the live defaults of then. A new seed must train the same backbone, so a
+    default that moved since is pinned (runner.DENSE_TASK_PINS): budget_jitter 1, and the
+    clustering preset and training K of then."""
+    import timm
+
+    from adaptivision.experiments import registry
+    from adaptivision.experiments.runner import _dense_task_kwargs
+    cells = [c for c in registry.SEG_CELLS + registry.DET_CELLS if c.kwargs.get("reduction", "dtc") == "dtc"]
+    assert len(cells) == 2
+    for cell in cells:
+        opts = timm.create_model("adaptivision_nano_patch4_28", img_size=56, **_dense_task_kwargs(cell.kwargs)).opts
+        assert (opts.budget_jitter, opts.clustering, opts.tau, opts.train_k, opts.unpool) == \
+            (1.0, "image-soft", 20.0, "batch", "skip"), cell.label
+        assert [s.block for s in opts.stages] == [0], cell.label
+
+
 def test_a_run_started_before_the_pins_resumes_with_its_own_options(monkeypatch, tmp_path):
     """A run saved with the options left out (before cells were built with them written out) is
     resumed with its saved options, not refused as a changed configuration."""

@@ -134,6 +134,20 @@ def _explicit(kwargs: dict) -> dict:
     return dict({k: v for k, v in pins.items() if k not in kwargs}, **kwargs)
 
 
+# Segmentation and detection runs are named by their cell's kwargs as written, and were first recorded
+# (2026-11-26) with the live defaults of then: the ones that have moved since are pinned when a cell
+# leaves them out, so that a new seed or scale trains what the recorded seeds trained. A default that
+# moves again belongs here too (tests/test_experiments.py checks each cell's backbone).
+DENSE_TASK_PINS = dict(budget_jitter=1.0)
+
+
+def _dense_task_kwargs(kwargs: dict) -> dict:
+    """The backbone options a segmentation / detection cell is trained with (its name stays its kwargs)."""
+    if kwargs.get("reduction", "dtc") != "dtc":
+        return dict(kwargs)
+    return dict({k: v for k, v in DENSE_TASK_PINS.items() if k not in kwargs}, **kwargs)
+
+
 def _commit(spec: dict) -> Optional[str]:
     """The git commit a segmentation / detection run recorded (None before runs recorded one)."""
     return (spec.get("provenance") or {}).get("commit")
@@ -426,7 +440,8 @@ class Runner:
                 continue
             else:
                 self.log(f"[{self.exp.name}] {cell.label} seed {seed}: training {rel}")
-                dense_run.run(dataset, self.base.data_dir, kwargs=cell.kwargs, output=os.path.join(self.out, "runs"),
+                dense_run.run(dataset, self.base.data_dir, kwargs=_dense_task_kwargs(cell.kwargs),
+                              output=os.path.join(self.out, "runs"),
                               name=os.path.join(name, f"seed{seed}"), seed=seed, log=lambda *a: None, **recipe)
             points = []
             for b in SEG_BUDGETS.get(method, [None]):
@@ -458,7 +473,7 @@ class Runner:
                 continue
             else:
                 self.log(f"[{self.exp.name}] {cell.label} seed {seed}: training {rel}")
-                detect.run(self.base.data_dir, kwargs=cell.kwargs, output=os.path.join(self.out, "runs"),
+                detect.run(self.base.data_dir, kwargs=_dense_task_kwargs(cell.kwargs), output=os.path.join(self.out, "runs"),
                            name=os.path.join(name, f"seed{seed}"), seed=seed, log=lambda *a: None, **recipe)
             with open(path) as f:
                 spec = json.load(f)
