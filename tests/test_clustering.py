@@ -402,3 +402,35 @@ def test_a_spatial_weight_makes_clusters_compact_and_trains():
 def test_an_impossible_spatial_weight_is_refused(bad):
     with pytest.raises(ValueError, match="spatial"):
         tiny_model(cmtf=False, **bad)
+
+
+# --- grid centres (centers='grid'): each grid cell's mean token, then k-means --------------------
+def test_grid_centres_by_hand():
+    from adaptivision.layers.dtc import grid_centers, grid_shape
+    assert [grid_shape(k, 7, 7) for k in (16, 24, 49, 7)] == [(4, 4), (4, 6), (7, 7), (1, 7)]
+    assert grid_shape(8, 2, 8) == (1, 8)  # the patch grid's aspect: 2 rows of 8 -> 1 x 8 cells
+    # a 4x4 grid of scalar tokens 0..15 in raster order; 4 cells of 2x2: means 2.5, 4.5, 10.5, 12.5
+    zs = torch.arange(16.0).view(1, 16, 1)
+    assert grid_centers(zs, 4, (4, 4)).view(-1).tolist() == [2.5, 4.5, 10.5, 12.5]
+    with pytest.raises(ValueError, match="first DTC stage"):
+        grid_centers(zs[:, :9], 4, (4, 4))
+
+
+def test_grid_centres_train_and_give_each_image_its_own_output():
+    model = tiny_model(clustering="image-soft", centers="grid", cmtf=False, spatial=0.5)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "fc_v" in n:
+                p.normal_(0, 0.02)
+    x = torch.randn(5, 3, 16, 16) * torch.linspace(0.1, 3, 5).view(5, 1, 1, 1)
+    model(x).sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, missing
+    model.eval()
+    with torch.no_grad():
+        batch = model(x)
+        assert model.last_num_clusters.unique().numel() > 1
+        for i in range(5):
+            assert torch.allclose(model(x[i:i + 1]), batch[i:i + 1], atol=1e-5)
+    with pytest.raises(ValueError, match="one stage"):
+        tiny_model(centers="grid", cmtf=False, condense_at=[0, 2], k_min=[8, 2], k_max=[16, 8])

@@ -82,6 +82,7 @@ class ModelOptions:
     k_step: int = 8                     # K is rounded to a multiple of this (bounds the number of groups)
     clustering: str = "image-soft"      # preset of the four below: 'image-soft' | 'image' | 'paper' (CLUSTERING, docs/model.md)
     centers: Optional[str] = None       # 'learned' (nested learned centroids) | 'fps' (each image's own tokens)
+    #                                     | 'grid' (each image's grid-cell means; first stage only)
     assign: Optional[str] = None        # 'soft' (eq. 2) | 'hard' (nearest centre; straight-through gradient)
     iters: Optional[int] = None         # k-means refinement steps, per image
     tau: Optional[float] = None         # eq. 2 temperature (Table 4; default: the preset's, 150 or 20)
@@ -96,7 +97,7 @@ class ModelOptions:
     stat_momentum: float = 0.1          # running mean/std of the complexity score
     assign_norm: bool = True            # distances on LayerNorm'd tokens (scale-free tau); False = raw tokens
     spatial: float = 0.0                # weight of patch-grid position in the distance (SLIC's compactness; not in
-    #                                     the paper); > 0 needs centers='fps' (docs/model.md)
+    #                                     the paper); > 0 needs centers='fps' or 'grid' (docs/model.md)
     max_groups: Optional[int] = None    # inference with per-image K: run the condensed blocks as at most this many
     #                                     batches, padded with masked slots (same outputs; padding is computed and counted);
     #                                     None = one batch per K (docs/performance.md, "...and padded groups")
@@ -184,7 +185,7 @@ class ModelOptions:
         _check(isinstance(self.tau, (int, float)) and not isinstance(self.tau, bool) and self.tau > 0,
                "tau", self.tau, "a float > 0")
         _check(self.iters >= 0, "iters", self.iters, "an integer >= 0")
-        _check(self.centers in ("learned", "fps"), "centers", self.centers, "'learned' or 'fps'")
+        _check(self.centers in ("learned", "fps", "grid"), "centers", self.centers, "'learned', 'fps' or 'grid'")
         _check(self.assign in ("soft", "hard"), "assign", self.assign, "'soft' or 'hard'")
         _check(self.complexity != "entropy" or self.centers == "learned", "complexity", self.complexity,
                "'variance' or 'saliency' with centers='fps' ('entropy' measures use of the learned centroids)")
@@ -193,7 +194,7 @@ class ModelOptions:
         _check(self.train_k in ("image", "batch"), "train_k", self.train_k, "'image' or 'batch'")
         _check(self.budget_jitter >= 0, "budget_jitter", self.budget_jitter, "a float >= 0")
         _check(self.spatial >= 0, "spatial", self.spatial, "a float >= 0")
-        _check(not self.spatial or self.centers == "fps", "spatial", self.spatial,
+        _check(not self.spatial or self.centers != "learned", "spatial", self.spatial,
                "0 with centers='learned' (learned centroids have no position; clustering='image' or 'image-soft')")
         _check(0 < self.stat_momentum <= 1, "stat_momentum", self.stat_momentum, "a float in (0, 1]")
         _check(self.afa_rank >= 1, "afa_rank", self.afa_rank, "an integer >= 1")
@@ -243,6 +244,8 @@ class ModelOptions:
                 _check(k_min < k_mid < k_max, "k_mid", self.k_mid, f"k_min < k_mid < k_max ({k_min}, {k_max})")
             self.stages.append(Stage(block=c, k_min=k_min, k_max=k_max, k_mid=k_mid))
             n_in = k_min  # the next stage must fit the smallest K this one can produce
+        _check(self.centers != "grid" or len(self.stages) <= 1, "centers", self.centers,
+               "'learned' or 'fps' with several DTC stages ('grid' centres need the patch grid: one stage)")
 
         cm = _as_list(self.cmtf_at)
         if cm is None:

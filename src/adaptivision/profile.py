@@ -61,6 +61,8 @@ def module_macs(m: nn.Module, args: tuple, kwargs: dict, out) -> int:
         macs = (2 + 2 * m.iters) * B * N * k * D
         if m.centers == "fps":  # the image's token-to-token distances that farthest-point sampling reads
             macs += B * N * N * D
+        elif m.centers == "grid":  # each centre is the mean of its cell: every token added once
+            macs += B * N * D
         if m.dynamic and m.complexity == "entropy":  # assignment to all K_max centroids for the score
             macs += B * N * m.k_max * D
         return macs

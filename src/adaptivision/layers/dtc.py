@@ -14,7 +14,11 @@ Where the centres come from (``centers``):
   (TCFormer and Token Pooling cluster each image's own tokens; FPS is their cheapest spread-out
   seeding), then ``iters`` k-means steps. Every centre is a token of the image, so no slot
   starts empty, and FPS prefixes are nested too: the first ``K'`` picks are the FPS seeding
-  for ``K'``.
+  for ``K'``;
+- ``'grid'``: the mean token of each cell of an ``a x b`` grid laid over the patch grid
+  (``a * b = K``), then ``iters`` k-means steps: Hourglass's token clustering and SLIC superpixels
+  start this way; no sequential loop (FPS is one step per centre), and every centre starts where
+  its cell is. First stage only (later stages' tokens are not on a grid).
 
 ``spatial > 0`` (not in the paper; SLIC superpixels' compactness term) adds each token's patch-grid
 position to the assignment space, so that distances grow with how far apart two tokens lie in
@@ -90,6 +94,26 @@ def assign(zs: torch.Tensor, mu: torch.Tensor, tau: float, hard: bool) -> torch.
     return one_hot + a - a.detach() if a.requires_grad else one_hot
 
 
+def grid_shape(k: int, h: int, w: int) -> tuple:
+    """The ``a x b = k`` grid closest in aspect to the ``h x w`` patch grid (divisors of ``k``;
+    ``k = 24`` on 7 x 7 gives 4 x 6)."""
+    pairs = [(a, k // a) for a in range(1, k + 1) if k % a == 0]
+    return min(pairs, key=lambda ab: (round(abs(math.log(ab[0] * w / (ab[1] * h))), 9), ab[0]))  # ties: wider
+
+
+def grid_centers(zs: torch.Tensor, k: int, grid: tuple) -> torch.Tensor:
+    """The mean point of each cell of a ``grid_shape(k, h, w)`` grid over the patch grid, raster order.
+    zs: (B, N, D) with N = h * w. Returns (B, K, D)."""
+    h, w = grid
+    B, N, D = zs.shape
+    if N != h * w:
+        raise ValueError(f"centers='grid' needs the tokens on the {h}x{w} patch grid, got {N} tokens: "
+                         "grid centres work at the first DTC stage only")
+    a, b = grid_shape(k, h, w)
+    img = zs.transpose(1, 2).reshape(B, D, h, w)                                     # (B, D, h, w)
+    return F.adaptive_avg_pool2d(img, (a, b)).flatten(2).transpose(1, 2)            # (B, K, D)
+
+
 def token_positions(grid: tuple, assigns: tuple, device: torch.device) -> torch.Tensor:
     """Where the tokens entering a stage sit on the patch grid, in patch units (row, col).
 
@@ -160,16 +184,16 @@ class DynamicTokenClustering(nn.Module):
         if not tau > 0 or iters < 0 or k_step < 1:
             raise ValueError(f"Invalid tau={tau!r}, iters={iters!r} or k_step={k_step!r}; allowed: tau > 0, "
                              "iters >= 0, k_step >= 1.")
-        if centers not in ("learned", "fps"):
-            raise ValueError(f"Invalid value for 'centers': {centers!r}; allowed: 'learned' or 'fps'.")
+        if centers not in ("learned", "fps", "grid"):
+            raise ValueError(f"Invalid value for 'centers': {centers!r}; allowed: 'learned', 'fps' or 'grid'.")
         if complexity not in ("variance", "entropy", "saliency"):
             raise ValueError(f"Invalid value for 'complexity': {complexity!r}; allowed: 'variance', "
                              "'entropy' or 'saliency'.")
         if train_k not in ("image", "batch"):
             raise ValueError(f"Invalid value for 'train_k': {train_k!r}; allowed: 'image' or 'batch'.")
-        if not spatial >= 0 or (spatial > 0 and centers != "fps"):
+        if not spatial >= 0 or (spatial > 0 and centers == "learned"):
             raise ValueError(f"Invalid value for 'spatial': {spatial!r}; allowed: >= 0, and > 0 only with "
-                             "centers='fps' (learned centroids have no position)")
+                             "centers='fps' or 'grid' (learned centroids have no position)")
         if complexity == "entropy" and centers != "learned":
             raise ValueError("complexity='entropy' measures usage of the learned centroids: it needs centers='learned'")
         self.dim, self.k_min, self.k_max, self.k_step = dim, k_min, k_max, k_step
@@ -329,27 +353,34 @@ class DynamicTokenClustering(nn.Module):
         """Farthest-point indices (B, k) of each image's tokens z (B, N, D), or None with learned
         centroids. FPS prefixes are nested, so one call at the largest K of a batch serves every
         group of it (``forward(seeds=idx[rows, :K])``): one sequential loop per batch, not per K."""
-        if self.centroids is not None:
+        if self.centers != "fps":
             return None
         return farthest_points(self.assignment_space(z) if zs is None else zs, k)
 
-    def initial_centers(self, zs: torch.Tensor, k: int, seeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def initial_centers(self, zs: torch.Tensor, k: int, seeds: Optional[torch.Tensor] = None,
+                        grid: Optional[tuple] = None) -> torch.Tensor:
         """The nested prefix of the learned centroids (K, D), or each image's own farthest-point
-        tokens (B, K, D); zs: (B, N, D) in the assignment space; seeds: (B, >= K) FPS indices."""
+        tokens or grid-cell means (B, K, D); zs: (B, N, D) in the assignment space; seeds: (B, >= K)
+        FPS indices; grid: the (h, w) patch grid, for ``centers='grid'``."""
         if self.centroids is not None:
             return self.centroids[:k]                                                # (K, D)
+        if self.centers == "grid":
+            if grid is None:
+                raise ValueError("centers='grid' needs the patch grid: pass grid=(h, w)")
+            return grid_centers(zs, k, grid)                                         # (B, K, D)
         idx = farthest_points(zs, k) if seeds is None else seeds[:, :k]              # (B, K)
         return torch.gather(zs, 1, idx.unsqueeze(-1).expand(-1, -1, zs.shape[-1]))   # (B, K, D)
 
     def forward(self, z: torch.Tensor, mass: torch.Tensor, k: int, weights: Optional[torch.Tensor] = None,
-                seeds: Optional[torch.Tensor] = None, zs: Optional[torch.Tensor] = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                seeds: Optional[torch.Tensor] = None, zs: Optional[torch.Tensor] = None,
+                grid: Optional[tuple] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Condense the tokens of images that all use ``k`` clusters.
 
         z: (B, N, D) tokens, mass: (B, N) their mass, weights: optional (B, N) saliency that
         scales each token's mass in the weighted mean, seeds: optional (B, >= K) farthest-point
         indices from :meth:`seed_points` (computed here otherwise), zs: optional ``assignment_space(z)``
-        (the three calls of a stage share one; computed here otherwise). Returns ``s`` (B, K, D) super-tokens,
+        (the three calls of a stage share one; computed here otherwise), grid: the (h, w) patch grid
+        (``centers='grid'``). Returns ``s`` (B, K, D) super-tokens,
         ``m`` (B, K) their mass, ``a`` (B, N, K) assignment (for unpooling ``Z_rec = a @ s``),
         and ``zs`` (B, N, D), ``mu`` ((K, D) or (B, K, D)), the points and centroids of eq. 14.
         """
@@ -357,7 +388,7 @@ class DynamicTokenClustering(nn.Module):
             raise ValueError("spatial > 0 clusters by position too: pass zs=self.place(self.assignment_space(z), "
                              "token_positions(...)) (ClusterStage does)")
         zs = self.assignment_space(z) if zs is None else zs                                     # (B, N, D)
-        mu = self.initial_centers(zs, k, seeds)                                      # (K, D) or (B, K, D)
+        mu = self.initial_centers(zs, k, seeds, grid)                                # (K, D) or (B, K, D)
         a = assign(zs, mu, self.tau, self.hard)                                      # (B, N, K)
         for _ in range(self.iters):  # differentiable k-means steps, per image
             mu = torch.einsum("bnk,bnd->bkd", a, zs) / a.sum(1).clamp_min(1e-6).unsqueeze(-1)  # (B, K, D)
