@@ -14,6 +14,23 @@ from adaptivision.layers.dtc import assign, condense, farthest_points
 from conftest import tiny_model
 
 
+def _every_parameter_gets_gradient(model, x) -> None:
+    """Backward through ``model(x)``; every parameter must receive a nonzero gradient."""
+    model(x).sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, missing
+
+
+def _each_image_alone_gives_its_batch_output(model, x) -> None:
+    """In eval mode, images of mixed K give alone what they give in the batch."""
+    model.eval()
+    with torch.no_grad():
+        batch = model(x)
+        assert model.last_num_clusters.unique().numel() > 1
+        for i in range(x.shape[0]):
+            assert torch.allclose(model(x[i:i + 1]), batch[i:i + 1], atol=1e-5)
+
+
 def test_farthest_points_by_hand():
     # mean (2.75, 1.25): (10, 0) is farthest from it; then (0, 5) is farthest from (10, 0)
     # (125 vs 100, 81); then (1, 0): min distance 26 to {(10,0), (0,5)} beats (0,0)'s 25
@@ -141,9 +158,7 @@ def test_every_parameter_gets_gradient_with_image_clustering():
         for n, p in model.named_parameters():
             if "fc_v" in n:
                 p.normal_(0, 0.02)
-    model(torch.randn(4, 3, 16, 16)).sum().backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
-    assert not missing, missing
+    _every_parameter_gets_gradient(model, torch.randn(4, 3, 16, 16))
 
 
 def test_an_image_gives_the_same_output_alone_or_in_a_batch_with_image_clustering():
@@ -152,12 +167,7 @@ def test_an_image_gives_the_same_output_alone_or_in_a_batch_with_image_clusterin
     model.train()
     with torch.no_grad():
         model(x)  # complexity statistics
-    model.eval()
-    with torch.no_grad():
-        batch = model(x)
-        assert model.last_num_clusters.unique().numel() > 1
-        for i in range(5):
-            assert torch.allclose(model(x[i:i + 1]), batch[i:i + 1], atol=1e-5)
+    _each_image_alone_gives_its_batch_output(model, x)
 
 
 def test_k_equal_to_n_reproduces_the_dense_vit():
@@ -393,9 +403,7 @@ def test_a_spatial_weight_makes_clusters_compact_and_trains():
     with torch.no_grad():
         for p in perturb:
             p.normal_(0, 0.02)
-    model(torch.randn(4, 3, 16, 16)).sum().backward()  # two stages: the second places super-tokens by mass
-    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
-    assert not missing, missing
+    _every_parameter_gets_gradient(model, torch.randn(4, 3, 16, 16))  # two stages: the second places by mass
 
 
 @pytest.mark.parametrize("bad", [dict(spatial=-1.0), dict(spatial=1.0, clustering="paper")])
@@ -423,14 +431,7 @@ def test_grid_centres_train_and_give_each_image_its_own_output():
             if "fc_v" in n:
                 p.normal_(0, 0.02)
     x = torch.randn(5, 3, 16, 16) * torch.linspace(0.1, 3, 5).view(5, 1, 1, 1)
-    model(x).sum().backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
-    assert not missing, missing
-    model.eval()
-    with torch.no_grad():
-        batch = model(x)
-        assert model.last_num_clusters.unique().numel() > 1
-        for i in range(5):
-            assert torch.allclose(model(x[i:i + 1]), batch[i:i + 1], atol=1e-5)
+    _every_parameter_gets_gradient(model, x)
+    _each_image_alone_gives_its_batch_output(model, x)
     with pytest.raises(ValueError, match="one stage"):
         tiny_model(centers="grid", cmtf=False, condense_at=[0, 2], k_min=[8, 2], k_max=[16, 8])
