@@ -68,6 +68,23 @@ def test_onnx_export_in_fixed_k_mode_matches_pytorch(tmp_path):
             assert model.last_num_clusters.flatten().tolist() == [8] * batch
 
 
+def test_onnx_export_of_the_default_clustering_with_per_image_k(tmp_path):
+    """The default clustering (each image's own farthest points) exports; built with pad_k it keeps
+    per-image K in the exported graph: each image's K from its own complexity, at any batch size."""
+    ort = pytest.importorskip("onnxruntime", reason="pip install adaptivision[test] brings onnxruntime")
+    pytest.importorskip("onnxscript")
+    x = textured_and_flat(6, 2)
+    model = _with_stats(tiny_model(budget_jitter=0.0, clustering="image-soft", cmtf=False, pad_k=16), x)
+    sess = ort.InferenceSession(export_onnx(model, str(tmp_path / "m.onnx")))
+    with torch.no_grad():
+        for xb in (x, x[5:7]):
+            ref = model(xb)
+            assert model.last_num_clusters.unique().numel() > 1                     # per-image K really varies
+            assert abs(sess.run(None, {"images": xb.numpy()})[0] - ref.numpy()).max() < 1e-4
+    fixed = export_onnx(tiny_model(clustering="image-soft", cmtf=False), str(tmp_path / "f.onnx"), k=8)
+    assert ort.InferenceSession(fixed).run(None, {"images": x.numpy()})[0].shape == (8, 5)
+
+
 def test_spec_parsing_and_errors():
     assert parse_spec("adaptivision_small_patch16_224:afa=false:gmacs=1.3") == (
         "adaptivision_small_patch16_224", {"afa": False}, {"gmacs": 1.3})
@@ -144,12 +161,14 @@ def test_gpu_groups_and_profile_scripts_run_on_cpu(tmp_path):
     root = pathlib.Path(__file__).parents[1]
     nano = "adaptivision_nano_patch4_28"
     env = dict(os.environ, OUT=str(tmp_path), PY=sys.executable, DEV="cpu", BS="8", ROUNDS="1", K="24", M=nano,
-               DENSE=f"{nano}:reduction=none")
+               DENSE=f"{nano}:reduction=none", PADK="40")
     subprocess.run(["bash", str(root / "benchmarks" / "gpu_groups.sh")], env=env, check=True, capture_output=True)
     rows = json.loads((tmp_path / "gpu-groups-fp32.json").read_text())["rows"]
     assert [r["model"] for r in rows] == [f"{nano}:reduction=none", nano, f"{nano}:max_groups=4",
-                                          f"{nano}:max_groups=2", f"{nano}:max_groups=1", f"{nano}:k=24"]
+                                          f"{nano}:max_groups=2", f"{nano}:max_groups=1", f"{nano}:pad_k=40",
+                                          f"{nano}:k=24"]
     assert rows[4]["gmacs"] >= rows[1]["gmacs"]                  # one padded batch computes its padding
+    assert rows[5]["gmacs"] >= rows[4]["gmacs"]                  # 40 slots per image: at least the largest K
     spec = importlib.util.spec_from_file_location("gpu_profile", root / "benchmarks" / "gpu_profile.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

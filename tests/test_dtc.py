@@ -410,3 +410,56 @@ def test_max_groups_must_be_a_positive_integer():
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="max_groups"):
             tiny_model(max_groups=bad)
+
+
+def _with_pad_k(model, k):
+    for st in model.dtc.values():
+        st.pad_k = k
+    return model
+
+
+@pytest.mark.parametrize("clustering", ["paper", "image-soft"])
+def test_pad_k_gives_each_image_its_own_k_in_one_batch(clustering):
+    """pad_k: every image condensed into pad_k slots, its own K of them in use, as one batch: the
+    same logits as one group per K, and an image above pad_k gets what K = pad_k gives it."""
+    x = textured_and_flat(6, 2)
+    model = _warm_stats(tiny_model(budget_jitter=0.0, clustering=clustering, cmtf=False), x)
+    perturb_zero_init(model)
+    with torch.no_grad():
+        ref = model.forward_tokens(x)
+        logits = model(x)
+        ks = ref.num_clusters[:, 0]
+        assert len(ref.groups) >= 3                                           # several K really ran
+        out = _with_pad_k(model, 16).forward_tokens(x)
+        assert len(out.groups) == 1 and out.features.shape[1] == 1 + 16
+        assert torch.equal(out.num_clusters, ref.num_clusters)
+        assert torch.allclose(model(x), logits, atol=1e-5)
+        cap = int(ks.float().median())                                        # some images above it
+        capped = _with_pad_k(model, cap)(x)
+        assert torch.equal(model.last_num_clusters[:, 0], ks.clamp_max(cap))
+        below = ks <= cap
+        assert 0 < int(below.sum()) < len(ks)
+        assert torch.allclose(capped[below], logits[below], atol=1e-5)
+        for st in _with_pad_k(model, None).dtc.values():                      # K = cap for every image
+            st.dynamic, st.fixed_k = False, cap
+        assert torch.allclose(capped[~below], model(x[~below]), atol=1e-5)
+
+
+def test_pad_k_compiles_per_image_k_as_one_graph():
+    """No host sync: per-image K compiles without a graph break (fixed K did before; per-image K
+    groups cannot), and gives the eager logits."""
+    x = textured_and_flat(6, 2)
+    model = _warm_stats(tiny_model(budget_jitter=0.0, clustering="image-soft", cmtf=False, pad_k=16), x).eval()
+    with torch.no_grad():
+        ref = model(x)
+        assert model.last_num_clusters.unique().numel() > 1
+        out = torch.compile(model, backend="eager", fullgraph=True)(x)      # fails on any graph break
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [dict(pad_k=3), dict(pad_k=17), dict(pad_k=8.0), dict(pad_k=True),
+                                 dict(pad_k=8, condense_at=[0, 2], k_min=[8, 2], k_max=[16, 8]),
+                                 dict(pad_k=8, clustering="image-soft", centers="grid")])
+def test_an_impossible_pad_k_is_refused(bad):
+    with pytest.raises(ValueError, match="pad_k"):
+        tiny_model(cmtf=False, **bad)

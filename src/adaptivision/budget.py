@@ -209,9 +209,14 @@ def apply_budget(model: nn.Module, budget: dict, images: torch.Tensor, **forward
 @contextlib.contextmanager
 def fixed_k(model: nn.Module, k: Optional[int]):
     """Temporarily run every DTC stage of ``model`` with one K (the first stage gets ``k``,
-    later stages keep their own fixed K or k_max): ONNX export needs one K per stage."""
+    later stages keep their own fixed K or k_max): ONNX export needs one K per stage, or a model
+    built with ``pad_k`` (per-image K in a fixed number of slots), which keeps its per-image K when
+    ``k`` is None."""
     stages = list(getattr(model, "dtc", {}).values()) if hasattr(model, "dtc") else []
     saved = [(s.dynamic, s.fixed_k) for s in stages]
+    if k is None and stages and all(getattr(s, "pad_k", None) for s in stages):
+        yield model  # one graph already: nothing to fix
+        return
     try:
         for i, s in enumerate(stages):
             if k is not None and i == 0:
@@ -219,8 +224,8 @@ def fixed_k(model: nn.Module, k: Optional[int]):
                     raise ValueError(f"fixed_k={k} is outside the model's range [{s.k_min}, {s.k_max}]")
                 s.fixed_k = int(k)
             elif s.dynamic and s.fixed_k is None:
-                raise ValueError("ONNX export needs one K per DTC stage: pass fixed_k= (first stage) or build "
-                                 "the model with dynamic=False")
+                raise ValueError("ONNX export needs one K per DTC stage: pass fixed_k= (first stage), or build "
+                                 "the model with dynamic=False or with pad_k= (per-image K in pad_k slots)")
             s.dynamic = False
         yield model
     finally:

@@ -101,6 +101,9 @@ class ModelOptions:
     max_groups: Optional[int] = None    # inference with per-image K: run the condensed blocks as at most this many
     #                                     batches, padded with masked slots (same outputs; padding is computed and counted);
     #                                     None = one batch per K (docs/performance.md, "...and padded groups")
+    pad_k: Optional[int] = None         # inference with per-image K as one batch of this many slots per image, each
+    #                                     image using its own K of them (capped at pad_k): no host sync, one graph
+    #                                     for torch.compile / CUDA graphs; one DTC stage, not with 'grid' centres
     unpool: str = "skip"                # dense outputs: 'skip' (Z_pre + A (S - S_0), Hourglass's reconstruction;
     #                                     the default since 2026-11-27, above 'assign' on every mosaic seed and
     #                                     budget, docs/results.md) | 'assign' (Z_rec = A S, the paper's unpooling)
@@ -246,6 +249,13 @@ class ModelOptions:
             n_in = k_min  # the next stage must fit the smallest K this one can produce
         _check(self.centers != "grid" or len(self.stages) <= 1, "centers", self.centers,
                "'learned' or 'fps' with several DTC stages ('grid' centres need the patch grid: one stage)")
+        if self.pad_k is not None:
+            _check(isinstance(self.pad_k, int) and not isinstance(self.pad_k, bool) and len(self.stages) == 1
+                   and self.stages[0].k_min <= self.pad_k <= self.stages[0].k_max, "pad_k", self.pad_k,
+                   "None, or with one DTC stage an integer in [k_min, k_max]"
+                   + (f" = [{self.stages[0].k_min}, {self.stages[0].k_max}]" if len(self.stages) == 1 else ""))
+            _check(self.centers != "grid", "pad_k", self.pad_k,
+                   "None with centers='grid' (grid cells are not nested: K centres are not a prefix of pad_k)")
 
         cm = _as_list(self.cmtf_at)
         if cm is None:

@@ -47,10 +47,13 @@ def normed_space(z: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(z.float(), (D,)) * math.sqrt(REF_WIDTH / D)  # constants: exportable
 
 
-def soft_assign(z: torch.Tensor, mu: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+def soft_assign(z: torch.Tensor, mu: torch.Tensor, tau: float, slots: Optional[torch.Tensor] = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 2: ``a_ik = softmax_k(-||z_i - mu_k||^2 / tau)``, in float32 even under autocast.
 
-    z: (B, N, D); mu: (K, D) shared or (B, K, D) per image. Returns (a, d2), both (B, N, K).
+    z: (B, N, D); mu: (K, D) shared or (B, K, D) per image; slots: optional (B, K) bool, False on
+    an image's unused slots (``pad_k``), which then get no token (their distance is +inf).
+    Returns (a, d2), both (B, N, K).
     """
     with torch.autocast(device_type=z.device.type, enabled=False):
         z, mu = z.float(), mu.float()
@@ -59,6 +62,8 @@ def soft_assign(z: torch.Tensor, mu: torch.Tensor, tau: float) -> tuple[torch.Te
         mm = mu.pow(2).sum(-1)                                                    # (K,) or (B, K)
         mm = mm.unsqueeze(-2) if mu.dim() == 3 else mm                            # (B, 1, K) or (K,)
         d2 = (zz - 2 * torch.matmul(z, mu.transpose(-1, -2)) + mm).clamp_min(0)  # (B, N, K)
+        if slots is not None:
+            d2 = d2.masked_fill(~slots.unsqueeze(1), float("inf"))                  # (B, N, K)
         return torch.softmax(-d2 / tau, dim=-1), d2
 
 
@@ -84,10 +89,12 @@ def condense(z: torch.Tensor, a: torch.Tensor, mass: torch.Tensor, normalize: bo
     return s.to(z.dtype), m_new
 
 
-def assign(zs: torch.Tensor, mu: torch.Tensor, tau: float, hard: bool) -> torch.Tensor:
+def assign(zs: torch.Tensor, mu: torch.Tensor, tau: float, hard: bool,
+           slots: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Eq. 2 (``hard=False``) or its straight-through hard form: one-hot nearest centre forward,
-    the softmax's gradient backward. zs: (B, N, D), mu: (K, D) or (B, K, D). Returns (B, N, K)."""
-    a, d2 = soft_assign(zs, mu, tau)                                                 # (B, N, K)
+    the softmax's gradient backward. zs: (B, N, D), mu: (K, D) or (B, K, D), slots: optional
+    (B, K) bool of the slots in use. Returns (B, N, K)."""
+    a, d2 = soft_assign(zs, mu, tau, slots)                                          # (B, N, K)
     if not hard:
         return a
     one_hot = F.one_hot(d2.argmin(-1), d2.shape[-1]).to(a.dtype)                     # (B, N, K)
@@ -139,7 +146,10 @@ def farthest_points(zs: torch.Tensor, k: int) -> torch.Tensor:
     the token farthest from those already picked. The first pick is the token farthest from the
     image's mean token (its most distinctive one), so the result is deterministic."""
     B, N, _ = zs.shape
-    dist = torch.cdist(zs, zs)                                                       # (B, N, N)
+    # squared distances (same picks as distances) by ||a||^2 - 2 a.b + ||b||^2: torch.cdist has no
+    # ONNX export, and for N > 25 it computes this very product anyway
+    sq = zs.pow(2).sum(-1)                                                           # (B, N)
+    dist = (sq.unsqueeze(2) - 2 * zs @ zs.transpose(1, 2) + sq.unsqueeze(1)).clamp_min(0)  # (B, N, N)
     cur = (zs - zs.mean(1, keepdim=True)).pow(2).sum(-1).argmax(-1)                  # (B,)
     dmin = zs.new_full((B, N), float("inf"))                                         # (B, N)
     picks = []
@@ -327,10 +337,10 @@ class DynamicTokenClustering(nn.Module):
                     mom = self.stat_momentum
                     self.c_mean.mul_(1 - mom).add_(mom * m)
                     self.c_var.mul_(1 - mom).add_(mom * v)
-            if bool(self.stats_seen):
-                score = (c - self.c_mean) / (self.c_var.sqrt() + 1e-6)
-            else:  # no statistics yet (never trained): every image gets the mid-range budget
-                score = torch.zeros_like(c)
+            # no statistics yet (never trained): every image gets the mid-range budget. A select,
+            # not an `if`: reading the flag back would sync the host (pad_k's one graph)
+            score = torch.where(self.stats_seen, (c - self.c_mean) / (self.c_var.sqrt() + 1e-6),
+                                torch.zeros_like(c))                                 # (B,)
             self.last_score = score
             bias = self.budget_bias
             if self.training and self.budget_jitter > 0:
@@ -373,14 +383,15 @@ class DynamicTokenClustering(nn.Module):
 
     def forward(self, z: torch.Tensor, mass: torch.Tensor, k: int, weights: Optional[torch.Tensor] = None,
                 seeds: Optional[torch.Tensor] = None, zs: Optional[torch.Tensor] = None,
-                grid: Optional[tuple] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                grid: Optional[tuple] = None, slots: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Condense the tokens of images that all use ``k`` clusters.
 
         z: (B, N, D) tokens, mass: (B, N) their mass, weights: optional (B, N) saliency that
         scales each token's mass in the weighted mean, seeds: optional (B, >= K) farthest-point
         indices from :meth:`seed_points` (computed here otherwise), zs: optional ``assignment_space(z)``
         (the three calls of a stage share one; computed here otherwise), grid: the (h, w) patch grid
-        (``centers='grid'``). Returns ``s`` (B, K, D) super-tokens,
+        (``centers='grid'``), slots: optional (B, K) bool, False on the slots an image does not
+        use (``pad_k``: they get no token, mass 0 and a zero super-token). Returns ``s`` (B, K, D) super-tokens,
         ``m`` (B, K) their mass, ``a`` (B, N, K) assignment (for unpooling ``Z_rec = a @ s``),
         and ``zs`` (B, N, D), ``mu`` ((K, D) or (B, K, D)), the points and centroids of eq. 14.
         """
@@ -389,10 +400,10 @@ class DynamicTokenClustering(nn.Module):
                              "token_positions(...)) (ClusterStage does)")
         zs = self.assignment_space(z) if zs is None else zs                                     # (B, N, D)
         mu = self.initial_centers(zs, k, seeds, grid)                                # (K, D) or (B, K, D)
-        a = assign(zs, mu, self.tau, self.hard)                                      # (B, N, K)
+        a = assign(zs, mu, self.tau, self.hard, slots)                               # (B, N, K)
         for _ in range(self.iters):  # differentiable k-means steps, per image
             mu = torch.einsum("bnk,bnd->bkd", a, zs) / a.sum(1).clamp_min(1e-6).unsqueeze(-1)  # (B, K, D)
-            a = assign(zs, mu, self.tau, self.hard)
+            a = assign(zs, mu, self.tau, self.hard, slots)
         s, m = condense(z, a, mass, self.normalize, weights)                        # (B, K, D), (B, K)
         return s, m, a, zs, mu
 

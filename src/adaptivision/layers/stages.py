@@ -17,9 +17,10 @@ class ClusterStage(DynamicTokenClustering):
     """Eqs. 2-3 on every group: per-image K, then one dense batch per K (no padding, so fewer
     tokens really cost less); an image's clusters do not depend on its batch-mates."""
 
-    def __init__(self, *args, stage: int, num_prefix: int, **kwargs):
+    def __init__(self, *args, stage: int, num_prefix: int, pad_k: Optional[int] = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.stage, self.num_prefix = stage, num_prefix  # which DTC stage (column of num_clusters)
+        self.pad_k = pad_k  # inference: every image in pad_k slots, its own K of them in use (no host sync)
 
     def forward_groups(self, groups: List[Group], ctx: Context) -> List[Group]:
         P = self.num_prefix
@@ -35,6 +36,9 @@ class ClusterStage(DynamicTokenClustering):
             ks = self.num_clusters(z, w, zs)                                         # (b,)
             if self.spatial:  # K from the features alone; clusters from features and position
                 zs = self.place(zs, token_positions(ctx.grid, grp.assign, z.device))  # (b, N, D + 2)
+            if self.pad_k and not (self.training or ctx.dense or ctx.seeding):
+                out.append(self._condense_padded(grp, ks.clamp_max(self.pad_k), w, zs, ctx))
+                continue
             ctx.num_clusters[grp.index, self.stage] = ks
             plan = self.plan(ks, z.shape[1])
             seeds = self.seed_points(z, max(k for k, _ in plan), zs)                 # (b, K_max) or None
@@ -43,17 +47,28 @@ class ClusterStage(DynamicTokenClustering):
                 out.append(self._condense_group(grp.rows(sel), k, w_k, seeds_k, zs_k, ctx))
         return out
 
-    def _condense_group(self, grp: Group, k: int, w, seeds, zs, ctx: Context) -> Group:
+    def _condense_group(self, grp: Group, k: int, w, seeds, zs, ctx: Context, slots=None) -> Group:
         P = self.num_prefix
         z = grp.x[:, P:]                                                             # (b, N, D)
         mass = grp.mass[:, P:] if grp.mass is not None else z.new_ones(z.shape[:2], dtype=torch.float32)
-        s, m, a, zs, mu = self(z, mass, k, w, seeds, zs, ctx.grid)                   # (b, K, D), (b, K), (b, N, K)
+        s, m, a, zs, mu = self(z, mass, k, w, seeds, zs, ctx.grid, slots)            # (b, K, D), (b, K), (b, N, K)
         ctx.cluster_terms.append((zs, mu, self.tau))
         return grp.replace(x=torch.cat([grp.x[:, :P], s], dim=1),                    # (b, P+K, D)
                            mass=torch.cat([m.new_ones(m.shape[0], P), m], dim=1),    # (b, P+K)
                            assign=grp.assign + (a,),
                            skips=grp.skips + (((z, s) if ctx.dense else None),),     # for unpool='skip'
                            prop_attn=ctx.prop_attn)
+
+    def _condense_padded(self, grp: Group, ks: torch.Tensor, w, zs, ctx: Context) -> Group:
+        """Per-image K without a look at ``ks`` on the host: every image condensed into ``pad_k``
+        slots, the first ``ks[b]`` in use (nested farthest points: those are its own centres), the
+        rest empty (no token, mass 0) and masked out of attention (``Group.valid``). Each image's
+        output is what its own K gives; images above ``pad_k`` are capped at it."""
+        P, k = self.num_prefix, min(self.pad_k, grp.x.shape[1] - self.num_prefix)
+        ctx.num_clusters[grp.index, self.stage] = ks.clamp_max(k)
+        slots = torch.arange(k, device=ks.device) < ks.unsqueeze(1)                  # (b, K) bool
+        g = self._condense_group(grp, k, w, self.seed_points(grp.x[:, P:], k, zs), zs, ctx, slots)
+        return g.replace(valid=torch.cat([slots.new_ones(slots.shape[0], P), slots], dim=1))  # (b, P+K)
 
     def plan(self, ks: torch.Tensor, n: int) -> list:
         """[(K, rows of the group or None for all)]. Fixed K needs no look at ``ks`` (no host

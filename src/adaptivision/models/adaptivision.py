@@ -79,7 +79,7 @@ class AdaptiVision(VisionTransformer):
                 normalize=o.normalize, complexity=o.complexity, dynamic=o.dynamic, train_k=o.train_k,
                 budget_jitter=o.budget_jitter,
                 stat_momentum=o.stat_momentum, assign_norm=o.assign_norm, centers=o.centers,
-                hard=o.assign == "hard", spatial=o.spatial, stage=s, num_prefix=P)
+                hard=o.assign == "hard", spatial=o.spatial, stage=s, num_prefix=P, pad_k=o.pad_k)
             for s, st in enumerate(stages)})
         if opts.afa and stages:  # blocks after the first condensation attend over K+P tokens
             for i in range(stages[0].block, len(self.blocks)):
