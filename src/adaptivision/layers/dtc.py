@@ -360,8 +360,8 @@ class DynamicTokenClustering(nn.Module):
 
     # --- condensation -------------------------------------------------------------------------
     def seed_points(self, z: torch.Tensor, k: int, zs: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
-        """Farthest-point indices (B, k) of each image's tokens z (B, N, D), or None with learned
-        centroids. FPS prefixes are nested, so one call at the largest K of a batch serves every
+        """Farthest-point indices (B, k) of each image's tokens z (B, N, D), or None unless
+        ``centers='fps'``. FPS prefixes are nested, so one call at the largest K of a batch serves every
         group of it (``forward(seeds=idx[rows, :K])``): one sequential loop per batch, not per K."""
         if self.centers != "fps":
             return None
