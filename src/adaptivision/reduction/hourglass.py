@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers.dtc import normed_space
+from ..layers.dtc import grid_centers, normed_space
 from ..layers.tokens import Context, Group
 
 
@@ -61,8 +61,7 @@ def cluster_grid(z: torch.Tensor, h: int, iters: int = 5, tau: float = 20.0, win
     if side * side != N:
         raise ValueError(f"reduction='hourglass' clusters a square patch grid; got {N} patches")
     zs = normed_space(z)                                                                   # (B, N, D)
-    grid = zs.transpose(1, 2).reshape(B, D, side, side)
-    mu = F.adaptive_avg_pool2d(grid, h).flatten(2).transpose(1, 2)                   # (B, K, D) grid start
+    mu = grid_centers(zs, h * h, (side, side))                                       # (B, K, D) grid start
     mask = local_mask(side, h, window, z.device)                                     # (N, K)
     a = F.one_hot(start_cells(side, h, z.device), h * h).float().expand(B, -1, -1)                               # (B, N, K) the pool's cells
     for _ in range(iters):
