@@ -11,7 +11,7 @@ import adaptivision
 from adaptivision.config import CLUSTERING
 from adaptivision.layers import DynamicTokenClustering
 from adaptivision.layers.dtc import assign, condense, farthest_points
-from conftest import tiny_model
+from conftest import perturb_zero_init, tiny_model
 
 
 def _every_parameter_gets_gradient(model, x) -> None:
@@ -435,3 +435,22 @@ def test_grid_centres_train_and_give_each_image_its_own_output():
     _each_image_alone_gives_its_batch_output(model, x)
     with pytest.raises(ValueError, match="one stage"):
         tiny_model(centers="grid", cmtf=False, condense_at=[0, 2], k_min=[8, 2], k_max=[16, 8])
+
+
+def test_a_learned_temperature_is_eq2s_tau_and_trains():
+    """learn_tau: the stage's tau is exp(log_tau): a model whose learned tau sits at 5 gives what a
+    model built with tau = 5 gives; it gets gradient, and weight decay leaves it alone."""
+    torch.manual_seed(0)
+    learned = tiny_model(clustering="image-soft", cmtf=False, learn_tau=True)
+    fixed = tiny_model(clustering="image-soft", cmtf=False, tau=5.0)
+    with torch.no_grad():
+        learned.dtc["0"].log_tau.fill_(torch.tensor(5.0).log())
+    fixed.load_state_dict({k: v for k, v in learned.state_dict().items() if not k.endswith("log_tau")})
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(learned.eval()(x), fixed.eval()(x), atol=1e-5)
+        fixed.dtc["0"].tau = 20.0                                            # tau matters here: 20 is another model
+        assert not torch.allclose(learned(x), fixed(x), atol=1e-3)
+    perturb_zero_init(learned)                                                # AFA's v starts at 0
+    _every_parameter_gets_gradient(learned.train(), x)
+    assert "dtc.0.log_tau" in learned.no_weight_decay()

@@ -86,6 +86,7 @@ class ModelOptions:
     assign: Optional[str] = None        # 'soft' (eq. 2) | 'hard' (nearest centre; straight-through gradient)
     iters: Optional[int] = None         # k-means refinement steps, per image
     tau: Optional[float] = None         # eq. 2 temperature (Table 4; default: the preset's, 150 or 20)
+    learn_tau: bool = False             # train tau (per DTC stage, as exp(log tau), starting at tau); not in the paper
     normalize: bool = True              # weighted mean (True) or eq. 3's literal sum (False)
     prop_attn: bool = True              # add log(mass) to attention logits (ToMe's proportional attention)
     complexity: str = "variance"        # 'variance' | 'entropy' | 'saliency'

@@ -185,7 +185,7 @@ class DynamicTokenClustering(nn.Module):
                  iters: int = 0, normalize: bool = True, complexity: str = "variance",
                  dynamic: bool = True, train_k: str = "batch", budget_jitter: float = 0.0, stat_momentum: float = 0.1,
                  assign_norm: bool = True, k_mid: Optional[int] = None, centers: str = "learned",
-                 hard: bool = False, spatial: float = 0.0):
+                 hard: bool = False, spatial: float = 0.0, learn_tau: bool = False):
         super().__init__()
         if not 1 <= k_min <= k_max:
             raise ValueError(f"Invalid K range [{k_min}, {k_max}]; allowed: 1 <= k_min <= k_max.")
@@ -212,6 +212,9 @@ class DynamicTokenClustering(nn.Module):
         self.train_k = train_k
         self.stat_momentum, self.assign_norm = stat_momentum, assign_norm
         self.centers, self.hard, self.spatial = centers, hard, spatial
+        # learn_tau: tau = exp(log_tau), trained with the rest (log: stays positive, and a step
+        # scales tau by a factor rather than shifting it); ``tau`` is then its starting value
+        self.log_tau = nn.Parameter(torch.tensor(math.log(tau))) if learn_tau else None
         # per-image centres own no parameter: a model without one has none that gets no gradient
         # A fresh model's centroids are the same in every process whatever the global RNG (DDP
         # broadcasts nothing it does not have to): random points of the assignment space from a
@@ -237,10 +240,16 @@ class DynamicTokenClustering(nn.Module):
         # in the LayerNorm'd space every token has squared norm REF_WIDTH: put the centroids there too
         return F.layer_norm(c, (dim,)) * math.sqrt(REF_WIDTH / dim) if assign_norm else 0.02 * c
 
+    @property
+    def temperature(self):
+        """eq. 2's tau: the fixed float, or the learned exp(log_tau) (a 0-dim tensor)."""
+        return self.tau if self.log_tau is None else self.log_tau.exp()
+
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, k=[{self.k_min}, {self.k_max}] step {self.k_step}, tau={self.tau}, "
                 f"iters={self.iters}, centers={self.centers}, hard={self.hard}, complexity={self.complexity}, "
-                f"dynamic={self.dynamic}, train_k={self.train_k}" + (f", spatial={self.spatial}" if self.spatial else ""))
+                f"dynamic={self.dynamic}, train_k={self.train_k}" + (f", spatial={self.spatial}" if self.spatial else "")
+                + (", learned tau" if self.log_tau is not None else ""))
 
     def assignment_space(self, z: torch.Tensor) -> torch.Tensor:
         """The space in which distances are measured (float32).
@@ -296,7 +305,7 @@ class DynamicTokenClustering(nn.Module):
             # (an elementwise pass and one reduction: torch.var over dim 1 took 2.6 ms of a 60 ms nano forward)
             return (zs - zs.mean(1, keepdim=True)).pow(2).mean((1, 2))                 # (B,)
         if self.complexity == "entropy":
-            a, _ = soft_assign(zs, self.centroids, self.tau)                         # (B, N, K_max)
+            a, _ = soft_assign(zs, self.centroids, self.temperature)                 # (B, N, K_max)
             p = a.mean(1)                                                            # (B, K_max) cluster usage
             return -(p * p.clamp_min(1e-12).log()).sum(-1)
         if self.complexity != "saliency":
@@ -400,10 +409,11 @@ class DynamicTokenClustering(nn.Module):
                              "token_positions(...)) (ClusterStage does)")
         zs = self.assignment_space(z) if zs is None else zs                                     # (B, N, D)
         mu = self.initial_centers(zs, k, seeds, grid)                                # (K, D) or (B, K, D)
-        a = assign(zs, mu, self.tau, self.hard, slots)                               # (B, N, K)
+        tau = self.temperature
+        a = assign(zs, mu, tau, self.hard, slots)                                    # (B, N, K)
         for _ in range(self.iters):  # differentiable k-means steps, per image
             mu = torch.einsum("bnk,bnd->bkd", a, zs) / a.sum(1).clamp_min(1e-6).unsqueeze(-1)  # (B, K, D)
-            a = assign(zs, mu, self.tau, self.hard, slots)
+            a = assign(zs, mu, tau, self.hard, slots)
         s, m = condense(z, a, mass, self.normalize, weights)                        # (B, K, D), (B, K)
         return s, m, a, zs, mu
 

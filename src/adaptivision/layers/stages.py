@@ -52,7 +52,7 @@ class ClusterStage(DynamicTokenClustering):
         z = grp.x[:, P:]                                                             # (b, N, D)
         mass = grp.mass[:, P:] if grp.mass is not None else z.new_ones(z.shape[:2], dtype=torch.float32)
         s, m, a, zs, mu = self(z, mass, k, w, seeds, zs, ctx.grid, slots)            # (b, K, D), (b, K), (b, N, K)
-        ctx.cluster_terms.append((zs, mu, self.tau))
+        ctx.cluster_terms.append((zs, mu, self.temperature))
         return grp.replace(x=torch.cat([grp.x[:, :P], s], dim=1),                    # (b, P+K, D)
                            mass=torch.cat([m.new_ones(m.shape[0], P), m], dim=1),    # (b, P+K)
                            assign=grp.assign + (a,),

@@ -79,7 +79,8 @@ class AdaptiVision(VisionTransformer):
                 normalize=o.normalize, complexity=o.complexity, dynamic=o.dynamic, train_k=o.train_k,
                 budget_jitter=o.budget_jitter,
                 stat_momentum=o.stat_momentum, assign_norm=o.assign_norm, centers=o.centers,
-                hard=o.assign == "hard", spatial=o.spatial, stage=s, num_prefix=P, pad_k=o.pad_k)
+                hard=o.assign == "hard", spatial=o.spatial, learn_tau=o.learn_tau, stage=s, num_prefix=P,
+                pad_k=o.pad_k)
             for s, st in enumerate(stages)})
         if opts.afa and stages:  # blocks after the first condensation attend over K+P tokens
             for i in range(stages[0].block, len(self.blocks)):
@@ -127,7 +128,9 @@ class AdaptiVision(VisionTransformer):
     def no_weight_decay(self) -> set:
         # Decay would pull the centroids towards the origin, away from the tokens they summarise.
         # (the learned guidance tokens are embeddings, like the class token)
-        return super().no_weight_decay() | {f"dtc.{k}.centroids" for k, d in self.dtc.items() if d.centroids is not None} | {"guidance_tokens"}
+        # (a learned temperature is a scale, not a weight: decay would pull log tau to 0, tau to 1)
+        return (super().no_weight_decay() | {f"dtc.{k}.centroids" for k, d in self.dtc.items() if d.centroids is not None}
+                | {f"dtc.{k}.log_tau" for k, d in self.dtc.items() if d.log_tau is not None} | {"guidance_tokens"})
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
