@@ -350,7 +350,8 @@ class DynamicTokenClustering(nn.Module):
             # not an `if`: reading the flag back would sync the host (pad_k's one graph)
             score = torch.where(self.stats_seen, (c - self.c_mean) / (self.c_var.sqrt() + 1e-6),
                                 torch.zeros_like(c))                                 # (B,)
-            self.last_score = score
+            if not torch.compiler.is_exporting():  # an attribute set in a traced forward is a side effect
+                self.last_score = score
             bias = self.budget_bias
             if self.training and self.budget_jitter > 0:
                 # one shift per batch: every budget gets trained, and the nested centroids make it valid
