@@ -63,6 +63,11 @@ def variants(n: int) -> list:
     # the same at the budgets around 70% of the dense GMACs (issue 15's goal 2), added 2026-11-27
     rows += [(f"fps, hard, 2 iters, two stages after blocks 1 and 3, K={k1}/{k2}", dict(OURS, condense_at=[1, 3]),
               [k1, k2]) for k1, k2 in ((34, 18), (38, 22))]
+    # position in the clustering (2026-11-27): the spatial distance term, grid centres, both (SLIC)
+    rows += [(f"fps, hard, 2 iters, after block 2, spatial {sp}, K={k}", dict(OURS, condense_at=2, spatial=sp), k)
+             for sp in (0.25, 1.0) for k in (16, 24)]
+    rows += [(f"grid, hard, 2 iters, after block 2{', spatial 0.5' if sp else ''}, K={k}",
+              dict(OURS, condense_at=2, centers="grid", spatial=sp), k) for sp in (0.0, 0.5) for k in (16, 24)]
     # Hourglass (grid centres, local soft k-means; no parameters, so it runs off the shelf too)
     rows += [(f"Hourglass {h}x{h} after block {b}", dict(reduction="hourglass", keep_ratio=h * h / n, reduce_at=b), None)
              for b in (1, 2) for h in (4, 5, 6)]
