@@ -61,3 +61,35 @@ def test_cli_writes_pngs_for_files_and_for_a_dataset(checkpoint, tmp_path, capsy
     capsys.readouterr()
     assert main(["visualize", "--checkpoint", checkpoint, str(bad), "--out", str(out)]) == 2
     assert "cannot read image" in capsys.readouterr().err
+
+
+def test_assignment_stats_by_hand():
+    """K = N hard: every patch its own cluster (top weight 1, effective K = N, no light slot); a huge
+    tau: every patch spread evenly (top weight 1/K, effective K = K, each slot N/K patches)."""
+    from adaptivision.visualize import assignment_stats
+    x = textured_and_flat(2, 2)
+    own = assignment_stats(tiny_model(clustering="image", dynamic=False, k_max=16, cmtf=False), x)
+    assert own == pytest.approx(dict(top_weight=1.0, effective_k=16.0, light_slots=0.0, mean_k=16.0), abs=1e-4)
+    blur = assignment_stats(tiny_model(clustering="image-soft", tau=1e9, dynamic=False, k_max=8, cmtf=False), x)
+    assert blur == pytest.approx(dict(top_weight=1 / 8, effective_k=8.0, light_slots=0.0, mean_k=8.0), abs=1e-3)
+    with pytest.raises(ValueError, match="no DTC stage"):
+        assignment_stats(tiny_model(reduction="none"), x)
+
+
+def test_assignment_stats_benchmark_smoke(checkpoint, tmp_path):
+    import importlib.util
+    import os
+    import pathlib
+    run = tmp_path / "run"
+    run.mkdir()
+    os.rename(checkpoint, run / "last.safetensors")
+    os.rename(tmp_path / "model.json", run / "model.json")
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "assignment_stats.py"
+    spec = importlib.util.spec_from_file_location("assignment_stats", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    data = make_fmnist(str(tmp_path / "fm"), n_train=8, n_test=6)
+    assert mod.main(["--run", str(run), "--num", "6", "--data-dir", data, "--out", str(tmp_path / "s")]) == 0
+    row = json.loads((tmp_path / "s.json").read_text())["rows"][0]
+    assert 0 < row["top_weight"] <= 1 and 1 <= row["effective_k"] <= row["mean_k"] and 0 <= row["light_slots"] <= 1
+    assert str(run) in (tmp_path / "s.md").read_text()

@@ -44,6 +44,28 @@ def clustering(model, x: torch.Tensor, block: Optional[int] = None, guidance=Non
     return out
 
 
+@torch.no_grad()
+def assignment_stats(model, x: torch.Tensor, **forward_kwargs) -> dict:
+    """How sharp the first DTC stage's clusters are on images ``x``, means over images:
+    ``top_weight`` (each patch's largest assignment weight, averaged over patches: 1 for a
+    partition, 1/K for a uniform blur), ``effective_k`` (exp of the entropy of the slots' share
+    of the patches: K when every slot holds N/K of them), ``light_slots`` (the share of slots
+    holding less than half a patch) and ``mean_k`` (slots paid for)."""
+    model.eval()
+    if not len(model.dtc):
+        raise ValueError("this model has no DTC stage (condense_at=None): there is no clustering to measure")
+    rows = []
+    for grp in model.forward_tokens(x, dense=True, **forward_kwargs).groups:
+        a = grp.assign[0].float()                                                    # (b, N, K) first stage
+        share = a.sum(1) / a.shape[1]                                                # (b, K) sums to 1
+        entropy = -(share * share.clamp_min(1e-12).log()).sum(-1)                    # (b,)
+        rows.append(torch.stack([a.max(-1).values.mean(-1), entropy.exp(),
+                                 (a.sum(1) < 0.5).float().mean(-1),
+                                 torch.full_like(entropy, a.shape[-1])], -1))        # (b, 4)
+    mean = torch.cat(rows).mean(0).tolist()
+    return dict(zip(("top_weight", "effective_k", "light_slots", "mean_k"), mean, strict=True))
+
+
 def _display(img: torch.Tensor, mean, std) -> np.ndarray:
     x = img.cpu().float() * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)
     x = x.clamp(0, 1).permute(1, 2, 0).numpy()
