@@ -10,11 +10,11 @@ Writes OUT.json and OUT.md when ``--out`` is given.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import torch
 
+from adaptivision.benchmark import save_record
 from adaptivision.data import collate_skip
 from adaptivision.provenance import provenance
 from adaptivision.train.build import build_eval_dataset, load_for_eval
@@ -42,11 +42,7 @@ def main(argv=None) -> int:
               f"{r['mean_k']:.1f} |" for r in rows]
     print("\n".join(lines))
     if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out + ".json", "w") as f:
-            json.dump(dict(rows=rows, images=args.num, provenance=provenance()), f, indent=1)
-        with open(args.out + ".md", "w") as f:
-            f.write("\n".join(lines) + "\n")
+        save_record(dict(rows=rows, images=args.num, provenance=provenance()), "\n".join(lines), args.out)
     return 0
 
 
