@@ -454,3 +454,80 @@ def test_a_learned_temperature_is_eq2s_tau_and_trains():
     perturb_zero_init(learned)                                                # AFA's v starts at 0
     _every_parameter_gets_gradient(learned.train(), x)
     assert "dtc.0.log_tau" in learned.no_weight_decay()
+
+
+def test_the_saliency_block_is_timms_block_plus_cls_attention_by_hand():
+    """The block before a keep_salient stage: timm's Block's tokens, and [CLS]'s attention over the
+    patches (softmax of q_cls . k / sqrt(d), heads averaged) computed here from the weights."""
+    from timm.models.vision_transformer import Block
+
+    from adaptivision.layers.tokens import Context, Group
+    from adaptivision.reduction import SaliencyBlock, convert_block
+    torch.manual_seed(0)
+    blk = Block(dim=8, num_heads=2, qkv_bias=True).eval()
+    x = torch.randn(3, 1 + 6, 8)
+    with torch.no_grad():
+        expected = blk(x)
+        qkv = blk.attn.qkv(blk.norm1(x)).reshape(3, 7, 3, 2, 4)                    # (B, T, 3, H, d)
+        q, k = qkv[:, :, 0], qkv[:, :, 1]                                          # (B, T, H, d)
+        logits = torch.einsum("bhd,bthd->bht", q[:, 0], k) / 2.0                   # (B, H, T), sqrt(d) = 2
+        by_hand = logits.softmax(-1)[:, :, 1:].mean(1)                             # (B, N)
+        convert_block(blk, SaliencyBlock, num_prefix=1)
+        grp = blk.forward_group(Group(torch.arange(3), x), Context(3, 1))
+    assert torch.allclose(grp.x, expected, atol=1e-6)
+    assert torch.allclose(grp.saliency, by_hand, atol=1e-6)
+
+
+def test_keep_salient_passes_the_most_attended_patches_as_they_are():
+    """keep_salient = n: super-tokens 0..n-1 are the n patches of highest saliency, unchanged and of
+    mass 1, assigned one-hot; the other patches fill K - n clusters, as the stage clusters them
+    without the kept ones; every patch's mass is accounted for."""
+    from adaptivision.layers.tokens import Context, Group
+    torch.manual_seed(0)
+    model = tiny_model(clustering="image-soft", cmtf=False, condense_at=1, keep_salient=3, dynamic=False,
+                       k_max=8).eval()
+    stage = model.dtc["1"]
+    x = torch.randn(2, 1 + 16, 32)
+    sal = torch.rand(2, 16)
+    top = sal.argsort(1, descending=True)[:, :3]                                   # (2, 3)
+    with torch.no_grad():
+        (out,) = stage.forward_groups([Group(torch.arange(2), x, saliency=sal)], Context(2, 1, grid=(4, 4), num_clusters=torch.zeros(2, 1, dtype=torch.long)))
+        z = x[:, 1:]
+        assert out.x.shape == (2, 1 + 8, 32) and out.saliency is None
+        assert torch.equal(out.x[:, 1:4], torch.stack([z[i, top[i]] for i in range(2)]))
+        assert torch.equal(out.mass[:, 1:4], torch.ones(2, 3))
+        a = out.assign[-1]                                                         # (2, 16, 8)
+        assert torch.allclose(a.sum(-1), torch.ones(2, 16), atol=1e-5)          # each patch fully assigned
+        assert torch.allclose(out.mass[:, 1:].sum(1), torch.full((2,), 16.0), atol=1e-4)
+        for i in range(2):
+            assert torch.equal(a[i, top[i], :3], torch.eye(3))
+            rest = [j for j in range(16) if j not in top[i].tolist()]
+            s, m, _, _, _ = stage(z[i:i + 1, rest], torch.ones(1, 13), 5)         # the rest alone, K - n = 5
+            assert torch.allclose(out.x[i, 4:], s[0], atol=1e-5)
+            assert torch.allclose(a[i, rest, 3:].sum(0), m[0], atol=1e-5)
+        with pytest.raises(RuntimeError, match="SaliencyBlock"):
+            stage.forward_groups([Group(torch.arange(2), x)], Context(2, 1, grid=(4, 4), num_clusters=torch.zeros(2, 1, dtype=torch.long)))
+
+
+def test_a_keep_salient_model_trains_and_gives_each_image_its_own_output():
+    model = tiny_model(clustering="image-soft", cmtf=False, condense_at=1, keep_salient=2, budget_jitter=0.0)
+    assert type(model.blocks[0]).__name__ == "SaliencyBlock"
+    perturb_zero_init(model)
+    x = torch.randn(5, 3, 16, 16) * torch.linspace(0.1, 3, 5).view(5, 1, 1, 1)
+    _every_parameter_gets_gradient(model.train(), x)
+    _each_image_alone_gives_its_batch_output(model, x)
+    with torch.no_grad():  # dense outputs: unpooled back to every patch
+        assert model.forward_intermediates(x, intermediates_only=True)[-1].shape == (5, 32, 4, 4)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(condense_at=0, keep_salient=2), "after block 1"),
+    (dict(condense_at=1, keep_salient=4), r"\[1, 4\)"),            # k_min = 4: no cluster left at K = 4
+    (dict(condense_at=1, keep_salient=True), "keep_salient"),
+    (dict(condense_at=1, keep_salient=2, centers="grid"), "grid"),
+    (dict(condense_at=1, keep_salient=2, pad_k=8), "pad_k"),
+    (dict(reduction="tome", keep_salient=2), "keep_salient"),
+])
+def test_an_impossible_keep_salient_is_refused(bad, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_model(clustering="image-soft", cmtf=False, **bad)

@@ -99,6 +99,8 @@ class ModelOptions:
     assign_norm: bool = True            # distances on LayerNorm'd tokens (scale-free tau); False = raw tokens
     spatial: float = 0.0                # weight of patch-grid position in the distance (SLIC's compactness; not in
     #                                     the paper); > 0 needs centers='fps' or 'grid' (docs/model.md)
+    keep_salient: int = 0               # first DTC stage: this many patches pass unclustered, the ones [CLS] attends to
+    #                                     most in the block before (EViT's score); the rest fill K - keep_salient clusters
     max_groups: Optional[int] = None    # inference with per-image K: run the condensed blocks as at most this many
     #                                     batches, padded with masked slots (same outputs; padding is computed and counted);
     #                                     None = one batch per K (docs/performance.md, "...and padded groups")
@@ -257,6 +259,15 @@ class ModelOptions:
                    + (f" = [{self.stages[0].k_min}, {self.stages[0].k_max}]" if len(self.stages) == 1 else ""))
             _check(self.centers != "grid", "pad_k", self.pad_k,
                    "None with centers='grid' (grid cells are not nested: K centres are not a prefix of pad_k)")
+
+        if self.keep_salient:
+            st = self.stages[0] if self.stages else None
+            _check(isinstance(self.keep_salient, int) and not isinstance(self.keep_salient, bool) and st is not None
+                   and st.block >= 1 and 0 < self.keep_salient < st.k_min, "keep_salient", self.keep_salient,
+                   "0, or with DTC after block 1 or later an integer in [1, k_min)"
+                   + (f" = [1, {st.k_min})" if st is not None else ""))
+            _check(self.centers != "grid" and self.pad_k is None, "keep_salient", self.keep_salient,
+                   "0 with centers='grid' or pad_k (the kept patches leave the grid and the slot prefix)")
 
         cm = _as_list(self.cmtf_at)
         if cm is None:

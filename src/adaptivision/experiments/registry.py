@@ -173,6 +173,14 @@ LEVER_CELLS = (
     Cell("image, soft, tau 20, after block 2, K 24, batch K, no budget jitter, learned tau",
          dict(IMAGE_DTC, assign="soft", tau=20.0, condense_at=2, k_mid=24, train_k="batch", budget_jitter=0.0,
               learn_tau=True)),
+    # [CLS]'s most attended patches (block 1's attention, EViT's score) kept as they are, the rest clustered
+    # into K - n: the "keep a few most salient patches unclustered"; K (and the GMACs) unchanged
+    Cell("image, soft, tau 20, after block 2, K 24, batch K, no budget jitter, keep 4 salient",
+         dict(IMAGE_DTC, assign="soft", tau=20.0, condense_at=2, k_mid=24, train_k="batch", budget_jitter=0.0,
+              keep_salient=4)),
+    Cell("image, soft, tau 20, after block 2, K 24, batch K, no budget jitter, keep 8 salient",
+         dict(IMAGE_DTC, assign="soft", tau=20.0, condense_at=2, k_mid=24, train_k="batch", budget_jitter=0.0,
+              keep_salient=8)),
 )
 
 # Fine-tuning from the trained dense model, the protocol of DynamicViT, EViT and ToMe's trained rows
@@ -288,6 +296,9 @@ EXPERIMENTS = {e.name: e for e in (
     Experiment("dtc-spatial", "How clusters form, without the jitter: a spatial distance term (SLIC's compactness), "
                "grid centres (Hourglass's start), a learned temperature",
                "train", tuple(LEVER_CELLS[i] for i in (0, 2, 25, 28, 29, 31, 32, 33)),
+               note="run it with --scale default --seeds 2; shares its dense, ToMe and no-jitter runs with dtc-jitter"),
+    Experiment("dtc-salient", "Without the jitter: the patches [CLS] attends to most (EViT's score) kept unclustered",
+               "train", tuple(LEVER_CELLS[i] for i in (0, 2, 25, 34, 35)),
                note="run it with --scale default --seeds 2; shares its dense, ToMe and no-jitter runs with dtc-jitter"),
     Experiment("dtc-plateau", "The default-length candidates trained to plateau (--scale full)", "train",
                tuple(LEVER_CELLS[i] for i in (0, 18, 2, 21, 1, 19, 22, 23, 12, 3, 25, 27, 30)),

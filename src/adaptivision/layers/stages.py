@@ -10,17 +10,19 @@ import torch.nn as nn
 
 from .cmtf import CrossModalTokenFusion
 from .dtc import DynamicTokenClustering, token_positions
-from .tokens import Context, Group, unpad_groups
+from .tokens import Context, Group, gather_tokens, unpad_groups
 
 
 class ClusterStage(DynamicTokenClustering):
     """Eqs. 2-3 on every group: per-image K, then one dense batch per K (no padding, so fewer
     tokens really cost less); an image's clusters do not depend on its batch-mates."""
 
-    def __init__(self, *args, stage: int, num_prefix: int, pad_k: Optional[int] = None, **kwargs):
+    def __init__(self, *args, stage: int, num_prefix: int, pad_k: Optional[int] = None, keep_salient: int = 0,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.stage, self.num_prefix = stage, num_prefix  # which DTC stage (column of num_clusters)
         self.pad_k = pad_k  # inference: every image in pad_k slots, its own K of them in use (no host sync)
+        self.keep_salient = keep_salient  # patches passed unclustered, by the previous block's [CLS] attention
 
     def forward_groups(self, groups: List[Group], ctx: Context) -> List[Group]:
         P = self.num_prefix
@@ -41,23 +43,54 @@ class ClusterStage(DynamicTokenClustering):
                 continue
             ctx.num_clusters[grp.index, self.stage] = ks
             plan = self.plan(ks, z.shape[1])
-            seeds = self.seed_points(z, max(k for k, _ in plan), zs)                 # (b, K_max) or None
+            keep = self.salient(grp)                                                 # ((b, n), (b, N-n)) or None
+            zc = zs if keep is None else gather_tokens(zs, keep[1])                    # the tokens to cluster
+            seeds = self.seed_points(zc, max(k for k, _ in plan) - self.keep_salient, zc)  # (b, K_max-n) or None
             for k, sel in plan:
-                w_k, seeds_k, zs_k = (t if sel is None or t is None else t[sel] for t in (w, seeds, zs))
-                out.append(self._condense_group(grp.rows(sel), k, w_k, seeds_k, zs_k, ctx))
+                w_k, seeds_k, zs_k = (t if sel is None or t is None else t[sel] for t in (w, seeds, zc))
+                keep_k = keep if keep is None or sel is None else (keep[0][sel], keep[1][sel])
+                out.append(self._condense_group(grp.rows(sel), k, w_k, seeds_k, zs_k, ctx, keep=keep_k))
         return out
 
-    def _condense_group(self, grp: Group, k: int, w, seeds, zs, ctx: Context, slots=None) -> Group:
+    def salient(self, grp: Group) -> Optional[tuple]:
+        """``keep_salient``: the indices (b, n) of the n patches [CLS] attended to most in the block
+        before (most first) and of the others (b, N - n, raster order); None without it."""
+        if not self.keep_salient:
+            return None
+        if grp.saliency is None:
+            raise RuntimeError("keep_salient needs [CLS]'s attention from the block before the DTC stage "
+                               "(a SaliencyBlock; AdaptiVision converts it when built with keep_salient)")
+        order = grp.saliency.argsort(dim=1, descending=True)                         # (b, N)
+        return order[:, :self.keep_salient], order[:, self.keep_salient:].sort(dim=1).values
+
+    def _condense_group(self, grp: Group, k: int, w, seeds, zs, ctx: Context, slots=None, keep=None) -> Group:
         P = self.num_prefix
         z = grp.x[:, P:]                                                             # (b, N, D)
         mass = grp.mass[:, P:] if grp.mass is not None else z.new_ones(z.shape[:2], dtype=torch.float32)
-        s, m, a, zs, mu = self(z, mass, k, w, seeds, zs, ctx.grid, slots)            # (b, K, D), (b, K), (b, N, K)
+        if keep is None:
+            s, m, a, zs, mu = self(z, mass, k, w, seeds, zs, ctx.grid, slots)        # (b, K, D), (b, K), (b, N, K)
+        else:
+            s, m, a, zs, mu = self._keep_and_condense(z, mass, k, w, seeds, zs, ctx, keep)
         ctx.cluster_terms.append((zs, mu, self.temperature))
         return grp.replace(x=torch.cat([grp.x[:, :P], s], dim=1),                    # (b, P+K, D)
                            mass=torch.cat([m.new_ones(m.shape[0], P), m], dim=1),    # (b, P+K)
                            assign=grp.assign + (a,),
                            skips=grp.skips + (((z, s) if ctx.dense else None),),     # for unpool='skip'
-                           prop_attn=ctx.prop_attn)
+                           prop_attn=ctx.prop_attn, saliency=None)
+
+    def _keep_and_condense(self, z, mass, k: int, w, seeds, zs, ctx: Context, keep: tuple):
+        """``keep_salient``: the salient patches ``keep[0]`` become super-tokens 0..n-1 as they are
+        (mass and all); the others ``keep[1]`` are clustered (eqs. 2-3) into slots n..K-1. zs and
+        seeds are the clustered patches' own. The returned assignment covers every patch, (b, N, K)."""
+        top, rest = keep                                                             # (b, n), (b, N-n)
+        b, N, n = z.shape[0], z.shape[1], top.shape[1]
+        s, m, a, zs, mu = self(gather_tokens(z, rest), mass.gather(1, rest), k - n,
+                               None if w is None else w.gather(1, rest), seeds, zs, ctx.grid)  # (b, K-n, ...)
+        s = torch.cat([gather_tokens(z, top), s], dim=1)                               # (b, K, D)
+        m = torch.cat([mass.gather(1, top).float(), m], dim=1)                       # (b, K)
+        a_top = a.new_zeros(b, N, n).scatter(1, top.unsqueeze(1), 1.0)               # (b, N, n) one-hot
+        a_rest = a.new_zeros(b, N, k - n).scatter(1, rest.unsqueeze(-1).expand(-1, -1, k - n), a)  # (b, N, K-n)
+        return s, m, torch.cat([a_top, a_rest], dim=-1), zs, mu
 
     def _condense_padded(self, grp: Group, ks: torch.Tensor, w, zs, ctx: Context) -> Group:
         """Per-image K without a look at ``ks`` on the host: every image condensed into ``pad_k``

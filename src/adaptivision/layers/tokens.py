@@ -32,6 +32,7 @@ class Group:
     active: Optional[torch.Tensor] = None  # (b, k) ToFe at inference: the patch tokens blocks process
     prop_attn: bool = False               # add log(mass) to the attention logits (ToMe's proportional attention)
     valid: Optional[torch.Tensor] = None  # (b, P+T) bool, False on padding slots (:func:`pad_groups`); None = all real
+    saliency: Optional[torch.Tensor] = None  # (b, T) [CLS]'s attention over the patches in the last block (keep_salient)
     log_mass: Optional[torch.Tensor] = field(init=False, default=None)  # (b, 1, 1, T) attention bias, or None
 
     def __post_init__(self):
@@ -58,7 +59,7 @@ class Group:
         def pick(t):
             return None if t is None else t[sel]
         return self.replace(index=self.index[sel], x=self.x[sel], mass=pick(self.mass), policy=pick(self.policy),
-                            active=pick(self.active), valid=pick(self.valid),
+                            active=pick(self.active), valid=pick(self.valid), saliency=pick(self.saliency),
                             assign=tuple(a[sel] for a in self.assign),
                             skips=tuple(s and (s[0][sel], s[1][sel]) for s in self.skips))
 
@@ -78,6 +79,11 @@ class Context:
     num_clusters: Optional[torch.Tensor] = None   # (B, stages) K of each image at each DTC stage
     cluster_terms: list = field(default_factory=list)  # (zs, mu, tau) per group and stage: eq. 14's inputs
     aux_losses: list = field(default_factory=list)     # the baselines' own training terms (DynamicViT's ratio)
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x (B, T, C), idx (B, K) -> (B, K, C)."""
+    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 def run_block(blk: nn.Module, grp: Group, ctx: Context) -> Group:

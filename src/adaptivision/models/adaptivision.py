@@ -33,7 +33,7 @@ from ..config import ModelOptions
 from ..layers import make_afa_block
 from ..layers.stages import ClusterStage, FusionStage, embed_source
 from ..layers.tokens import Context, Group, assemble, pad_groups, run_block, unpool
-from ..reduction import ATTACH
+from ..reduction import ATTACH, SaliencyBlock, convert_block
 
 __all__ = ["AdaptiVision", "TokenOutput"]
 
@@ -80,8 +80,10 @@ class AdaptiVision(VisionTransformer):
                 budget_jitter=o.budget_jitter,
                 stat_momentum=o.stat_momentum, assign_norm=o.assign_norm, centers=o.centers,
                 hard=o.assign == "hard", spatial=o.spatial, learn_tau=o.learn_tau, stage=s, num_prefix=P,
-                pad_k=o.pad_k)
+                pad_k=o.pad_k, keep_salient=o.keep_salient if s == 0 else 0)
             for s, st in enumerate(stages)})
+        if o.keep_salient:  # the block before the first stage reports [CLS]'s attention (same tokens, same weights)
+            convert_block(self.blocks[stages[0].block - 1], SaliencyBlock, num_prefix=P)
         if opts.afa and stages:  # blocks after the first condensation attend over K+P tokens
             for i in range(stages[0].block, len(self.blocks)):
                 k_max = [st.k_max for st in stages if st.block <= i][-1]

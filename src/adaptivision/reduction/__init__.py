@@ -10,7 +10,7 @@ new baseline is one file and one line of ``ATTACH`` (the protocol: :mod:`adaptiv
 """
 from . import evit, hired, hourglass, importance, random_keep, tofe, tome
 from .common import ReducingBlock, convert_block, gather_tokens, keep_assignment, keep_tokens
-from .evit import EViTBlock, fuse_inattentive
+from .evit import EViTBlock, SaliencyBlock, fuse_inattentive
 from .hired import HiREDBlock
 from .hourglass import HourglassStage
 from .importance import ImportanceStage, KeepScorePredictor, PolicyBlock, policy_attention
@@ -24,6 +24,6 @@ ATTACH = {"random": random_keep.attach, "importance": importance.attach, "evit":
 
 __all__ = [
     "ATTACH", "REDUCTIONS", "EViTBlock", "HiREDBlock", "HourglassStage", "ImportanceStage", "KeepScorePredictor", "PolicyBlock", "RandomKeep",
-    "ReducingBlock", "ToFeBlock", "ToFeStage", "ToMeBlock", "bipartite_soft_matching", "convert_block", "fuse_inattentive",
+    "ReducingBlock", "SaliencyBlock", "ToFeBlock", "ToFeStage", "ToMeBlock", "bipartite_soft_matching", "convert_block", "fuse_inattentive",
     "gather_tokens", "keep_assignment", "keep_tokens", "policy_attention",
 ]

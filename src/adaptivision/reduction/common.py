@@ -15,12 +15,7 @@ import torch
 from timm.layers import Attention
 from timm.models.vision_transformer import Block
 
-from ..layers.tokens import Context, Group
-
-
-def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x (B, T, C), idx (B, K) -> (B, K, C)."""
-    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+from ..layers.tokens import Context, Group, gather_tokens
 
 
 def keep_assignment(idx: torch.Tensor, n_in: int, extra: int = 0) -> torch.Tensor:

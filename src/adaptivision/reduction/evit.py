@@ -4,6 +4,9 @@ At its blocks, after attention, the ``keep_ratio`` fraction of patch tokens with
 [CLS] attention (averaged over heads) are kept; the others are fused into one token, their
 mean weighted by that attention. Selection is top-k in training too (EViT's recipe); the
 gradient reaches the scores through the fused token's weights.
+
+:class:`SaliencyBlock` is EViT's score without EViT's reduction: DTC's ``keep_salient`` reads
+it from the block before its stage.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import math
 import torch
 
 from ..layers.attention import attention_inputs, attention_output, sdpa
+from ..layers.tokens import Context, Group
 from .common import ReducingBlock, convert_block, gather_tokens, keep_assignment
 
 
@@ -54,6 +58,20 @@ class EViTBlock(ReducingBlock):
             rows = torch.arange(x.shape[0], device=x.device).unsqueeze(1)
             assign[rows, drop_idx, keep] = 1.0  # dropped patches live on in the fused token
         return x, mass, assign
+
+
+class SaliencyBlock(EViTBlock):
+    """A block that passes every token and reports [CLS]'s attention over the patches (heads
+    averaged, EViT's score) on the group (``Group.saliency``): the block before a DTC stage with
+    ``keep_salient`` (:class:`adaptivision.layers.stages.ClusterStage`). Its tokens are timm's
+    Block's (tests/test_clustering.py); the score costs one extra row of attention logits."""
+
+    def reduce(self, x, mass, cls_attn, track):
+        return x, mass, cls_attn  # nothing is reduced: the third output is the score, not an assignment
+
+    def forward_group(self, grp: Group, ctx: Context) -> Group:
+        x, _, score = self(grp.x, grp.log_mass, mass=grp.mass)                      # (b, P+N, D), (b, N)
+        return grp.replace(x=x, saliency=score)
 
 
 def attach(blocks, opts, dim: int, num_prefix: int) -> dict:
