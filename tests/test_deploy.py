@@ -84,6 +84,10 @@ def test_onnx_export_of_the_default_clustering_with_per_image_k(tmp_path):
             assert abs(sess.run(None, {"images": xb.numpy()})[0] - ref.numpy()).max() < 1e-4
     fixed = export_onnx(tiny_model(clustering="image-soft", cmtf=False), str(tmp_path / "f.onnx"), k=8)
     assert ort.InferenceSession(fixed).run(None, {"images": x.numpy()})[0].shape == (8, 5)
+    salient = tiny_model(clustering="image-soft", cmtf=False, condense_at=1, keep_salient=2).eval()  # top-k, scatter
+    sess = ort.InferenceSession(export_onnx(salient, str(tmp_path / "s.onnx"), k=8))
+    with fixed_k(salient, 8), torch.no_grad():
+        assert abs(sess.run(None, {"images": x.numpy()})[0] - salient(x).numpy()).max() < 1e-4
 
 
 def test_spec_parsing_and_errors():
