@@ -68,6 +68,9 @@ def variants(n: int) -> list:
              for sp in (0.25, 1.0) for k in (16, 24)]
     rows += [(f"grid, hard, 2 iters, after block 2{', spatial 0.5' if sp else ''}, K={k}",
               dict(OURS, condense_at=2, centers="grid", spatial=sp), k) for sp in (0.0, 0.5) for k in (16, 24)]
+    # [CLS]'s most attended patches (block 1's attention) kept unclustered, the rest clustered (2026-11-27)
+    rows += [(f"fps, hard, 2 iters, after block 2, keep {n_keep} salient, K={k}",
+              dict(OURS, condense_at=2, keep_salient=n_keep), k) for n_keep in (4, 8) for k in (16, 24)]
     # Hourglass (grid centres, local soft k-means; no parameters, so it runs off the shelf too)
     rows += [(f"Hourglass {h}x{h} after block {b}", dict(reduction="hourglass", keep_ratio=h * h / n, reduce_at=b), None)
              for b in (1, 2) for h in (4, 5, 6)]

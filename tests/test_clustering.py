@@ -490,8 +490,11 @@ def test_keep_salient_passes_the_most_attended_patches_as_they_are():
     x = torch.randn(2, 1 + 16, 32)
     sal = torch.rand(2, 16)
     top = sal.argsort(1, descending=True)[:, :3]                                   # (2, 3)
+
+    def ctx():
+        return Context(2, 1, grid=(4, 4), num_clusters=torch.zeros(2, 1, dtype=torch.long))
     with torch.no_grad():
-        (out,) = stage.forward_groups([Group(torch.arange(2), x, saliency=sal)], Context(2, 1, grid=(4, 4), num_clusters=torch.zeros(2, 1, dtype=torch.long)))
+        (out,) = stage.forward_groups([Group(torch.arange(2), x, saliency=sal)], ctx())
         z = x[:, 1:]
         assert out.x.shape == (2, 1 + 8, 32) and out.saliency is None
         assert torch.equal(out.x[:, 1:4], torch.stack([z[i, top[i]] for i in range(2)]))
@@ -506,7 +509,10 @@ def test_keep_salient_passes_the_most_attended_patches_as_they_are():
             assert torch.allclose(out.x[i, 4:], s[0], atol=1e-5)
             assert torch.allclose(a[i, rest, 3:].sum(0), m[0], atol=1e-5)
         with pytest.raises(RuntimeError, match="SaliencyBlock"):
-            stage.forward_groups([Group(torch.arange(2), x)], Context(2, 1, grid=(4, 4), num_clusters=torch.zeros(2, 1, dtype=torch.long)))
+            stage.forward_groups([Group(torch.arange(2), x)], ctx())
+        stage.fixed_k = 3                                                          # a budget below what is kept
+        with pytest.raises(ValueError, match="no cluster beside the 3 salient"):
+            stage.forward_groups([Group(torch.arange(2), x, saliency=sal)], ctx())
 
 
 def test_a_keep_salient_model_trains_and_gives_each_image_its_own_output():

@@ -44,6 +44,9 @@ class ClusterStage(DynamicTokenClustering):
             ctx.num_clusters[grp.index, self.stage] = ks
             plan = self.plan(ks, z.shape[1])
             keep = self.salient(grp)                                                 # ((b, n), (b, N-n)) or None
+            if keep is not None and min(k for k, _ in plan) <= self.keep_salient:  # a budget set below it
+                raise ValueError(f"K = {min(k for k, _ in plan)} leaves no cluster beside the {self.keep_salient} "
+                                 "salient patches kept (keep_salient): K must be larger")
             zc = zs if keep is None else gather_tokens(zs, keep[1])                    # the tokens to cluster
             seeds = self.seed_points(zc, max(k for k, _ in plan) - self.keep_salient, zc)  # (b, K_max-n) or None
             for k, sel in plan:
