@@ -85,6 +85,9 @@ GUIDANCE_CELLS = (
 # condense_at=0 pinned: these cells were recorded before the nano model's default moved after block 2
 PAPER_DTC = {"reduction": "dtc", **config.PAPER_DTC}
 IMAGE_DTC = {"reduction": "dtc", "clustering": "image", "condense_at": 0}
+# the nano default since 2026-11-27 (after block 2, K about 24, one K per batch, no budget jitter): the base of
+# the levers measured since
+NO_JITTER = dict(IMAGE_DTC, assign="soft", tau=20.0, condense_at=2, k_mid=24, train_k="batch", budget_jitter=0.0)
 LEVER_CELLS = (
     DENSE,
     Cell("EViT", {"reduction": "evit"}, match_gmacs=True),
@@ -139,7 +142,7 @@ LEVER_CELLS = (
     # at the plateau DTC fits its training set less well than dense (train top-1 94.6-94.8% against 95.2%,
     # test 0.68 lower): is the budget jitter (a random K shift per batch) a regulariser it cannot afford?
     Cell("image, soft, tau 20, after block 2, K 24, batch K, no budget jitter",
-         dict(IMAGE_DTC, assign="soft", tau=20.0, condense_at=2, k_mid=24, train_k="batch", budget_jitter=0.0)),
+         dict(NO_JITTER)),
     # one block later at the same GMACs (fewer super-tokens from better-mixed tokens: off the shelf condensing
     # after block 2 beat block 0); K in steps of 4 so that a mean of 17 is reachable
     Cell("image, soft, tau 20, after block 3, K 17, batch K, no budget jitter",
@@ -152,35 +155,28 @@ LEVER_CELLS = (
     # position in the distance (SLIC's compactness): features alone let a cluster gather patches from all
     # over the image (the background's look-alike patches above all); a weight makes clusters contiguous
     Cell("image, soft, tau 20, after block 2, K 24, batch K, no budget jitter, spatial 0.25",
-         dict(IMAGE_DTC, assign="soft", tau=20.0, condense_at=2, k_mid=24, train_k="batch", budget_jitter=0.0,
-              spatial=0.25)),
+         dict(NO_JITTER, spatial=0.25)),
     Cell("image, soft, tau 20, after block 2, K 24, batch K, no budget jitter, spatial 1",
-         dict(IMAGE_DTC, assign="soft", tau=20.0, condense_at=2, k_mid=24, train_k="batch", budget_jitter=0.0,
-              spatial=1.0)),
+         dict(NO_JITTER, spatial=1.0)),
     # the default job's model (no jitter since 2026-11-27) distilled as the default job trains it
     Cell("image, soft, tau 20, after block 2, K 24, batch K, no budget jitter, distilled from dense",
-         dict(IMAGE_DTC, assign="soft", tau=20.0, condense_at=2, k_mid=24, train_k="batch", budget_jitter=0.0),
+         dict(NO_JITTER),
          train=dict(distill_from=TEACHER_DENSE)),
     # centres from a grid over the patch grid (Hourglass's and SLIC's start) instead of farthest points:
     # no sequential loop, and each centre starts at its place; alone and with the spatial term (SLIC)
     Cell("image, soft, tau 20, after block 2, K 24, batch K, no budget jitter, grid centres",
-         dict(IMAGE_DTC, assign="soft", tau=20.0, condense_at=2, k_mid=24, train_k="batch", budget_jitter=0.0,
-              centers="grid")),
+         dict(NO_JITTER, centers="grid")),
     Cell("image, soft, tau 20, after block 2, K 24, batch K, no budget jitter, grid centres, spatial 0.5",
-         dict(IMAGE_DTC, assign="soft", tau=20.0, condense_at=2, k_mid=24, train_k="batch", budget_jitter=0.0,
-              centers="grid", spatial=0.5)),
+         dict(NO_JITTER, centers="grid", spatial=0.5)),
     # the temperature trained with the model (per stage, from 20) instead of fixed by Table 4's sweep
     Cell("image, soft, tau 20, after block 2, K 24, batch K, no budget jitter, learned tau",
-         dict(IMAGE_DTC, assign="soft", tau=20.0, condense_at=2, k_mid=24, train_k="batch", budget_jitter=0.0,
-              learn_tau=True)),
+         dict(NO_JITTER, learn_tau=True)),
     # [CLS]'s most attended patches (block 1's attention, EViT's score) kept as they are, the rest clustered
     # into K - n: the issue's "keep a few most salient patches unclustered"; K (and the GMACs) unchanged
     Cell("image, soft, tau 20, after block 2, K 24, batch K, no budget jitter, keep 4 salient",
-         dict(IMAGE_DTC, assign="soft", tau=20.0, condense_at=2, k_mid=24, train_k="batch", budget_jitter=0.0,
-              keep_salient=4)),
+         dict(NO_JITTER, keep_salient=4)),
     Cell("image, soft, tau 20, after block 2, K 24, batch K, no budget jitter, keep 8 salient",
-         dict(IMAGE_DTC, assign="soft", tau=20.0, condense_at=2, k_mid=24, train_k="batch", budget_jitter=0.0,
-              keep_salient=8)),
+         dict(NO_JITTER, keep_salient=8)),
 )
 
 # Fine-tuning from the trained dense model, the protocol of DynamicViT, EViT and ToMe's trained rows
