@@ -309,7 +309,7 @@ EXPERIMENTS = {e.name: e for e in (
                note="run it with --scale full --record-only after dtc-finetune: it evaluates those runs and "
                     "trains nothing"),
     Experiment("plateau-curve", "Accuracy vs GMACs at the plateau: the dtc-plateau checkpoints at several budgets "
-               "each", "budget", tuple(LEVER_CELLS[i] for i in (0, 18, 2, 1, 21, 22, 19, 23, 25, 27)),
+               "each", "budget", tuple(LEVER_CELLS[i] for i in (0, 18, 2, 1, 21, 22, 19, 23, 25, 27, 30)),
                note="run it with --scale full --record-only: it evaluates the finished dtc-plateau runs and "
                     "trains nothing"),
     Experiment("figure1bc", "Figure 1(b)/(c): segmentation mIoU vs GMACs (Fashion-MNIST mosaics; ADE20K, "
