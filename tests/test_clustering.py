@@ -537,3 +537,23 @@ def test_a_keep_salient_model_trains_and_gives_each_image_its_own_output():
 def test_an_impossible_keep_salient_is_refused(bad, match):
     with pytest.raises(ValueError, match=match):
         tiny_model(clustering="image-soft", cmtf=False, **bad)
+
+
+def test_full_tokens_is_the_same_weights_on_every_patch():
+    """AdaptiVision.full_tokens (self_distill's teacher): the DTC stages are skipped, so without AFA
+    a DTC model gives the timm ViT's logits with its weights; outside the context it condenses
+    again. With AFA it needs slots for every patch (k_max = N)."""
+    torch.manual_seed(0)
+    model = tiny_model(clustering="image-soft", cmtf=False, afa=False, condense_at=1).eval()
+    vit = VisionTransformer(img_size=16, patch_size=4, in_chans=3, num_classes=5, embed_dim=32, depth=4,
+                            num_heads=2).eval()
+    vit.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("dtc.")})  # buffers only
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        with model.full_tokens():
+            assert torch.allclose(model(x), vit(x), atol=1e-5)
+            assert model.last_num_clusters.eq(0).all()                          # no stage ran
+        assert not torch.allclose(model(x), vit(x), atol=1e-3)
+        assert model.last_num_clusters.gt(0).all()
+    with pytest.raises(ValueError, match="k_max equal to the 16 patches"), tiny_model(k_max=8).full_tokens():
+        pass

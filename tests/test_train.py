@@ -728,3 +728,29 @@ def test_budget_jitter_is_written_out_and_resumes_as_the_run_trained(tmp_path):
     assert model_spec(cfg, 10, dense=False, checkpoint=str(new / "last.safetensors"))["kwargs"]["budget_jitter"] == 0.0
     explicit = TrainConfig(model=cfg.model, model_kwargs={"budget_jitter": 2.0})
     assert model_spec(explicit, 10, dense=False, checkpoint=str(old / "last.safetensors"))["kwargs"]["budget_jitter"] == 2.0
+
+
+def test_self_distillation_the_full_token_path_teaches_the_condensed_one(fmnist, tmp_path):
+    """self_distill: each step also runs the same weights on every patch token; that path learns from
+    the labels and the condensed one from its detached logits, so the loss is (1 - w) CE + w distill
+    + the full path's CE. No teacher file, no dense run; a second teacher, a model without DTC and an
+    impossible weight are refused."""
+    assert main(["train", "--data-dir", fmnist, "--output", str(tmp_path), "--name", "self", "--epochs", "1",
+                 *QUICK, "compare_dense=false", "self_distill=0.4"]) == 0
+    run = tmp_path / "self"
+    assert yaml.safe_load((run / "config.yaml").read_text())["distill_from"] is None
+    steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [st for st in steps if st["kind"] == "step"]
+    assert steps and all(st["distill"] > 0 and st["full_ce"] > 0 for st in steps)
+    for st in steps:
+        assert st["loss"] == pytest.approx(0.6 * st["ce"] + 0.4 * st["distill"] + st["full_ce"], rel=1e-5)
+    assert not (run / "dense").exists()
+    with pytest.raises(ValueError, match="self_distill"):
+        TrainConfig.build(overrides=["self_distill=0.5", "distill_from=/x/t.safetensors"])
+    with pytest.raises(ValueError, match="self_distill"):
+        TrainConfig.build(overrides=["self_distill=1.5"])
+    with pytest.raises(ValueError, match="no DTC stage"):
+        engine.run(TrainConfig.build(overrides=[f"data_dir={fmnist}", f"output={tmp_path}", "name=tome", "epochs=1",
+                                                *QUICK[:-1], "compare_dense=false", "self_distill=0.5",
+                                                "model_kwargs={embed_dim: 32, depth: 2, num_heads: 2, "
+                                                "reduction: tome, tome_r: 2}"]))

@@ -177,6 +177,10 @@ LEVER_CELLS = (
          dict(NO_JITTER, keep_salient=4)),
     Cell("image, soft, tau 20, after block 2, K 24, batch K, no budget jitter, keep 8 salient",
          dict(NO_JITTER, keep_salient=8)),
+    # in-place distillation (slimmable networks): the same weights on every patch token teach the condensed
+    # path in each step; trained from scratch, no dense run (training costs about 2.4x the condensed step)
+    Cell("image, soft, tau 20, after block 2, K 24, batch K, no budget jitter, self-distilled",
+         dict(NO_JITTER), train=dict(self_distill=0.5)),
 )
 
 # Fine-tuning from the trained dense model, the protocol of DynamicViT, EViT and ToMe's trained rows
@@ -296,6 +300,10 @@ EXPERIMENTS = {e.name: e for e in (
     Experiment("dtc-salient", "Without the jitter: the patches [CLS] attends to most (EViT's score) kept unclustered",
                "train", tuple(LEVER_CELLS[i] for i in (0, 2, 25, 34, 35)),
                note="run it with --scale default --seeds 2; shares its dense, ToMe and no-jitter runs with dtc-jitter"),
+    Experiment("dtc-self-distill", "Without the jitter: the model's own full-token path as its teacher (in-place "
+               "distillation, from scratch)", "train", tuple(LEVER_CELLS[i] for i in (0, 2, 25, 36, 30)),
+               note="run it with --scale default --seeds 2; shares its dense, ToMe and no-jitter runs with dtc-jitter; "
+                    "the dense-distilled cell last (it learns from the dense run)"),
     Experiment("dtc-plateau", "The default-length candidates trained to plateau (--scale full)", "train",
                tuple(LEVER_CELLS[i] for i in (0, 18, 2, 21, 1, 19, 22, 23, 12, 3, 25, 27, 30)),
                note="run it with --scale full; dense first, so its curve fixes the plateau epochs (and it "

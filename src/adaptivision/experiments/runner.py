@@ -88,7 +88,8 @@ def _slug(text: str) -> str:
 # TrainConfig fields added after runs were first recorded: left out of a run's identity while
 # they hold their default, so those runs keep their names (and are not trained again).
 LATER_FIELDS = ("init_from", "guidance", "text_model", "text_template", "guidance_tokens", "guidance_dropout",
-                "budget_warmup", "budget_warmup_bias", "distill_from", "distill_weight", "distill_tau", "distill_kind")
+                "budget_warmup", "budget_warmup_bias", "distill_from", "distill_weight", "distill_tau", "distill_kind",
+                "self_distill")
 
 
 def _identity(cfg: TrainConfig) -> dict:

@@ -17,6 +17,7 @@ keeps nothing on the model: what the objective, pooling and unpooling need is re
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 from typing import List, Optional, Union
@@ -113,6 +114,7 @@ class AdaptiVision(VisionTransformer):
         self.align_head = nn.Linear(D, opts.align_dim) if opts.align_dim else None
         # K of each image in the last forward: for inspection only, nothing reads it back
         self.last_num_clusters: Optional[torch.Tensor] = None
+        self._skip_dtc = False  # full_tokens(): the DTC stages are skipped
 
     # --- timm interface -------------------------------------------------------------------------
     @torch.jit.ignore
@@ -175,7 +177,22 @@ class AdaptiVision(VisionTransformer):
 
     def stages_before(self, i: int) -> list:
         """The stages that run before block ``i``: a baseline's, DTC's, CMTF's, in this order."""
-        return [d[str(i)] for d in (self.reducer, self.dtc, self.cmtf) if str(i) in d]
+        dtc = {} if self._skip_dtc else self.dtc
+        return [d[str(i)] for d in (self.reducer, dtc, self.cmtf) if str(i) in d]
+
+    @contextlib.contextmanager
+    def full_tokens(self):
+        """Forwards inside run the same weights with the DTC stages skipped: every patch token goes
+        through every block (AFA modulates N + P slots, so each stage's k_max must be its N). The
+        in-place teacher of ``TrainConfig.self_distill``."""
+        if self.opts.afa and any(st.k_max < self.patch_embed.num_patches for st in self.opts.stages):
+            raise ValueError("full_tokens needs AFA slots for every patch: build the model with k_max equal to "
+                             f"the {self.patch_embed.num_patches} patches (or afa=False)")
+        self._skip_dtc = True
+        try:
+            yield self
+        finally:
+            self._skip_dtc = False
 
     def _blocks(self, x: torch.Tensor, ctx: Context, last: Optional[int] = None):
         """Embedding, then each block with its stages; yields ``(block index, groups)``."""

@@ -83,6 +83,10 @@ class TrainConfig:
     distill_weight: float = 0.5             # alpha: loss = (1 - alpha) task loss + alpha distillation term
     distill_tau: float = 1.0                # 'soft': temperature of the KL term (Hinton et al.; x tau^2)
     distill_kind: str = "soft"              # 'soft' (KL to the teacher's softened outputs) | 'hard' (CE to its argmax, DeiT)
+    # in-place distillation (no separate teacher, trained from scratch): each step also runs the same
+    # weights with the DTC stages skipped (every patch token), trained by the task loss; the condensed
+    # forward learns from its detached logits with this weight (distill_tau, distill_kind). 0 = off
+    self_distill: float = 0.0
     # running
     device: str = "auto"                    # auto | cpu | cuda
     workers: int = 2                        # data-loader processes
@@ -135,6 +139,9 @@ class TrainConfig:
         check(0 <= self.distill_weight <= 1, "distill_weight", "[0, 1]")
         check(self.distill_tau > 0, "distill_tau", "> 0")
         check(self.distill_kind in ("soft", "hard"), "distill_kind", "'soft' or 'hard'")
+        check(0 <= self.self_distill <= 1, "self_distill", "[0, 1]")
+        check(not self.self_distill or self.distill_from in (None, AUTO), "self_distill",
+              "0 with a distill_from teacher (the full-token path is the teacher; one teacher at a time)")
         check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
               "'auto', 'cpu', 'cuda' or 'cuda:N'")
         check(self.workers >= 0, "workers", ">= 0")
@@ -199,6 +206,8 @@ class TrainConfig:
         points at the default length, +1.0 at the plateau, docs/results.md "Distillation"), else off."""
         if self.distill_from != AUTO:
             return self
+        if self.self_distill:  # the model's own full-token path teaches
+            return replace(self, distill_from=None)
         condenses = bool(_as_list(self.model_kwargs.get("condense_at", 0)))  # as ModelOptions reads it (0: block 0)
         dtc = self.model.startswith("adaptivision_") and self.model_kwargs.get("reduction", "dtc") == "dtc" and condenses
         return replace(self, distill_from=DENSE_TEACHER if self.compare_dense and dtc else None)

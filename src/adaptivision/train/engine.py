@@ -99,6 +99,7 @@ class Session:
     num_updates: int = 0
     best: float = -1.0
     teacher: Optional[nn.Module] = None  # distill_from's frozen model (the dense comparison trains without it)
+    self_teach: bool = False             # self_distill: the model's own full-token path teaches (and learns)
 
     @property
     def name(self) -> str:
@@ -177,11 +178,22 @@ def setup(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bool = F
     # cluster terms, a baseline's own loss such as DynamicViT's ratio loss); the dense comparison
     # has no clustering and no guidance, and its aux is None
     teacher = None if dense else load_teacher(cfg, num_classes, d.device, run_dir)
+    self_teach = bool(cfg.self_distill) and not dense
+    if self_teach and not (isinstance(model, AdaptiVision) and model.dtc):
+        raise ValueError("self_distill: the full-token path is a DTC model's with its DTC stages skipped; "
+                         f"{cfg.model} with {cfg.model_kwargs} has no DTC stage")
+    if self_teach and d.world > 1:
+        raise ValueError("self_distill runs two forwards before one backward, which DDP does not take here: "
+                         "train it on one process")
+    if self_teach:
+        with model.full_tokens():  # AFA slots for every patch, checked before any training
+            pass
     criterion = AdaptiVisionLoss(cfg.lambda_cluster if isinstance(model, AdaptiVision) and model.dtc else 0.0,
                                  cfg.lambda_align if guide else 0.0,
                                  cfg.align_temperature,
                                  cfg.detach_tokens, base,
-                                 distill_weight=cfg.distill_weight if teacher is not None else 0.0,
+                                 distill_weight=(cfg.distill_weight if teacher is not None else
+                                                 cfg.self_distill if self_teach else 0.0),
                                  distill_tau=cfg.distill_tau, distill_kind=cfg.distill_kind)
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema else None
 
@@ -201,7 +213,7 @@ def setup(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bool = F
         if d.world > 1 else model
     return Session(cfg, d, run_dir, dense, log, model, net, spec, guide, eval_ds, sampler, loader, optimizer, sched,
                    scaler, amp, mixup, criterion, ema, ckpt, _tensorboard(run_dir) if d.main else None,
-                   updates_per_epoch, start_epoch, num_updates, best, teacher)
+                   updates_per_epoch, start_epoch, num_updates, best, teacher, self_teach)
 
 
 def forward_loss(s: Session, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -212,12 +224,21 @@ def forward_loss(s: Session, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Te
     guided = s.guide(x, y, train=True) if s.guide is not None else None  # (of the mixed images, under mixup)
     returns_aux = isinstance(s.model, AdaptiVision)
     with autocast(s.amp, s.d.device):
+        full = None
+        if s.self_teach:  # first, so that last_num_clusters is the condensed forward's
+            with s.model.full_tokens():
+                full = s.net(x, **(guided.model_kwargs() if guided else {})).float()          # (B, C)
         out = s.net(x, return_aux=True, **(guided.model_kwargs() if guided else {})) if returns_aux else s.net(x)
         logits, aux = out if returns_aux else (out, None)
         with torch.no_grad():  # the teacher sees the same (mixed) images
             teacher_logits = s.teacher(x).float() if s.teacher is not None else None
+        if full is not None:
+            teacher_logits = full.detach()  # the condensed path learns from it, not it from the condensed one
         terms = s.criterion(logits.float(), target, aux, guided.align_targets if guided else None, y,
                             teacher_logits=teacher_logits)
+        if full is not None:  # the full-token path learns from the labels (slimmable nets' in-place distillation)
+            terms["full_ce"] = s.criterion.base(full, target)
+            terms["loss"] = terms["loss"] + terms["full_ce"]
     return logits, terms
 
 
