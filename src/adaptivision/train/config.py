@@ -83,10 +83,9 @@ class TrainConfig:
     distill_weight: float = 0.5             # alpha: loss = (1 - alpha) task loss + alpha distillation term
     distill_tau: float = 1.0                # 'soft': temperature of the KL term (Hinton et al.; x tau^2)
     distill_kind: str = "soft"              # 'soft' (KL to the teacher's softened outputs) | 'hard' (CE to its argmax, DeiT)
-    # in-place distillation (no separate teacher, trained from scratch): each step also runs the same
-    # weights with the DTC stages skipped (every patch token), trained by the task loss; the condensed
-    # forward learns from its detached logits with this weight (distill_tau, distill_kind). 0 = off
-    self_distill: float = 0.0
+    self_distill: float = 0.0               # in-place distillation (no teacher file; 0 = off): each step also runs
+    #                                         the same weights on every patch token (DTC skipped), trained by the task
+    #                                         loss; the condensed path learns from its logits with this weight (docs/training.md)
     # running
     device: str = "auto"                    # auto | cpu | cuda
     workers: int = 2                        # data-loader processes
