@@ -457,6 +457,30 @@ def test_only_runs_the_chosen_cells_and_the_teacher_they_need():
         Runner(exp, "/x", "smoke", base, only=["tome"])
 
 
+def test_an_only_run_records_the_finished_runs_of_the_other_cells(monkeypatch, tmp_path):
+    """The record an --only run writes covers every cell: another cell's finished run stays in it
+    (it held the --only cells alone once, and committing it dropped the others), untrained."""
+    from adaptivision.experiments import registry
+    from adaptivision.experiments.runner import Runner, base_config
+    base = base_config("smoke", "fashion-mnist", None, None)
+    exp = registry.get("dtc-plateau")
+    trained = []
+    monkeypatch.setattr(Runner, "_train", lambda self, cfg, run_dir, what, rel: trained.append(cfg.name) or True)
+    runner = Runner(exp, str(tmp_path), "smoke", base, log=lambda *a: None, only=["ToMe"])
+    evit = next(c for c in exp.cells if c.label == "EViT")
+    cfg, _ = runner.cell_config(evit, 0)
+    (tmp_path / "runs" / cfg.name).mkdir(parents=True)
+    (tmp_path / "runs" / cfg.name / "summary.json").write_text("{}")
+    record = runner.run()
+    assert [c["label"] for c in record["cells"]] == [c.label for c in exp.cells]
+    runs = {c["label"]: [r["run_dir"] for r in c["runs"]] for c in record["cells"]}
+    assert runs["EViT"] == [os.path.join("runs", cfg.name)] and runs["ViT (dense)"] == []
+    assert len(trained) == 1 and trained[0].startswith("tome-") and len(runs["ToMe"]) == 1
+    assert record["only"] == ["ToMe"]
+    with open(tmp_path / exp.name / "experiment.json") as f:
+        assert json.load(f)["cells"] == record["cells"]
+
+
 def test_only_seed_trains_that_seed_and_records_the_others(monkeypatch, tmp_path):
     """--only-seed S: seed S is trained, another seed is recorded when its run is finished (a record
     copied back from another machine) and left out otherwise; a seed beyond --seeds is refused."""

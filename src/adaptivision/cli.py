@@ -263,7 +263,8 @@ def main(argv=None) -> int:
     x.add_argument("--record-only", action="store_true", dest="record_only",
                    help="train nothing: record the runs finished so far (a report of a partial experiment)")
     x.add_argument("--only", action="append", metavar="LABEL",
-                   help="train only this cell (its row label, repeatable), and the dense cell it learns from")
+                   help="train only this cell (its row label, repeatable), and the dense cell it learns from; "
+                        "the other cells' finished runs are recorded")
     x.add_argument("--only-seed", action="append", type=int, dest="only_seeds", metavar="S",
                    help="train only this seed (repeatable, < --seeds); the other seeds' finished runs are recorded")
     x.add_argument("--checkpoint", action="append", help="table6: a checkpoint to evaluate (repeatable)")

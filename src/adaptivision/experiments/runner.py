@@ -170,7 +170,7 @@ class Runner:
         self.record = dict(experiment=exp.name, title=exp.title, kind=exp.kind, scale=scale, dataset=base.dataset,
                            model=base.model, epochs=base.epochs, seeds=seeds, key=exp.key, cells=[],
                            started=time.strftime("%Y-%m-%d %H:%M:%S"))
-        if only:  # a partial record says so
+        if only:  # the cells this run trained; the record still covers every cell (the others as finished)
             self.record["only"] = [c.label for c in self.cells]
         if only_seeds:
             self.record["only_seeds"] = sorted(self.train_seeds)
@@ -190,7 +190,7 @@ class Runner:
         cell learns from or starts from (its teacher must be trained first)."""
         if not only:
             return self.exp.cells
-        labels = [c.label for c in self.exp.cells]
+        labels = [c.label for c in self.cells]
         unknown = [o for o in only if o not in labels]
         if unknown:
             raise ValueError(f"--only {unknown[0]!r} is not a cell of {self.exp.name}; its cells: "
@@ -245,7 +245,8 @@ class Runner:
                                                   gmacs_at_init=gmacs)
 
     # --- running ----------------------------------------------------------------------------------
-    def train_cell(self, cell: Cell) -> dict:
+    def train_cell(self, cell: Cell, train: bool = True) -> dict:
+        """Train (``train``) or only record the finished seeds of one cell: its record entry."""
         entry = dict(label=cell.label, kwargs=cell.kwargs, train=cell.train, model=cell.model, runs=[])
         if self.exp.key:
             entry["key"] = cell.kwargs.get(self.exp.key)
@@ -259,8 +260,9 @@ class Runner:
             rel = os.path.relpath(run_dir, self.out)
             if os.path.isfile(os.path.join(run_dir, "summary.json")):
                 self.log(f"[{self.exp.name}] {cell.label} seed {seed}: done before ({rel})")
-            elif self.record_only or seed not in self.train_seeds:
-                self.log(f"[{self.exp.name}] {cell.label} seed {seed}: not finished, left out ({rel})")
+            elif self.record_only or not train or seed not in self.train_seeds:
+                if train:  # a cell --only left out is not news
+                    self.log(f"[{self.exp.name}] {cell.label} seed {seed}: not finished, left out ({rel})")
                 continue
             elif not self._train(cfg, run_dir, f"[{self.exp.name}] {cell.label} seed {seed}", rel):
                 continue
@@ -297,13 +299,15 @@ class Runner:
         if kind == "scaling":
             self.record["cells"] = self.scaling()
         elif kind == "segmentation":
-            self.record["cells"] = [self.segmentation(c) for c in self.exp.cells]
+            self.record["cells"] = [self.segmentation(c) for c in self.cells]
         elif kind == "detection":
-            self.record["cells"] = [self.detection(c) for c in self.exp.cells]
+            self.record["cells"] = [self.detection(c) for c in self.cells]
         elif kind == "robustness":
             self.record["cells"] = self.robustness(checkpoints, eval_data or {})
         else:
-            self.record["cells"] = [self.train_cell(c) for c in self.cells]
+            # every cell is recorded, those left out by --only as --record-only would: the record
+            # rewritten after an --only run keeps the other cells' finished runs
+            self.record["cells"] = [self.train_cell(c, train=c in self.cells) for c in self.exp.cells]
             for entry in self.record["cells"]:
                 if kind == "budget":
                     self.budget_sweep(entry)
