@@ -190,7 +190,7 @@ class Runner:
         cell learns from or starts from (its teacher must be trained first)."""
         if not only:
             return self.exp.cells
-        labels = [c.label for c in self.cells]
+        labels = [c.label for c in self.exp.cells]
         unknown = [o for o in only if o not in labels]
         if unknown:
             raise ValueError(f"--only {unknown[0]!r} is not a cell of {self.exp.name}; its cells: "
@@ -299,9 +299,9 @@ class Runner:
         if kind == "scaling":
             self.record["cells"] = self.scaling()
         elif kind == "segmentation":
-            self.record["cells"] = [self.segmentation(c) for c in self.cells]
+            self.record["cells"] = [self.segmentation(c) for c in self.exp.cells]
         elif kind == "detection":
-            self.record["cells"] = [self.detection(c) for c in self.cells]
+            self.record["cells"] = [self.detection(c) for c in self.exp.cells]
         elif kind == "robustness":
             self.record["cells"] = self.robustness(checkpoints, eval_data or {})
         else:
