@@ -126,9 +126,10 @@ def test_cli_train_end_to_end_with_dense_comparison(fmnist, tmp_path, capsys):
 
 
 def test_resume_continues_exactly(fmnist, tmp_path):
-    # random augmentation of every kind, mixup / cutmix included (numpy's generator)
+    # random augmentation of every kind, mixup / cutmix included (numpy's generator); an EMA
+    # (the weights file holds it, the state the trained weights: both must come back)
     args = ["train", "--data-dir", fmnist, "--output", str(tmp_path), "--epochs", "2", "compare_dense=false",
-            "hflip=0.5", "scale_min=0.5", "mixup=0.8", "cutmix=1.0", *QUICK]
+            "hflip=0.5", "scale_min=0.5", "mixup=0.8", "cutmix=1.0", "ema=true", "ema_decay=0.9", *QUICK]
     assert main([*args, "--name", "straight"]) == 0
     assert main([*args, "--name", "split", "--stop-after", "1"]) == 0
     assert not (tmp_path / "split" / "epoch-0002.safetensors").exists()
@@ -138,6 +139,25 @@ def test_resume_continues_exactly(fmnist, tmp_path):
     assert a.keys() == b.keys()
     diff = {k: (a[k].float() - b[k].float()).abs().max().item() for k in a}
     assert max(diff.values()) == 0.0, {k: v for k, v in diff.items() if v}
+    a, b = (torch.load(tmp_path / n / "last.state.pt", weights_only=True)["trained"] for n in ("straight", "split"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ema_checkpoint_holds_the_weights_it_reports(fmnist, tmp_path, capsys):
+    """With ema=true the epoch's top-1 is the EMA's: last.safetensors must hold those weights (it
+    held the trained ones, so `eval` of the file disagreed with the run's record), and the
+    trained weights stay in the state file for --resume."""
+    assert main(["train", "--data-dir", fmnist, "--output", str(tmp_path), "--name", "ema", "--epochs", "2",
+                 "compare_dense=false", "ema=true", "ema_decay=0.5", *QUICK]) == 0
+    run = tmp_path / "ema"
+    last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run / "last.safetensors"), "--data-dir", fmnist]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["top1"] == last["eval_top1"] and ev["loss"] == pytest.approx(last["eval_loss"], rel=1e-5)
+    trained = torch.load(run / "last.state.pt", weights_only=True)["trained"]
+    saved = load_file(run / "last.safetensors")
+    assert saved.keys() == trained.keys() and not all(torch.equal(saved[k], trained[k]) for k in saved)
 
 
 def test_resume_follows_the_runs_own_config(fmnist, tmp_path, capsys):
@@ -398,7 +418,7 @@ def test_recipe_options_run_together(fmnist, tmp_path):
     kept = sorted(p.name for p in run.glob("epoch-*.safetensors"))
     assert kept == ["epoch-0003.safetensors"]
     st = torch.load(run / "last.state.pt", weights_only=True)
-    assert "ema" in st and st["num_updates"] == 3 * (64 // 16) // 2
+    assert "trained" in st and st["num_updates"] == 3 * (64 // 16) // 2
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert all("cluster" in r for r in recs if r["kind"] == "step")
 

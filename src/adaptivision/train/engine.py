@@ -329,9 +329,9 @@ def end_epoch(s: Session, epoch: int, stats: dict, ev: dict) -> None:
                  optimizer=s.optimizer.state_dict(), eval=ev)
     if s.scaler is not None:
         state["scaler"] = s.scaler.state_dict()
-    if s.ema is not None:
-        state["ema"] = s.ema.module.state_dict()
-    s.ckpt.save(f"epoch-{epoch + 1:04d}", s.model, state, is_best)
+    if s.ema is not None:  # the weights file holds the evaluated (EMA) weights, the state the trained ones
+        state["trained"] = {k: v.detach().cpu() for k, v in s.model.state_dict().items()}
+    s.ckpt.save(f"epoch-{epoch + 1:04d}", s.ema.module if s.ema is not None else s.model, state, is_best)
 
 
 def fit(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bool = False,
@@ -357,7 +357,7 @@ def fit(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bool = Fal
     if result is None:  # everything was already done: report the saved state
         st = s.ckpt.load_state(s.ckpt.latest()[0])
         result = dict(spec=s.spec, eval=st["eval"], best_top1=st["best_top1"], train_seconds=None, epochs=cfg.epochs)
-    result["model"], result["guide"] = s.model, s.guide
+    result["model"], result["guide"] = s.ema.module if s.ema is not None else s.model, s.guide  # the one evaluated
     return result
 
 
@@ -388,13 +388,20 @@ def _restore(ckpt: CheckpointManager, model, optimizer, scaler, ema, log=print) 
     base, note = ckpt.latest()
     if note:
         log(note)
-    load_weights(model, base + ".safetensors")
     st = ckpt.load_state(base)
+    if "trained" in st:  # an EMA run: the file holds the EMA weights, the state the trained ones
+        if ema is None:
+            raise ValueError(f"{base}.safetensors holds the EMA of the trained weights (the run had ema=true): "
+                             "resume it with ema=true")
+        load_weights(ema.module, base + ".safetensors")
+        model.load_state_dict(st["trained"])
+    else:
+        load_weights(model, base + ".safetensors")
+        if ema is not None and "ema" in st:  # saved before 2026-11-27: the file held the trained weights
+            ema.module.load_state_dict(st["ema"])
     optimizer.load_state_dict(st["optimizer"])
     if scaler is not None and "scaler" in st:
         scaler.load_state_dict(st["scaler"])
-    if ema is not None and "ema" in st:
-        ema.module.load_state_dict(st["ema"])
     set_rng_state(st["rng"])
     return st["epoch"] + 1, st["num_updates"], st["best_top1"]
 
