@@ -57,6 +57,12 @@ def test_table5_matches_gmacs_and_shares_runs(done):
     t1 = {c["label"]: c for c in _record(done, "table1")["cells"]}
     for label in ("DynamicViT (importance)", "ToMe", "Hourglass", "HiRED (adapted)", "ToFe (freeze and reuse)"):
         assert t1[label]["runs"][0]["run_dir"] == cells[label]["runs"][0]["run_dir"], label
+    # its rows for today's default and the paper form are the dtc-levers runs of the same models
+    levers = {c["label"]: c["runs"][0]["run_dir"] for c in _record(done, "dtc-levers")["cells"] if c["runs"]}
+    assert cells["AdaptiVision (DTC), paper form"]["runs"][0]["run_dir"] == \
+        levers["paper: learned centroids, soft, tau 150"]
+    default = cells["AdaptiVision (DTC), no budget jitter"]["runs"][0]["run_dir"]
+    assert default == levers["image, soft, tau 20, after block 2, K 24, batch K, no budget jitter"] != dtc_run
 
 
 def test_dtc_levers_record_every_lever_and_record_only_trains_nothing(done, tmp_path):

@@ -246,7 +246,8 @@ EXPERIMENTS = {e.name: e for e in (
     Experiment("table4", "Table 4: DTC temperature tau", "train",
                tuple(Cell(f"tau = {t}", {"reduction": "dtc", "tau": float(t)}) for t in (1, 20, 100, 150, 200, 250)),
                key="tau"),
-    Experiment("table5", "Table 5: token reduction strategies at matched GMACs", "train", BASELINES + (DEFAULT_DTC,)),
+    Experiment("table5", "Table 5: token reduction strategies at matched GMACs", "train",
+               BASELINES + (DEFAULT_DTC, Cell("AdaptiVision (DTC), paper form", PAPER_DTC))),
     Experiment("table6", "Table 6: robustness, ImageNet-A / ImageNet-R", "robustness", (DENSE, DTC),
                note="evaluates the checkpoints of the table1 cells (or --checkpoint) on --eval-data sets"),
     Experiment("table7", "Table 7: component ablation", "train", (
