@@ -72,6 +72,13 @@ def test_dtc_levers_record_every_lever_and_record_only_trains_nothing(done, tmp_
     image = cells["fps, hard, 2 k-means steps (clustering='image')"]["runs"][0]["run_dir"]
     assert image != cells["paper: learned centroids, soft, tau 150"]["runs"][0]["run_dir"]
     assert cells["ToMe"]["knob"] == "tome_r"
+    # the born-again control: the dense model, taught by the dense cell's run (a distill term is logged)
+    dense, student = (os.path.join(done, cells[k]["runs"][0]["run_dir"])
+                      for k in ("ViT (dense)", "ViT (dense), distilled from dense"))
+    assert student != dense and json.load(open(os.path.join(student, "model.json")))["kwargs"]["reduction"] == "none"
+    assert "distill_from: " + os.path.join(dense, "last.safetensors") in open(os.path.join(student, "config.yaml")).read()
+    steps = [json.loads(x) for x in open(os.path.join(student, "metrics.jsonl")) if '"step"' in x]
+    assert steps and all(r["distill"] > 0 for r in steps)
     runs = set(os.listdir(os.path.join(done, "runs")))
     seeds = {r: sorted(os.listdir(os.path.join(done, "runs", r))) for r in runs}
     # --record-only with a second seed: nothing is trained, only the finished seed is recorded

@@ -183,6 +183,9 @@ LEVER_CELLS = (
     # path in each step; trained from scratch, no dense run (measured: 2.3x the training time of the condensed model)
     Cell("image, soft, tau 20, after block 2, K 24, batch K, no budget jitter, self-distilled",
          dict(NO_JITTER), train=dict(self_distill=0.5)),
+    # the control of every distilled cell: the dense model taught by the dense run of its seed (born-again
+    # networks, Furlanello et al. 2018), so that "distilled DTC above dense" is read against the same recipe
+    Cell("ViT (dense), distilled from dense", {"reduction": "none"}, train=dict(distill_from=TEACHER_DENSE)),
 )
 
 # Fine-tuning from the trained dense model, the protocol of DynamicViT, EViT and ToMe's trained rows
@@ -308,7 +311,7 @@ EXPERIMENTS = {e.name: e for e in (
                note="run it with --scale default --seeds 2; shares its dense, ToMe and no-jitter runs with dtc-jitter; "
                     "the dense-distilled cell last (it learns from the dense run)"),
     Experiment("dtc-plateau", "The default-length candidates trained to plateau (--scale full)", "train",
-               tuple(LEVER_CELLS[i] for i in (0, 18, 2, 21, 1, 19, 22, 23, 12, 3, 25, 27, 30)),
+               tuple(LEVER_CELLS[i] for i in (0, 18, 2, 21, 1, 19, 22, 23, 12, 3, 25, 27, 30, 37)),
                note="run it with --scale full; dense first, so its curve fixes the plateau epochs (and it "
                     "teaches the distilled cells)"),
     Experiment("dtc-finetune", "Fine-tuned from the trained dense model: DTC, ToMe and EViT, and the dense "
@@ -320,7 +323,7 @@ EXPERIMENTS = {e.name: e for e in (
                note="run it with --scale full --record-only after dtc-finetune: it evaluates those runs and "
                     "trains nothing"),
     Experiment("plateau-curve", "Accuracy vs GMACs at the plateau: the dtc-plateau checkpoints at several budgets "
-               "each", "budget", tuple(LEVER_CELLS[i] for i in (0, 18, 2, 1, 21, 22, 19, 23, 25, 27, 30)),
+               "each", "budget", tuple(LEVER_CELLS[i] for i in (0, 18, 2, 1, 21, 22, 19, 23, 25, 27, 30, 37)),
                note="run it with --scale full --record-only: it evaluates the finished dtc-plateau runs and "
                     "trains nothing"),
     Experiment("figure1bc", "Figure 1(b)/(c): segmentation mIoU vs GMACs (Fashion-MNIST mosaics; ADE20K, "
