@@ -463,3 +463,33 @@ def test_pad_k_compiles_per_image_k_as_one_graph():
 def test_an_impossible_pad_k_is_refused(bad):
     with pytest.raises(ValueError, match="pad_k"):
         tiny_model(cmtf=False, **bad)
+
+
+def test_assign_grad_false_pools_with_constant_weights():
+    """assign_grad=False: the same super-tokens, but the gradient reaches the tokens only through
+    eq. 3's weighted mean, as if the assignment were a given (Hourglass's and ToMe's way); the
+    default sends it through eq. 2 as well. Learned centroids (they learn through it) are refused."""
+    torch.manual_seed(0)
+    z = torch.randn(2, 9, 8)
+    mass, r = torch.ones(2, 9), torch.randn(2, 4, 8)
+    kw = dict(k_min=2, k_max=4, tau=1000.0, iters=2, centers="fps")  # a soft assignment: its gradient shows
+    outs = {}
+    for flag in (True, False):
+        zg = z.clone().requires_grad_(True)
+        s, _, a, _, _ = DynamicTokenClustering(8, assign_grad=flag, **kw)(zg, mass, 4)
+        (s * r).sum().backward()
+        outs[flag] = s.detach(), a.detach(), zg.grad
+    torch.testing.assert_close(outs[True][0], outs[False][0])
+    zg = z.clone().requires_grad_(True)  # by hand: eq. 3 with the assignment held fixed
+    w = outs[True][1]
+    by_hand = torch.einsum("bnk,bnd->bkd", w, zg) / w.sum(1).unsqueeze(-1)
+    (by_hand * r).sum().backward()
+    torch.testing.assert_close(outs[False][2], zg.grad)
+    assert (outs[True][2] - zg.grad).abs().max() > 1e-4  # the default's gradient also moves the assignment
+    with pytest.raises(ValueError, match="assign_grad"):
+        DynamicTokenClustering(8, k_min=2, k_max=4, centers="learned", assign_grad=False)
+    with pytest.raises(ValueError, match="assign_grad"):
+        timm.create_model("adaptivision_nano_patch4_28", clustering="paper", assign_grad=False)
+    model = timm.create_model("adaptivision_nano_patch4_28", assign_grad=False, num_classes=3)
+    model(torch.randn(2, 1, 28, 28)).sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

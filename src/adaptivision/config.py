@@ -87,6 +87,9 @@ class ModelOptions:
     iters: Optional[int] = None         # k-means refinement steps, per image
     tau: Optional[float] = None         # eq. 2 temperature (Table 4; default: the preset's, 150 or 20)
     learn_tau: bool = False             # train tau (per DTC stage, as exp(log tau), starting at tau); not in the paper
+    assign_grad: bool = True            # gradient through eq. 2's assignment; False: the clustering is a fixed,
+    #                                     data-dependent pooling, the tokens learn through the super-tokens' values
+    #                                     only (Hourglass's and ToMe's way; not in the paper)
     normalize: bool = True              # weighted mean (True) or eq. 3's literal sum (False)
     prop_attn: bool = True              # add log(mass) to attention logits (ToMe's proportional attention)
     complexity: str = "variance"        # 'variance' | 'entropy' | 'saliency'
@@ -200,6 +203,8 @@ class ModelOptions:
         _check(self.train_k in ("image", "batch"), "train_k", self.train_k, "'image' or 'batch'")
         _check(self.budget_jitter >= 0, "budget_jitter", self.budget_jitter, "a float >= 0")
         _check(self.spatial >= 0, "spatial", self.spatial, "a float >= 0")
+        _check(self.assign_grad or (self.centers != "learned" and not self.learn_tau), "assign_grad", self.assign_grad,
+               "True with centers='learned' or learn_tau (they learn through the assignment's gradient)")
         _check(not self.spatial or self.centers != "learned", "spatial", self.spatial,
                "0 with centers='learned' (learned centroids have no position; clustering='image' or 'image-soft')")
         _check(0 < self.stat_momentum <= 1, "stat_momentum", self.stat_momentum, "a float in (0, 1]")

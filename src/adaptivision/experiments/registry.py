@@ -186,6 +186,12 @@ LEVER_CELLS = (
     # the control of every distilled cell: the dense model taught by the dense run of its seed (born-again
     # networks, Furlanello et al. 2018), so that "distilled DTC above dense" is read against the same recipe
     Cell("ViT (dense), distilled from dense", {"reduction": "none"}, train=dict(distill_from=TEACHER_DENSE)),
+    # no gradient through eq. 2: the clustering pools with weights the loss does not move, as Hourglass's
+    # (detached weights) and ToMe's (non-differentiable matching) do; with and without AFA (Hourglass has none)
+    Cell("image, soft, tau 20, after block 2, K 24, batch K, no budget jitter, no assignment gradient",
+         dict(NO_JITTER, assign_grad=False)),
+    Cell("image, soft, tau 20, after block 2, K 24, AFA off, batch K, no budget jitter, no assignment gradient",
+         dict(NO_JITTER, afa=False, assign_grad=False)),
 )
 
 # Fine-tuning from the trained dense model, the protocol of DynamicViT, EViT and ToMe's trained rows
@@ -310,6 +316,9 @@ EXPERIMENTS = {e.name: e for e in (
                "distillation, from scratch)", "train", tuple(LEVER_CELLS[i] for i in (0, 2, 25, 36, 30)),
                note="run it with --scale default --seeds 2; shares its dense, ToMe and no-jitter runs with dtc-jitter; "
                     "the dense-distilled cell last (it learns from the dense run)"),
+    Experiment("dtc-assign-grad", "Without the jitter: no gradient through the assignment (the clustering as a fixed "
+               "pooling, as Hourglass and ToMe)", "train", tuple(LEVER_CELLS[i] for i in (0, 2, 25, 27, 38, 39)),
+               note="run it with --scale default --seeds 2; shares its dense, ToMe and no-jitter runs with dtc-jitter"),
     Experiment("dtc-plateau", "The default-length candidates trained to plateau (--scale full)", "train",
                tuple(LEVER_CELLS[i] for i in (0, 18, 2, 21, 1, 19, 22, 23, 12, 3, 25, 27, 30, 37)),
                note="run it with --scale full; dense first, so its curve fixes the plateau epochs (and it "

@@ -185,7 +185,7 @@ class DynamicTokenClustering(nn.Module):
                  iters: int = 0, normalize: bool = True, complexity: str = "variance",
                  dynamic: bool = True, train_k: str = "batch", budget_jitter: float = 0.0, stat_momentum: float = 0.1,
                  assign_norm: bool = True, k_mid: Optional[int] = None, centers: str = "learned",
-                 hard: bool = False, spatial: float = 0.0, learn_tau: bool = False):
+                 hard: bool = False, spatial: float = 0.0, learn_tau: bool = False, assign_grad: bool = True):
         super().__init__()
         if not 1 <= k_min <= k_max:
             raise ValueError(f"Invalid K range [{k_min}, {k_max}]; allowed: 1 <= k_min <= k_max.")
@@ -204,6 +204,9 @@ class DynamicTokenClustering(nn.Module):
         if not spatial >= 0 or (spatial > 0 and centers == "learned"):
             raise ValueError(f"Invalid value for 'spatial': {spatial!r}; allowed: >= 0, and > 0 only with "
                              "centers='fps' or 'grid' (learned centroids have no position)")
+        if not assign_grad and (centers == "learned" or learn_tau):
+            raise ValueError("assign_grad=False: learned centroids and a learned tau learn through the assignment's "
+                             "gradient; use centers='fps' or 'grid' and a fixed tau")
         if complexity == "entropy" and centers != "learned":
             raise ValueError("complexity='entropy' measures usage of the learned centroids: it needs centers='learned'")
         self.dim, self.k_min, self.k_max, self.k_step = dim, k_min, k_max, k_step
@@ -212,6 +215,7 @@ class DynamicTokenClustering(nn.Module):
         self.train_k = train_k
         self.stat_momentum, self.assign_norm = stat_momentum, assign_norm
         self.centers, self.hard, self.spatial = centers, hard, spatial
+        self.assign_grad = assign_grad  # False: clustering as a fixed pooling (no gradient through eq. 2)
         # learn_tau: tau = exp(log_tau), trained with the rest (log: stays positive, and a step
         # scales tau by a factor rather than shifting it); ``tau`` is then its starting value
         self.log_tau = nn.Parameter(torch.tensor(math.log(tau))) if learn_tau else None
@@ -409,12 +413,13 @@ class DynamicTokenClustering(nn.Module):
             raise ValueError("spatial > 0 clusters by position too: pass zs=self.place(self.assignment_space(z), "
                              "token_positions(...)) (ClusterStage does)")
         zs = self.assignment_space(z) if zs is None else zs                                     # (B, N, D)
-        mu = self.initial_centers(zs, k, seeds, grid)                                # (K, D) or (B, K, D)
-        tau = self.temperature
-        a = assign(zs, mu, tau, self.hard, slots)                                    # (B, N, K)
-        for _ in range(self.iters):  # differentiable k-means steps, per image
-            mu = torch.einsum("bnk,bnd->bkd", a, zs) / a.sum(1).clamp_min(1e-6).unsqueeze(-1)  # (B, K, D)
-            a = assign(zs, mu, tau, self.hard, slots)
+        with torch.set_grad_enabled(self.assign_grad and torch.is_grad_enabled()):
+            mu = self.initial_centers(zs, k, seeds, grid)                            # (K, D) or (B, K, D)
+            tau = self.temperature
+            a = assign(zs, mu, tau, self.hard, slots)                                # (B, N, K)
+            for _ in range(self.iters):  # differentiable k-means steps, per image
+                mu = torch.einsum("bnk,bnd->bkd", a, zs) / a.sum(1).clamp_min(1e-6).unsqueeze(-1)  # (B, K, D)
+                a = assign(zs, mu, tau, self.hard, slots)
         s, m = condense(z, a, mass, self.normalize, weights)                        # (B, K, D), (B, K)
         return s, m, a, zs, mu
 
