@@ -192,6 +192,9 @@ LEVER_CELLS = (
          dict(NO_JITTER, assign_grad=False)),
     Cell("image, soft, tau 20, after block 2, K 24, AFA off, batch K, no budget jitter, no assignment gradient",
          dict(NO_JITTER, afa=False, assign_grad=False)),
+    # Hourglass's clustering where DTC condenses (after block 2, a 5 x 5 grid: K 25, DTC's GMACs): is the
+    # difference in Table 5 (Hourglass after block 1, 62% of the dense GMACs) the clustering or the place?
+    Cell("Hourglass, after block 2, K 25", {"reduction": "hourglass", "keep_ratio": 0.51, "reduce_at": 2}),
 )
 
 # Fine-tuning from the trained dense model, the protocol of DynamicViT, EViT and ToMe's trained rows
@@ -319,6 +322,9 @@ EXPERIMENTS = {e.name: e for e in (
     Experiment("dtc-assign-grad", "Without the jitter: no gradient through the assignment (the clustering as a fixed "
                "pooling, as Hourglass and ToMe)", "train", tuple(LEVER_CELLS[i] for i in (0, 2, 25, 27, 38, 39)),
                note="run it with --scale default --seeds 2; shares its dense, ToMe and no-jitter runs with dtc-jitter"),
+    Experiment("dtc-hourglass", "Hourglass's clustering at DTC's place and cost, beside DTC with and without AFA",
+               "train", tuple(LEVER_CELLS[i] for i in (0, 2, 25, 27, 40)),
+               note="run it with --scale default --seeds 2; shares its dense, ToMe and DTC runs with dtc-jitter"),
     Experiment("dtc-plateau", "The default-length candidates trained to plateau (--scale full)", "train",
                tuple(LEVER_CELLS[i] for i in (0, 18, 2, 21, 1, 19, 22, 23, 12, 3, 25, 27, 30, 37)),
                note="run it with --scale full; dense first, so its curve fixes the plateau epochs (and it "
