@@ -195,6 +195,8 @@ LEVER_CELLS = (
     # Hourglass's clustering where DTC condenses (after block 2, a 5 x 5 grid: K 25, DTC's GMACs): is the
     # difference in Table 5 (Hourglass after block 1, 62% of the dense GMACs) the clustering or the place?
     Cell("Hourglass, after block 2, K 25", {"reduction": "hourglass", "keep_ratio": 0.51, "reduce_at": 2}),
+    # and DTC where Hourglass condenses by default (after block 1: 62% of the dense GMACs)
+    Cell("image, soft, tau 20, after block 1, K 24, batch K, no budget jitter", dict(NO_JITTER, condense_at=1)),
 )
 
 # Fine-tuning from the trained dense model, the protocol of DynamicViT, EViT and ToMe's trained rows
@@ -323,7 +325,7 @@ EXPERIMENTS = {e.name: e for e in (
                "pooling, as Hourglass and ToMe)", "train", tuple(LEVER_CELLS[i] for i in (0, 2, 25, 27, 38, 39)),
                note="run it with --scale default --seeds 2; shares its dense, ToMe and no-jitter runs with dtc-jitter"),
     Experiment("dtc-hourglass", "Hourglass's clustering at DTC's place and cost, beside DTC with and without AFA",
-               "train", tuple(LEVER_CELLS[i] for i in (0, 2, 25, 27, 40)),
+               "train", tuple(LEVER_CELLS[i] for i in (0, 2, 25, 27, 40, 41)),
                note="run it with --scale default --seeds 2; shares its dense, ToMe and DTC runs with dtc-jitter"),
     Experiment("dtc-plateau", "The default-length candidates trained to plateau (--scale full)", "train",
                tuple(LEVER_CELLS[i] for i in (0, 18, 2, 21, 1, 19, 22, 23, 12, 3, 25, 27, 30, 37)),
