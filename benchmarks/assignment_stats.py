@@ -21,10 +21,14 @@ from adaptivision.train.build import build_eval_dataset, load_for_eval
 from adaptivision.visualize import assignment_stats
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def per_run(doc: str, num: int, measure, header: str, row, argv=None) -> int:
+    """The command line shared by the per-run diagnostics (``--run`` ..., ``--num``, ``--data-dir``,
+    ``--out``): ``measure(model, images)`` (a dict) on each run's last checkpoint and its first
+    ``--num`` test images, seed 0; printed as a table (``header`` and ``row(record)`` lines) and
+    saved to OUT.json / OUT.md."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
     p.add_argument("--run", action="append", required=True, help="run directory (its last.safetensors)")
-    p.add_argument("--num", type=int, default=512, help="test images")
+    p.add_argument("--num", type=int, default=num, help="test images")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     args = p.parse_args(argv)
@@ -36,14 +40,19 @@ def main(argv=None) -> int:
         ds = build_eval_dataset(cfg, model)
         x, _, _ = collate_skip([ds[i] for i in range(min(args.num, len(ds)))])
         torch.manual_seed(0)
-        rows.append(dict(run=run, **assignment_stats(model, x)))
-    lines = ["| run | top weight | effective K | light slots | K |", "|---|---|---|---|---|"]
-    lines += [f"| {r['run']} | {r['top_weight']:.3f} | {r['effective_k']:.1f} | {r['light_slots']:.3f} | "
-              f"{r['mean_k']:.1f} |" for r in rows]
+        rows.append(dict(run=run, **measure(model, x)))
+    lines = [header] + [row(r) for r in rows]
     print("\n".join(lines))
     if args.out:
         save_record(dict(rows=rows, images=args.num, provenance=provenance()), "\n".join(lines), args.out)
     return 0
+
+
+def main(argv=None) -> int:
+    return per_run(__doc__, 512, assignment_stats,
+                   "| run | top weight | effective K | light slots | K |\n|---|---|---|---|---|",
+                   lambda r: f"| {r['run']} | {r['top_weight']:.3f} | {r['effective_k']:.1f} | "
+                             f"{r['light_slots']:.3f} | {r['mean_k']:.1f} |", argv)
 
 
 if __name__ == "__main__":

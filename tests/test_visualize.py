@@ -93,3 +93,25 @@ def test_assignment_stats_benchmark_smoke(checkpoint, tmp_path):
     row = json.loads((tmp_path / "s.json").read_text())["rows"][0]
     assert 0 < row["top_weight"] <= 1 and 1 <= row["effective_k"] <= row["mean_k"] and 0 <= row["light_slots"] <= 1
     assert str(run) in (tmp_path / "s.md").read_text()
+
+
+def test_predictor_saturation_reads_each_keep_predictor(monkeypatch):
+    """benchmarks/predictor_saturation.py: a DynamicViT predictor forced to keep everything reads
+    keep 1 and log-odds +100 (its last layer's bias +50 / -50), an untrained one about 0."""
+    import importlib.util
+    import pathlib
+    root = pathlib.Path(__file__).parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(root))
+    spec = importlib.util.spec_from_file_location("predictor_saturation", root / "predictor_saturation.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch.manual_seed(0)
+    model = tiny_model(reduction="importance", keep_ratio=0.7)
+    last = model.reducer[min(model.reducer, key=int)].predictor.out_conv[-2]        # Linear(D/4, 2)
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([50.0, -50.0]))
+    stats = mod.predictor_stats(model, torch.randn(4, 3, 16, 16))
+    assert len(stats) == len(model.opts.reduce_blocks)
+    assert stats[0]["keep"] == pytest.approx(1.0) and stats[0]["log_odds"] == pytest.approx(100.0)
+    assert all(abs(s["log_odds"]) < 5 for s in stats[1:])
