@@ -437,6 +437,37 @@ def test_grid_centres_train_and_give_each_image_its_own_output():
         tiny_model(centers="grid", cmtf=False, condense_at=[0, 2], k_min=[8, 2], k_max=[16, 8])
 
 
+def test_a_window_keeps_each_patch_on_its_own_part_of_the_grid():
+    """window (Hourglass's local clustering): after the k-means steps a patch still has weight only on
+    centres within window // 2 cells of its own; a window wider than the grid is every centre (the
+    model without it); a model with it trains and its images do not depend on their batch-mates."""
+    from adaptivision.layers.dtc import DynamicTokenClustering, window_mask
+    torch.manual_seed(0)
+    z, mass = torch.randn(3, 36, 16), torch.ones(3, 36)                              # a 6 x 6 patch grid
+    kw = dict(k_min=4, k_max=9, tau=20.0, iters=3, centers="grid")
+    local = DynamicTokenClustering(16, window=1, **kw)
+    _, _, a, _, _ = local(z, mass, 9, grid=(6, 6))                                     # (3, 36, 9) on a 3 x 3 grid
+    assert (a[:, ~window_mask(9, (6, 6), 1, "cpu")] == 0).all()                      # only the patch's own cell
+    assert torch.allclose(a.sum(-1), torch.ones(3, 36))
+    _, _, a3, _, _ = DynamicTokenClustering(16, window=3, **kw)(z, mass, 9, grid=(6, 6))
+    assert (a3[:, 0, [2, 5, 6, 7, 8]] == 0).all() and (a3[:, 0, [0, 1, 3, 4]] > 0).all()  # corner patch: 2 x 2 cells
+    s_wide = DynamicTokenClustering(16, window=5, **kw)(z, mass, 9, grid=(6, 6))[0]
+    s_none = DynamicTokenClustering(16, **kw)(z, mass, 9, grid=(6, 6))[0]
+    assert torch.equal(s_wide, s_none) and not torch.allclose(local(z, mass, 9, grid=(6, 6))[0], s_none)
+    model = tiny_model(clustering="image-soft", centers="grid", window=3, iters=5, afa=False, cmtf=False)
+    x = torch.randn(5, 3, 16, 16) * torch.linspace(0.1, 3, 5).view(5, 1, 1, 1)
+    _every_parameter_gets_gradient(model, x)
+    _each_image_alone_gives_its_batch_output(model, x)
+    assert "window=3" in repr(model.dtc["0"])
+
+
+@pytest.mark.parametrize("bad", [dict(window=2, centers="grid"), dict(window=0, centers="grid"), dict(window=3),
+                                 dict(window=True, centers="grid")])
+def test_an_impossible_window_is_refused(bad):
+    with pytest.raises(ValueError, match="window"):
+        tiny_model(clustering="image-soft", cmtf=False, **bad)
+
+
 def test_a_learned_temperature_is_eq2s_tau_and_trains():
     """learn_tau: the stage's tau is exp(log_tau): a model whose learned tau sits at 5 gives what a
     model built with tau = 5 gives; it gets gradient, and weight decay leaves it alone."""

@@ -239,11 +239,19 @@ def test_dynamicvit_policy_reaches_every_later_attention_in_training():
 def test_hourglass_window_mask_by_hand():
     """A 4 x 4 patch grid on a 2 x 2 centre grid: window 1 lets each patch join only the cell it
     starts in (its 2 x 2 quadrant); window 3 lets it join every centre."""
-    from adaptivision.reduction.hourglass import local_mask
-    m = local_mask(4, 2, 1, "cpu")                                                   # (16, 4)
+    from adaptivision.layers.dtc import window_mask
+    m = window_mask(4, (4, 4), 1, "cpu")                                             # (16, 4)
     cell = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]).flatten()
     assert torch.equal(m, torch.nn.functional.one_hot(cell, 4).bool())
-    assert local_mask(4, 2, 3, "cpu").all()
+    assert window_mask(4, (4, 4), 3, "cpu").all()
+    # a 4 x 6 patch grid on its 2 x 3 centre grid (K = 6, cells of 2 x 2 patches): window 3 lets a patch
+    # of the top-left cell join the centres one cell away (0, 1, 3, 4) but not the far column (2, 5)
+    m = window_mask(6, (4, 6), 3, "cpu")                                             # (24, 6)
+    assert m[0].tolist() == [True, True, False, True, True, False]
+    assert m[5].tolist() == [False, True, True, False, True, True]                   # top-right patch: cell 2
+    assert torch.equal(window_mask(6, (4, 6), 1, "cpu"),
+                       torch.nn.functional.one_hot(torch.tensor([[0, 0, 1, 1, 2, 2]] * 2 + [[3, 3, 4, 4, 5, 5]] * 2
+                                                                ).flatten(), 6).bool())
 
 
 def test_hourglass_clusters_start_as_the_grid_pool_and_move_to_their_content():

@@ -102,6 +102,8 @@ class ModelOptions:
     assign_norm: bool = True            # distances on LayerNorm'd tokens (scale-free tau); False = raw tokens
     spatial: float = 0.0                # weight of patch-grid position in the distance (SLIC's compactness; not in
     #                                     the paper); > 0 needs centers='fps' or 'grid' (docs/model.md)
+    window: Optional[int] = None        # centers='grid': a patch joins only the centres within window // 2 grid cells
+    #                                     of its own (Hourglass's local clustering; odd; None = every centre)
     keep_salient: int = 0               # first DTC stage: this many patches pass unclustered, the ones [CLS] attends to
     #                                     most in the block before (EViT's score); the rest fill K - keep_salient clusters
     max_groups: Optional[int] = None    # inference with per-image K: run the condensed blocks as at most this many
@@ -205,6 +207,9 @@ class ModelOptions:
         _check(self.spatial >= 0, "spatial", self.spatial, "a float >= 0")
         _check(self.assign_grad or (self.centers != "learned" and not self.learn_tau), "assign_grad", self.assign_grad,
                "True with centers='learned' or learn_tau (they learn through the assignment's gradient)")
+        _check(self.window is None or (isinstance(self.window, int) and not isinstance(self.window, bool)
+                                       and self.window >= 1 and self.window % 2 == 1 and self.centers == "grid"),
+               "window", self.window, "None, or an odd integer >= 1 with centers='grid' (it counts centre-grid cells)")
         _check(not self.spatial or self.centers != "learned", "spatial", self.spatial,
                "0 with centers='learned' (learned centroids have no position; clustering='image' or 'image-soft')")
         _check(0 < self.stat_momentum <= 1, "stat_momentum", self.stat_momentum, "a float in (0, 1]")

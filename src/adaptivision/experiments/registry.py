@@ -197,6 +197,16 @@ LEVER_CELLS = (
     Cell("Hourglass, after block 2, K 25", {"reduction": "hourglass", "keep_ratio": 0.51, "reduce_at": 2}),
     # and DTC where Hourglass condenses by default (after block 1: 62% of the dense GMACs)
     Cell("image, soft, tau 20, after block 1, K 24, batch K, no budget jitter", dict(NO_JITTER, condense_at=1)),
+    # Hourglass's clustering inside DTC at Hourglass's place: grid centres, a local window of 5 cells, 5 k-means
+    # steps, no AFA (its slot-indexed terms meet grid cells of varying shape), per-image K; then one 5 x 5 grid
+    # for every image (Hourglass's K, so AFA's slots mean the same cell in every batch), without and with AFA
+    Cell("image, soft, tau 20, after block 1, K 24, AFA off, batch K, no budget jitter, grid centres, window 5, "
+         "5 iterations", dict(NO_JITTER, condense_at=1, afa=False, centers="grid", window=5, iters=5)),
+    Cell("image, soft, tau 20, after block 1, fixed K 25, AFA off, no budget jitter, grid centres, window 5, "
+         "5 iterations", dict(NO_JITTER, condense_at=1, afa=False, centers="grid", window=5, iters=5, dynamic=False,
+                              k_max=25)),
+    Cell("image, soft, tau 20, after block 1, fixed K 25, no budget jitter, grid centres, window 5, 5 iterations",
+         dict(NO_JITTER, condense_at=1, centers="grid", window=5, iters=5, dynamic=False, k_max=25)),
 )
 
 # Fine-tuning from the trained dense model, the protocol of DynamicViT, EViT and ToMe's trained rows
@@ -325,7 +335,7 @@ EXPERIMENTS = {e.name: e for e in (
                "pooling, as Hourglass and ToMe)", "train", tuple(LEVER_CELLS[i] for i in (0, 2, 25, 27, 38, 39)),
                note="run it with --scale default --seeds 2; shares its dense, ToMe and no-jitter runs with dtc-jitter"),
     Experiment("dtc-hourglass", "Hourglass's clustering at DTC's place and cost, beside DTC with and without AFA",
-               "train", tuple(LEVER_CELLS[i] for i in (0, 2, 25, 27, 40, 41)),
+               "train", tuple(LEVER_CELLS[i] for i in (0, 2, 25, 27, 40, 41, 42, 43, 44)),
                note="run it with --scale default --seeds 2; shares its dense, ToMe and DTC runs with dtc-jitter"),
     Experiment("dtc-plateau", "The default-length candidates trained to plateau (--scale full)", "train",
                tuple(LEVER_CELLS[i] for i in (0, 18, 2, 21, 1, 19, 22, 23, 12, 3, 25, 27, 30, 37)),

@@ -20,6 +20,10 @@ Where the centres come from (``centers``):
   start this way; no sequential loop (FPS is one step per centre), and every centre starts where
   its cell is. First stage only (later stages' tokens are not on a grid).
 
+``window`` (grid centres only; not in the paper) makes the clustering local as Hourglass's is: a
+patch may join only the centres within ``window // 2`` cells (rows and columns) of the grid cell it
+lies in, a hard form of ``spatial``'s soft pull.
+
 ``spatial > 0`` (not in the paper; SLIC superpixels' compactness term) adds each token's patch-grid
 position to the assignment space, so that distances grow with how far apart two tokens lie in
 the image as well as how different they look (:meth:`DynamicTokenClustering.place`).
@@ -47,12 +51,13 @@ def normed_space(z: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(z.float(), (D,)) * math.sqrt(REF_WIDTH / D)  # constants: exportable
 
 
-def soft_assign(z: torch.Tensor, mu: torch.Tensor, tau: float, slots: Optional[torch.Tensor] = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def soft_assign(z: torch.Tensor, mu: torch.Tensor, tau: float, slots: Optional[torch.Tensor] = None,
+                local: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 2: ``a_ik = softmax_k(-||z_i - mu_k||^2 / tau)``, in float32 even under autocast.
 
     z: (B, N, D); mu: (K, D) shared or (B, K, D) per image; slots: optional (B, K) bool, False on
-    an image's unused slots (``pad_k``), which then get no token (their distance is +inf).
+    an image's unused slots (``pad_k``), which then get no token (their distance is +inf); local:
+    optional (N, K) bool, False where token i may not join centre k (``window``).
     Returns (a, d2), both (B, N, K).
     """
     with torch.autocast(device_type=z.device.type, enabled=False):
@@ -64,6 +69,8 @@ def soft_assign(z: torch.Tensor, mu: torch.Tensor, tau: float, slots: Optional[t
         d2 = (zz - 2 * torch.matmul(z, mu.transpose(-1, -2)) + mm).clamp_min(0)  # (B, N, K)
         if slots is not None:
             d2 = d2.masked_fill(~slots.unsqueeze(1), float("inf"))                  # (B, N, K)
+        if local is not None:
+            d2 = d2.masked_fill(~local, float("inf"))                                # (B, N, K)
         return torch.softmax(-d2 / tau, dim=-1), d2
 
 
@@ -90,11 +97,12 @@ def condense(z: torch.Tensor, a: torch.Tensor, mass: torch.Tensor, normalize: bo
 
 
 def assign(zs: torch.Tensor, mu: torch.Tensor, tau: float, hard: bool,
-           slots: Optional[torch.Tensor] = None) -> torch.Tensor:
+           slots: Optional[torch.Tensor] = None, local: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Eq. 2 (``hard=False``) or its straight-through hard form: one-hot nearest centre forward,
     the softmax's gradient backward. zs: (B, N, D), mu: (K, D) or (B, K, D), slots: optional
-    (B, K) bool of the slots in use. Returns (B, N, K)."""
-    a, d2 = soft_assign(zs, mu, tau, slots)                                          # (B, N, K)
+    (B, K) bool of the slots in use, local: optional (N, K) bool of the centres each token may join.
+    Returns (B, N, K)."""
+    a, d2 = soft_assign(zs, mu, tau, slots, local)                                   # (B, N, K)
     if not hard:
         return a
     one_hot = F.one_hot(d2.argmin(-1), d2.shape[-1]).to(a.dtype)                     # (B, N, K)
@@ -119,6 +127,27 @@ def grid_centers(zs: torch.Tensor, k: int, grid: tuple) -> torch.Tensor:
     a, b = grid_shape(k, h, w)
     img = zs.transpose(1, 2).reshape(B, D, h, w)                                     # (B, D, h, w)
     return F.adaptive_avg_pool2d(img, (a, b)).flatten(2).transpose(1, 2)            # (B, K, D)
+
+
+def grid_cells(k: int, grid: tuple, device) -> torch.Tensor:
+    """(N,) the cell of the ``grid_shape(k, h, w)`` centre grid that each patch of the (h, w) patch
+    grid lies in (nearest-neighbour labels, raster order): where its centre starts."""
+    h, w = grid
+    a, b = grid_shape(k, h, w)
+    cells = torch.arange(a * b, device=device, dtype=torch.float32).view(1, 1, a, b)
+    return F.interpolate(cells, size=(h, w), mode="nearest").flatten().long()       # (N,)
+
+
+def window_mask(k: int, grid: tuple, window: int, device) -> torch.Tensor:
+    """(N, K) True where patch i may join centre k: within ``window // 2`` cells, in rows and in
+    columns, of the cell it starts in (Hourglass's local clustering, Liang et al. 2022)."""
+    a, b = grid_shape(k, *grid)
+    start = grid_cells(k, grid, device)                                              # (N,)
+    cell = torch.arange(a * b, device=device)                                        # (K,)
+    r = window // 2
+    near_row = (start[:, None] // b - cell[None] // b).abs() <= r                     # (N, K)
+    near_col = (start[:, None] % b - cell[None] % b).abs() <= r                       # (N, K)
+    return near_row & near_col
 
 
 def token_positions(grid: tuple, assigns: tuple, device: torch.device) -> torch.Tensor:
@@ -185,7 +214,8 @@ class DynamicTokenClustering(nn.Module):
                  iters: int = 0, normalize: bool = True, complexity: str = "variance",
                  dynamic: bool = True, train_k: str = "batch", budget_jitter: float = 0.0, stat_momentum: float = 0.1,
                  assign_norm: bool = True, k_mid: Optional[int] = None, centers: str = "learned",
-                 hard: bool = False, spatial: float = 0.0, learn_tau: bool = False, assign_grad: bool = True):
+                 hard: bool = False, spatial: float = 0.0, learn_tau: bool = False, assign_grad: bool = True,
+                 window: Optional[int] = None):
         super().__init__()
         if not 1 <= k_min <= k_max:
             raise ValueError(f"Invalid K range [{k_min}, {k_max}]; allowed: 1 <= k_min <= k_max.")
@@ -207,6 +237,9 @@ class DynamicTokenClustering(nn.Module):
         if not assign_grad and (centers == "learned" or learn_tau):
             raise ValueError("assign_grad=False: learned centroids and a learned tau learn through the assignment's "
                              "gradient; use centers='fps' or 'grid' and a fixed tau")
+        if window is not None and (centers != "grid" or not isinstance(window, int) or window < 1 or window % 2 == 0):
+            raise ValueError(f"Invalid value for 'window': {window!r}; allowed: None, or an odd integer >= 1 with "
+                             "centers='grid' (a window counts cells of the centre grid)")
         if complexity == "entropy" and centers != "learned":
             raise ValueError("complexity='entropy' measures usage of the learned centroids: it needs centers='learned'")
         self.dim, self.k_min, self.k_max, self.k_step = dim, k_min, k_max, k_step
@@ -216,6 +249,7 @@ class DynamicTokenClustering(nn.Module):
         self.stat_momentum, self.assign_norm = stat_momentum, assign_norm
         self.centers, self.hard, self.spatial = centers, hard, spatial
         self.assign_grad = assign_grad  # False: clustering as a fixed pooling (no gradient through eq. 2)
+        self.window = window  # grid centres: a token joins only the centres within window // 2 cells of its own
         # learn_tau: tau = exp(log_tau), trained with the rest (log: stays positive, and a step
         # scales tau by a factor rather than shifting it); ``tau`` is then its starting value
         self.log_tau = nn.Parameter(torch.tensor(math.log(tau))) if learn_tau else None
@@ -253,7 +287,7 @@ class DynamicTokenClustering(nn.Module):
         return (f"dim={self.dim}, k=[{self.k_min}, {self.k_max}] step {self.k_step}, tau={self.tau}, "
                 f"iters={self.iters}, centers={self.centers}, hard={self.hard}, complexity={self.complexity}, "
                 f"dynamic={self.dynamic}, train_k={self.train_k}" + (f", spatial={self.spatial}" if self.spatial else "")
-                + (", learned tau" if self.log_tau is not None else ""))
+                + (", learned tau" if self.log_tau is not None else "") + (f", window={self.window}" if self.window else ""))
 
     def assignment_space(self, z: torch.Tensor) -> torch.Tensor:
         """The space in which distances are measured (float32).
@@ -416,10 +450,11 @@ class DynamicTokenClustering(nn.Module):
         with torch.set_grad_enabled(self.assign_grad and torch.is_grad_enabled()):
             mu = self.initial_centers(zs, k, seeds, grid)                            # (K, D) or (B, K, D)
             tau = self.temperature
-            a = assign(zs, mu, tau, self.hard, slots)                                # (B, N, K)
+            local = window_mask(k, grid, self.window, zs.device) if self.window else None  # (N, K) or None
+            a = assign(zs, mu, tau, self.hard, slots, local)                         # (B, N, K)
             for _ in range(self.iters):  # differentiable k-means steps, per image
                 mu = torch.einsum("bnk,bnd->bkd", a, zs) / a.sum(1).clamp_min(1e-6).unsqueeze(-1)  # (B, K, D)
-                a = assign(zs, mu, tau, self.hard, slots)
+                a = assign(zs, mu, tau, self.hard, slots, local)
         s, m = condense(z, a, mass, self.normalize, weights)                        # (B, K, D), (B, K)
         return s, m, a, zs, mu
 

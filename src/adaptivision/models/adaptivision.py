@@ -81,7 +81,7 @@ class AdaptiVision(VisionTransformer):
                 budget_jitter=o.budget_jitter,
                 stat_momentum=o.stat_momentum, assign_norm=o.assign_norm, centers=o.centers,
                 hard=o.assign == "hard", spatial=o.spatial, learn_tau=o.learn_tau, assign_grad=o.assign_grad,
-                stage=s, num_prefix=P,
+                window=o.window, stage=s, num_prefix=P,
                 pad_k=o.pad_k, keep_salient=o.keep_salient if s == 0 else 0)
             for s, st in enumerate(stages)})
         if o.keep_salient:  # the block before the first stage reports [CLS]'s attention (same tokens, same weights)

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers.dtc import grid_centers, normed_space
+from ..layers.dtc import grid_cells, grid_centers, normed_space, window_mask
 from ..layers.tokens import Context, Group
 
 
@@ -35,22 +35,6 @@ def grid_side(keep_ratio: float, n: int) -> int:
     """Side h of the h x h centre grid for ``keep_ratio`` of ``n`` patches (1 <= h <= sqrt(n))."""
     side = math.isqrt(n)
     return max(1, min(side, round(math.sqrt(keep_ratio * n))))
-
-
-def start_cells(side: int, h: int, device) -> torch.Tensor:
-    """(N,) the centre cell of an h x h grid that each patch of a side x side grid starts in."""
-    cells = torch.arange(h * h, device=device, dtype=torch.float32).view(1, 1, h, h)
-    return F.interpolate(cells, size=(side, side), mode="nearest").flatten().long()   # (N,)
-
-
-def local_mask(side: int, h: int, window: int, device) -> torch.Tensor:
-    """(N, K) True where patch i (of a side x side grid) may join centre k (of an h x h grid):
-    within ``window // 2`` centre cells of the cell patch i starts in (nearest-neighbour labels)."""
-    start = start_cells(side, h, device)                                             # (N,) initial cell
-    r = window // 2
-    pr, pc = start // h, start % h                                                   # (N,) cell row / col
-    kr, kc = torch.arange(h * h, device=device) // h, torch.arange(h * h, device=device) % h
-    return ((pr[:, None] - kr[None]).abs() <= r) & ((pc[:, None] - kc[None]).abs() <= r)  # (N, K)
 
 
 def cluster_grid(z: torch.Tensor, h: int, iters: int = 5, tau: float = 20.0, window: int = 5):
@@ -62,8 +46,8 @@ def cluster_grid(z: torch.Tensor, h: int, iters: int = 5, tau: float = 20.0, win
         raise ValueError(f"reduction='hourglass' clusters a square patch grid; got {N} patches")
     zs = normed_space(z)                                                                   # (B, N, D)
     mu = grid_centers(zs, h * h, (side, side))                                       # (B, K, D) grid start
-    mask = local_mask(side, h, window, z.device)                                     # (N, K)
-    a = F.one_hot(start_cells(side, h, z.device), h * h).float().expand(B, -1, -1)                               # (B, N, K) the pool's cells
+    mask = window_mask(h * h, (side, side), window, z.device)                        # (N, K)
+    a = F.one_hot(grid_cells(h * h, (side, side), z.device), h * h).float().expand(B, -1, -1)  # (B, N, K) the pool's cells
     for _ in range(iters):
         d2 = torch.cdist(zs, mu).pow(2)                                              # (B, N, K)
         a = torch.softmax((-d2 / tau).masked_fill(~mask, float("-inf")), dim=-1)     # (B, N, K)
