@@ -225,6 +225,12 @@ FINETUNE_CELLS = (
     Cell("image, soft, tau 20, after block 2, K 24, AFA off, batch K, fine-tuned from dense",
          dict(IMAGE_DTC, assign="soft", tau=20.0, condense_at=2, k_mid=24, afa=False, train_k="batch"),
          train=FINETUNE, epochs_fraction=0.1),
+    # the keep-score baselines as their papers train them: from a trained ViT (from scratch their predictors
+    # saturate within ~400 updates and the rows collapse; benchmarks/predictor_saturation.py)
+    Cell("DynamicViT (importance), fine-tuned from dense", {"reduction": "importance"}, train=FINETUNE,
+         match_gmacs=True, epochs_fraction=0.1),
+    Cell("ToFe (freeze and reuse), fine-tuned from dense", {"reduction": "tofe"}, train=FINETUNE, match_gmacs=True,
+         epochs_fraction=0.1),
 )
 
 # the nano model's default until it moved after block 2 (registry.STAGE_DEFAULTS): image-soft before block 0
@@ -341,8 +347,8 @@ EXPERIMENTS = {e.name: e for e in (
                tuple(LEVER_CELLS[i] for i in (0, 18, 2, 21, 1, 19, 22, 23, 12, 3, 25, 27, 30, 37)),
                note="run it with --scale full; dense first, so its curve fixes the plateau epochs (and it "
                     "teaches the distilled cells)"),
-    Experiment("dtc-finetune", "Fine-tuned from the trained dense model: DTC, ToMe and EViT, and the dense "
-               "model fine-tuned further", "train", FINETUNE_CELLS,
+    Experiment("dtc-finetune", "Fine-tuned from the trained dense model: DTC, ToMe, EViT, DynamicViT and ToFe, "
+               "and the dense model fine-tuned further", "train", FINETUNE_CELLS,
                note="run it with --scale full after dtc-plateau's dense cell (it shares that run); a tenth of the "
                     "epochs at a tenth of the learning rate"),
     Experiment("finetune-curve", "Accuracy vs GMACs after fine-tuning from the dense model: the dtc-finetune "
