@@ -461,6 +461,29 @@ def test_a_window_keeps_each_patch_on_its_own_part_of_the_grid():
     assert "window=3" in repr(model.dtc["0"])
 
 
+def test_dtc_with_hourglasss_options_is_hourglass():
+    """Grid centres, a window of 5, one fixed K, no AFA, no gradient through the assignment and no
+    proportional attention: DTC then computes Hourglass's token clustering (its iters=4 k-means steps
+    after the first assignment are Hourglass's 5 assignments), so with the same weights both models
+    give the same logits; proportional attention alone makes them differ."""
+    torch.manual_seed(0)
+    hg = tiny_model(img_size=32, reduction="hourglass", keep_ratio=0.25, reduce_at=1).eval()  # 8 x 8 patches -> 4 x 4
+    kw = dict(clustering="image-soft", tau=20.0, condense_at=1, cmtf=False, afa=False, centers="grid", window=5,
+              iters=4, dynamic=False, k_max=16, assign_grad=False)  # 4 x 4 cells: the window excludes some
+    dt = tiny_model(img_size=32, prop_attn=False, **kw).eval()
+    missing, unexpected = dt.load_state_dict(hg.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("dtc.") for k in missing)  # DTC's statistics only
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        for p in hg.parameters():  # a trained-looking model: attention that is not uniform
+            p.add_(torch.randn_like(p) * 0.1)
+        dt.load_state_dict(hg.state_dict(), strict=False)
+        assert torch.allclose(dt(x), hg(x), atol=1e-5)
+        dt_prop = tiny_model(img_size=32, **kw).eval()
+        dt_prop.load_state_dict(hg.state_dict(), strict=False)
+        assert not torch.allclose(dt_prop(x), hg(x), atol=1e-3)
+
+
 @pytest.mark.parametrize("bad", [dict(window=2, centers="grid"), dict(window=0, centers="grid"), dict(window=3),
                                  dict(window=True, centers="grid")])
 def test_an_impossible_window_is_refused(bad):

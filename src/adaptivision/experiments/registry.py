@@ -207,6 +207,22 @@ LEVER_CELLS = (
                               k_max=25)),
     Cell("image, soft, tau 20, after block 1, fixed K 25, no budget jitter, grid centres, window 5, 5 iterations",
          dict(NO_JITTER, condense_at=1, centers="grid", window=5, iters=5, dynamic=False, k_max=25)),
+    # what is left between that model without AFA and Hourglass (which it then equals: tests/test_clustering.py):
+    # the gradient through the assignment (Hourglass detaches it) and proportional attention (Hourglass runs
+    # without it); each taken away alone
+    Cell("image, soft, tau 20, after block 1, fixed K 25, AFA off, no budget jitter, grid centres, window 5, "
+         "5 iterations, no assignment gradient",
+         dict(NO_JITTER, condense_at=1, afa=False, centers="grid", window=5, iters=5, dynamic=False, k_max=25,
+              assign_grad=False)),
+    Cell("image, soft, tau 20, after block 1, fixed K 25, AFA off, no budget jitter, grid centres, window 5, "
+         "5 iterations, no proportional attention",
+         dict(NO_JITTER, condense_at=1, afa=False, centers="grid", window=5, iters=5, dynamic=False, k_max=25,
+              prop_attn=False)),
+    # and proportional attention taken from DTC as it is (farthest points, AFA, per-image K), at both places
+    Cell("image, soft, tau 20, after block 2, K 24, batch K, no budget jitter, no proportional attention",
+         dict(NO_JITTER, prop_attn=False)),
+    Cell("image, soft, tau 20, after block 1, K 24, batch K, no budget jitter, no proportional attention",
+         dict(NO_JITTER, condense_at=1, prop_attn=False)),
 )
 
 # Fine-tuning from the trained dense model, the protocol of DynamicViT, EViT and ToMe's trained rows
@@ -340,8 +356,9 @@ EXPERIMENTS = {e.name: e for e in (
     Experiment("dtc-assign-grad", "Without the jitter: no gradient through the assignment (the clustering as a fixed "
                "pooling, as Hourglass and ToMe)", "train", tuple(LEVER_CELLS[i] for i in (0, 2, 25, 27, 38, 39)),
                note="run it with --scale default --seeds 2; shares its dense, ToMe and no-jitter runs with dtc-jitter"),
-    Experiment("dtc-hourglass", "Hourglass's clustering at DTC's place and cost, beside DTC with and without AFA",
-               "train", tuple(LEVER_CELLS[i] for i in (0, 2, 25, 27, 40, 41, 42, 43, 44)),
+    Experiment("dtc-hourglass", "Hourglass against DTC: each at the other's place, Hourglass's clustering inside "
+               "DTC, the gradient through the assignment and proportional attention",
+               "train", tuple(LEVER_CELLS[i] for i in (0, 2, 25, 27, 40, 41, 42, 43, 44, 45, 46, 47, 48)),
                note="run it with --scale default --seeds 2; shares its dense, ToMe and DTC runs with dtc-jitter"),
     Experiment("dtc-plateau", "The default-length candidates trained to plateau (--scale full)", "train",
                tuple(LEVER_CELLS[i] for i in (0, 18, 2, 21, 1, 19, 22, 23, 12, 3, 25, 27, 30, 37)),
