@@ -312,7 +312,7 @@ def test_finetuned_cells_start_from_the_dense_run_for_a_tenth_of_the_epochs(done
     with open(os.path.join(dense_dir, "config.yaml")) as f:
         dense_lr = yaml.safe_load(f)["base_lr"]
     tuned = [c for c in cells if "fine-tuned" in c]
-    assert len(tuned) == 5
+    assert tuned == [c.label for c in registry.FINETUNE_CELLS[1:]] and len(tuned) == 7
     for label in tuned:
         with open(os.path.join(done, cells[label]["runs"][0]["run_dir"], "config.yaml")) as f:
             cfg = yaml.safe_load(f)
