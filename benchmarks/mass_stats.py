@@ -11,7 +11,6 @@ images), and the share of the patch mass held by an image's heaviest quarter of 
 from __future__ import annotations
 
 import torch
-
 from assignment_stats import per_run
 
 
@@ -21,7 +20,7 @@ def mass_stats(model, x: torch.Tensor) -> dict:
     P = model.num_prefix_tokens
     m = out.mass[:, P:].float()                                                      # (B, T), 0 on padding
     real = m > 0
-    per_image = [mi[ri] for mi, ri in zip(m, real)]                                  # (K_b,) each
+    per_image = [mi[ri] for mi, ri in zip(m, real, strict=True)]                                # (K_b,) each
     flat = torch.cat(per_image)
     q = torch.quantile(flat, torch.tensor([0.1, 0.5, 0.9]))
     log_std = torch.stack([mi.log().std() for mi in per_image]).mean()
