@@ -115,3 +115,35 @@ def test_predictor_saturation_reads_each_keep_predictor(monkeypatch):
     assert len(stats) == len(model.opts.reduce_blocks)
     assert stats[0]["keep"] == pytest.approx(1.0) and stats[0]["log_odds"] == pytest.approx(100.0)
     assert all(abs(s["log_odds"]) < 5 for s in stats[1:])
+
+
+def test_mass_stats_by_hand(monkeypatch):
+    """benchmarks/mass_stats.py: hard clusters of one patch each all weigh 1 (no spread, the heaviest
+    quarter holds a quarter); a model that puts 13 of 16 patches into one cluster and one patch
+    into each of 3 others has masses 1, 1, 1, 13 (the heaviest quarter, one cluster, holds 13/16)."""
+    import importlib.util
+    import math
+    import pathlib
+    root = pathlib.Path(__file__).parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(root))
+    spec = importlib.util.spec_from_file_location("mass_stats", root / "mass_stats.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    one = mod.mass_stats(tiny_model(clustering="image", dynamic=False, k_max=16, cmtf=False), x)
+    assert (one["p10"], one["p50"], one["p90"], one["log_mass_std"]) == (1.0, 1.0, 1.0, 0.0)
+    assert one["top_quarter_share"] == pytest.approx(0.25) and one["mean_k"] == 16
+    model = tiny_model(clustering="image", dynamic=False, k_max=4, k_min=2, cmtf=False)
+    stage = model.dtc["0"]
+    def fake(z, mass, k, *args, **kwargs):  # noqa: ARG001 (the stage's signature)
+        a = torch.zeros(z.shape[0], z.shape[1], k)
+        a[:, :3, :3] = torch.eye(3)                                                  # patches 0-2 alone
+        a[:, 3:, 3] = 1                                                              # the rest together
+        from adaptivision.layers.dtc import condense
+        s, m = condense(z, a, mass)
+        return s, m, a, z, s
+    monkeypatch.setattr(stage, "forward", fake)
+    big = mod.mass_stats(model, x)
+    assert big["p50"] == pytest.approx(1.0) and big["top_quarter_share"] == pytest.approx(13 / 16)
+    assert big["log_mass_std"] == pytest.approx(torch.tensor([0.0, 0.0, 0.0, math.log(13)]).std().item())
