@@ -223,9 +223,6 @@ LEVER_CELLS = (
          dict(NO_JITTER, prop_attn=False)),
     Cell("image, soft, tau 20, after block 1, K 24, batch K, no budget jitter, no proportional attention",
          dict(NO_JITTER, condense_at=1, prop_attn=False)),
-    # the default job's form (distilled from the dense model) without proportional attention
-    Cell("image, soft, tau 20, after block 2, K 24, batch K, no budget jitter, no proportional attention, "
-         "distilled from dense", dict(NO_JITTER, prop_attn=False), train=dict(distill_from=TEACHER_DENSE)),
 )
 
 # Fine-tuning from the trained dense model, the protocol of DynamicViT, EViT and ToMe's trained rows
@@ -363,11 +360,9 @@ EXPERIMENTS = {e.name: e for e in (
                "DTC, the gradient through the assignment and proportional attention",
                "train", tuple(LEVER_CELLS[i] for i in (0, 2, 25, 27, 40, 41, 42, 43, 44, 45, 46, 47, 48)),
                note="run it with --scale default --seeds 2; shares its dense, ToMe and DTC runs with dtc-jitter"),
-    Experiment("dtc-prop-attn", "Without proportional attention (log mass in the attention logits, ToMe's): from "
-               "scratch after block 2 and 1, and distilled", "train",
-               tuple(LEVER_CELLS[i] for i in (0, 2, 25, 47, 41, 48, 30, 49)),
-               note="run it with --scale default --seeds 2; shares its dense, ToMe and DTC runs with dtc-jitter, "
-                    "dtc-hourglass and dtc-self-distill; the distilled cells last (they learn from the dense run)"),
+    Experiment("dtc-prop-attn", "Without proportional attention (log mass in the attention logits, ToMe's): "
+               "after block 2 and after block 1", "train", tuple(LEVER_CELLS[i] for i in (0, 2, 25, 47, 41, 48)),
+               note="run it with --scale default --seeds 2; shares its runs with dtc-jitter and dtc-hourglass"),
     Experiment("dtc-plateau", "The default-length candidates trained to plateau (--scale full)", "train",
                tuple(LEVER_CELLS[i] for i in (0, 18, 2, 21, 1, 19, 22, 23, 12, 3, 25, 27, 30, 37, 47)),
                note="run it with --scale full; dense first, so its curve fixes the plateau epochs (and it "
