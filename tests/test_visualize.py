@@ -76,18 +76,13 @@ def test_assignment_stats_by_hand():
         assignment_stats(tiny_model(reduction="none"), x)
 
 
-def test_assignment_stats_benchmark_smoke(checkpoint, tmp_path):
-    import importlib.util
+def test_assignment_stats_benchmark_smoke(checkpoint, tmp_path, monkeypatch):
     import os
-    import pathlib
     run = tmp_path / "run"
     run.mkdir()
     os.rename(checkpoint, run / "last.safetensors")
     os.rename(tmp_path / "model.json", run / "model.json")
-    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "assignment_stats.py"
-    spec = importlib.util.spec_from_file_location("assignment_stats", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _benchmark("assignment_stats", monkeypatch)
     data = make_fmnist(str(tmp_path / "fm"), n_train=8, n_test=6)
     assert mod.main(["--run", str(run), "--num", "6", "--data-dir", data, "--out", str(tmp_path / "s")]) == 0
     row = json.loads((tmp_path / "s.json").read_text())["rows"][0]
@@ -98,13 +93,7 @@ def test_assignment_stats_benchmark_smoke(checkpoint, tmp_path):
 def test_predictor_saturation_reads_each_keep_predictor(monkeypatch):
     """benchmarks/predictor_saturation.py: a DynamicViT predictor forced to keep everything reads
     keep 1 and log-odds +100 (its last layer's bias +50 / -50), an untrained one about 0."""
-    import importlib.util
-    import pathlib
-    root = pathlib.Path(__file__).parents[1] / "benchmarks"
-    monkeypatch.syspath_prepend(str(root))
-    spec = importlib.util.spec_from_file_location("predictor_saturation", root / "predictor_saturation.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _benchmark("predictor_saturation", monkeypatch)
     torch.manual_seed(0)
     model = tiny_model(reduction="importance", keep_ratio=0.7)
     last = model.reducer[min(model.reducer, key=int)].predictor.out_conv[-2]        # Linear(D/4, 2)
@@ -121,14 +110,8 @@ def test_mass_stats_by_hand(monkeypatch):
     """benchmarks/mass_stats.py: hard clusters of one patch each all weigh 1 (no spread, the heaviest
     quarter holds a quarter); a model that puts 13 of 16 patches into one cluster and one patch
     into each of 3 others has masses 1, 1, 1, 13 (the heaviest quarter, one cluster, holds 13/16)."""
-    import importlib.util
     import math
-    import pathlib
-    root = pathlib.Path(__file__).parents[1] / "benchmarks"
-    monkeypatch.syspath_prepend(str(root))
-    spec = importlib.util.spec_from_file_location("mass_stats", root / "mass_stats.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _benchmark("mass_stats", monkeypatch)
     torch.manual_seed(0)
     x = torch.randn(2, 3, 16, 16)
     one = mod.mass_stats(tiny_model(clustering="image", dynamic=False, k_max=16, cmtf=False), x)
@@ -147,3 +130,15 @@ def test_mass_stats_by_hand(monkeypatch):
     big = mod.mass_stats(model, x)
     assert big["p50"] == pytest.approx(1.0) and big["top_quarter_share"] == pytest.approx(13 / 16)
     assert big["log_mass_std"] == pytest.approx(torch.tensor([0.0, 0.0, 0.0, math.log(13)]).std().item())
+
+
+def _benchmark(name: str, monkeypatch):
+    """benchmarks/<name>.py as a module (the per-run diagnostics import assignment_stats beside them)."""
+    import importlib.util
+    import pathlib
+    root = pathlib.Path(__file__).parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(root))
+    spec = importlib.util.spec_from_file_location(name, root / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
