@@ -321,7 +321,7 @@ EXPERIMENTS = {e.name: e for e in (
                tuple(LEVER_CELLS[i] for i in (15, 18, 17, 19, 2, 0)),
                note="run it with --scale default --seeds 2; shares its runs with dtc-afa"),
     Experiment("dtc-curve", "Accuracy vs GMACs: the default-length models at several budgets each", "budget",
-               tuple(LEVER_CELLS[i] for i in (0, 2, 1, 15, 18, 20, 25)),
+               tuple(LEVER_CELLS[i] for i in (0, 2, 1, 15, 18, 20, 25, 47, 48)),
                note="run it with --scale default --seeds 2 after dtc-batch-k: it evaluates those checkpoints"),
     Experiment("dtc-distill", "Distillation from the dense model: the best DTC and ToMe, each with and without", "train",
                tuple(LEVER_CELLS[i] for i in (0, 18, 21, 2, 22, 19, 23)),
