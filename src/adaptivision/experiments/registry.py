@@ -200,6 +200,7 @@ LEVER_CELLS = (
     # Hourglass's clustering inside DTC at Hourglass's place: grid centres, a local window of 5 cells, 5 k-means
     # steps, no AFA (its slot-indexed terms meet grid cells of varying shape), per-image K; then one 5 x 5 grid
     # for every image (Hourglass's K, so AFA's slots mean the same cell in every batch), without and with AFA
+    # (measured: AFA fails on the fixed grid too, and without AFA the gradient through the assignment is the trouble)
     Cell("image, soft, tau 20, after block 1, K 24, AFA off, batch K, no budget jitter, grid centres, window 5, "
          "5 iterations", dict(NO_JITTER, condense_at=1, afa=False, centers="grid", window=5, iters=5)),
     Cell("image, soft, tau 20, after block 1, fixed K 25, AFA off, no budget jitter, grid centres, window 5, "
