@@ -32,16 +32,19 @@ CASES += [(f"nano {red} {mode}", NANO, dict(reduction=red), mode)
 # "The default job"); only the case of the model at its defaults follows that change.
 # budget_jitter=1 in training: the jitter the snapshot was drawn with (the default became 0 later, on
 # purpose: docs/results.md, "Without the budget jitter")
-CASES += [(f"nano dtc {c} {mode}", NANO, dict(clustering=c, train_k="image", condense_at=0, budget_jitter=1.0), mode)
+# prop_attn=True: the proportional attention the snapshot had for every DTC (off by default for per-image
+# centres with soft assignment later, on purpose: docs/results.md, "Without proportional attention")
+CASES += [(f"nano dtc {c} {mode}", NANO, dict(clustering=c, train_k="image", condense_at=0, budget_jitter=1.0,
+                                               prop_attn=True), mode)
           for c in ("paper", "image", "image-soft") for mode in ("eval", "train")]
 CASES += [
     ("nano two stages", NANO, dict(condense_at=[0, 3], clustering="image", train_k="image", budget_jitter=1.0), "train"),
     ("nano fixed K", NANO, dict(dynamic=False, clustering="paper", condense_at=0), "eval"),
     ("nano guided", NANO, dict(guidance_dim=16, guidance_tokens=2, align_dim=8, train_k="image", condense_at=0,
-                               budget_jitter=1.0), "train"),
+                               budget_jitter=1.0, prop_attn=True), "train"),
     ("nano avg pool", NANO, dict(global_pool="avg", clustering="paper", condense_at=0), "eval"),
     ("nano avg pool tome", NANO, dict(global_pool="avg", reduction="tome", tome_r=4), "eval"),
-    ("nano unpool skip", NANO, dict(unpool="skip", condense_at=[1, 3]), "dense"),
+    ("nano unpool skip", NANO, dict(unpool="skip", condense_at=[1, 3], prop_attn=True), "dense"),
     ("nano unpool assign", NANO, dict(clustering="paper", condense_at=0, unpool="assign"), "dense"),
     ("nano tome dense", NANO, dict(reduction="tome", tome_r=4), "dense"),
     ("nano evit dense", NANO, dict(reduction="evit"), "dense"),

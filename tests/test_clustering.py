@@ -293,7 +293,7 @@ def test_runs_saved_before_the_nano_stage_moved_still_load(tmp_path):
     from adaptivision.checkpoint import save_weights
     from adaptivision.train.build import load_for_eval, model_spec
     from adaptivision.train.config import TrainConfig
-    old = timm.create_model("adaptivision_nano_patch4_28", num_classes=10, condense_at=0).eval()
+    old = timm.create_model("adaptivision_nano_patch4_28", num_classes=10, condense_at=0, prop_attn=True).eval()  # as then
     save_weights(old, str(tmp_path / "last.safetensors"))
     (tmp_path / "model.json").write_text(json.dumps(dict(name="adaptivision_nano_patch4_28", num_classes=10,
                                                          kwargs={"cmtf": False})))
@@ -479,7 +479,7 @@ def test_dtc_with_hourglasss_options_is_hourglass():
             p.add_(torch.randn_like(p) * 0.1)
         dt.load_state_dict(hg.state_dict(), strict=False)
         assert torch.allclose(dt(x), hg(x), atol=1e-5)
-        dt_prop = tiny_model(img_size=32, **kw).eval()
+        dt_prop = tiny_model(img_size=32, prop_attn=True, **kw).eval()
         dt_prop.load_state_dict(hg.state_dict(), strict=False)
         assert not torch.allclose(dt_prop(x), hg(x), atol=1e-3)
 

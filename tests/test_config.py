@@ -80,3 +80,24 @@ def test_layers_check_their_own_arguments_and_take_them_by_keyword():
                   lambda: ImportanceStage(8, keep_ratio=1.5, stage=0)):
         with pytest.raises(ValueError):
             build()
+
+
+def test_proportional_attention_is_off_by_default_only_where_it_was_measured_to_hurt():
+    """prop_attn=None resolves to off for DTC with per-image centres and soft assignment (the default
+    preset; measured: docs/results.md, "Without proportional attention") and to on elsewhere: learned
+    centroids (their empty slots are masked by log 0), hard assignment and ToMe (its reference)."""
+    torch.manual_seed(0)
+    default = tiny_model(clustering="image-soft").eval()  # the library's default preset (tiny_model's is 'paper')
+    assert default.opts.prop_attn is False and default.prop_attn is False
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        for want, kw in ((True, dict(prop_attn=True)), (False, dict(prop_attn=False))):
+            other = tiny_model(clustering="image-soft", **kw).eval()
+            other.load_state_dict(default.state_dict())
+            assert torch.allclose(other(x), default(x), atol=1e-6) is not want  # the term changes the logits
+    for kw in (dict(clustering="paper"), dict(clustering="image"), dict(reduction="tome"),
+               dict(clustering="image-soft", centers="grid")):
+        assert tiny_model(**kw).prop_attn is True, kw
+    assert tiny_model(reduction="evit").prop_attn is False  # no token stands for several patches
+    with pytest.raises(ValueError, match="'prop_attn'"):
+        tiny_model(prop_attn="yes")

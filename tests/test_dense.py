@@ -157,11 +157,14 @@ def test_segment_command_trains_evaluates_and_protects_runs(tmp_path, capsys):
     assert main(["segment", *common, "--name", "av"]) == 2          # never overwritten
     assert "already holds" in capsys.readouterr().err
 
-    # the spec pins the live unpool default; a spec from before the pinning rebuilds with 'assign'
+    # the spec pins the live unpool and prop_attn defaults; a spec from before the pinning rebuilds with
+    # the values of then ('assign', proportional attention on)
     from adaptivision.dense.run import build
-    assert spec["kwargs"] == {"unpool": "skip"} and build(spec).backbone.unpool == "skip"
+    assert spec["kwargs"] == {"unpool": "skip", "prop_attn": False} and build(spec).backbone.unpool == "skip"
+    assert build(spec).backbone.prop_attn is False
     old = dict(spec, kwargs={})
     assert build(old).backbone.unpool == "assign" and build(dict(old, kwargs={"unpool": "skip"})).backbone.unpool == "skip"
+    assert build(old).backbone.prop_attn is True
 
 
 def test_mosaic_boxes_are_the_visible_extent_of_each_item(tmp_path):
@@ -260,7 +263,7 @@ def test_detect_cli_trains_evaluates_and_refuses_a_foreign_checkpoint(tmp_path, 
     assert spec["kwargs"] == {"reduction": "none"} and 0 <= spec["results"]["map"] <= 100
     from adaptivision.dense import detect  # a DTC backbone's spec from before unpool was pinned: 'assign'
     assert detect.build(dict(spec, kwargs={})).backbone.trunk.backbone.unpool == "assign"
-    assert detect.pinned_kwargs(spec["model"], {}) == {"unpool": "skip"}
+    assert detect.pinned_kwargs(spec["model"], {}) == {"unpool": "skip", "prop_attn": False}
     capsys.readouterr()
     assert main(["detect", "--checkpoint", str(tmp_path / "a" / "detector.safetensors"), "--data-dir", data,
                  "--eval-size", "4"]) == 0

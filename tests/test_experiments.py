@@ -389,7 +389,7 @@ def test_recorded_runs_keep_their_names(scale, name, runs):
 def test_every_dtc_cell_builds_the_model_it_names(scale):
     """A cell's options equal to ID_DEFAULTS are left out of its run's name, and some of those are no
     longer the live defaults (clustering 'paper', train_k 'image', condense_at 0, unpool 'assign',
-    budget_jitter 1): the model each cell trains must still have every option the cell names, and a
+    budget_jitter 1, prop_attn on): the model each cell trains must still have every option the cell names, and a
     cell that leaves the jitter out keeps the value its runs were recorded with."""
     from adaptivision.experiments import registry
     from adaptivision.experiments.runner import Runner, base_config
@@ -405,6 +405,7 @@ def test_every_dtc_cell_builds_the_model_it_names(scale):
             got = getattr(opts, key)
             assert (got == want) or (key == "condense_at" and [s.block for s in opts.stages] == [want]), (cell.label, key)
         assert opts.budget_jitter == cell.kwargs.get("budget_jitter", 1.0), cell.label
+        assert opts.prop_attn == cell.kwargs.get("prop_attn", True), cell.label
         assert opts.unpool == "assign", cell.label
     paper = runner.cell_config(registry.LEVER_CELLS[3], 0)[0]
     assert {k: paper.model_kwargs[k] for k in ("clustering", "train_k", "condense_at")} == \
@@ -414,7 +415,7 @@ def test_every_dtc_cell_builds_the_model_it_names(scale):
 def test_segmentation_and_detection_cells_train_the_backbone_their_runs_were_recorded_with():
     """figure1bc / table3 runs are named by their cells' kwargs as written; their recorded seeds
     (2026-11-26) trained the live defaults of then. A new seed must train the same backbone, so a
-    default that moved since is pinned (runner.DENSE_TASK_PINS): budget_jitter 1, and the
+    default that moved since is pinned (runner.DENSE_TASK_PINS): budget_jitter 1, prop_attn on, and the
     clustering preset and training K of then."""
     import timm
 
@@ -424,8 +425,8 @@ def test_segmentation_and_detection_cells_train_the_backbone_their_runs_were_rec
     assert len(cells) == 2
     for cell in cells:
         opts = timm.create_model("adaptivision_nano_patch4_28", img_size=56, **_dense_task_kwargs(cell.kwargs)).opts
-        assert (opts.budget_jitter, opts.clustering, opts.tau, opts.train_k, opts.unpool) == \
-            (1.0, "image-soft", 20.0, "batch", "skip"), cell.label
+        assert (opts.budget_jitter, opts.prop_attn, opts.clustering, opts.tau, opts.train_k, opts.unpool) == \
+            (1.0, True, "image-soft", 20.0, "batch", "skip"), cell.label
         assert [s.block for s in opts.stages] == [0], cell.label
 
 

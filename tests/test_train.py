@@ -7,6 +7,7 @@ import sys
 from dataclasses import MISSING as dataclasses_MISSING
 
 import pytest
+import timm
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
@@ -731,23 +732,30 @@ def test_auto_distillation_resolves_to_the_jobs_dense_model_only_for_dtc(overrid
     assert cfg.resolved().resolved() == cfg.resolved()
 
 
-def test_budget_jitter_is_written_out_and_resumes_as_the_run_trained(tmp_path):
-    """The jitter default became 0 (2026-11-27): a new run's spec says its jitter, and resuming a run
-    whose spec predates that (no budget_jitter in model.json) goes on with the old default 1."""
-    from adaptivision.train.build import model_spec
+@pytest.mark.parametrize("key, before, now", [("budget_jitter", 1.0, 0.0), ("prop_attn", True, False)])
+def test_moved_defaults_are_written_out_and_resume_as_the_run_trained(tmp_path, key, before, now):
+    """The jitter default became 0 and proportional attention off for DTC's default clustering
+    (2026-11-27): a new run's spec says its value, resuming a run whose spec predates that (not in
+    model.json) goes on with the old default, and evaluating one rebuilds it so."""
+    from adaptivision.checkpoint import save_weights
+    from adaptivision.train.build import load_for_eval, model_spec
     cfg = TrainConfig(model="adaptivision_nano_patch4_28")
-    assert model_spec(cfg, 10, dense=False)["kwargs"]["budget_jitter"] == 0.0
-    assert "budget_jitter" not in model_spec(cfg, 10, dense=True)["kwargs"]
-    assert "budget_jitter" not in model_spec(TrainConfig(model_kwargs={"reduction": "tome"}), 10, dense=False)["kwargs"]
+    assert model_spec(cfg, 10, dense=False)["kwargs"][key] == now
+    assert key not in model_spec(cfg, 10, dense=True)["kwargs"]
+    assert key not in model_spec(TrainConfig(model_kwargs={"reduction": "tome"}), 10, dense=False)["kwargs"]
     old, new = tmp_path / "old", tmp_path / "new"
-    for run, kwargs in ((old, {"cmtf": False}), (new, {"cmtf": False, "budget_jitter": 0.0})):
+    for run, kwargs in ((old, {"cmtf": False}), (new, {"cmtf": False, key: now})):
         run.mkdir()
         (run / "model.json").write_text(json.dumps(dict(name=cfg.model, num_classes=10, kwargs=kwargs)))
-        (run / "last.safetensors").write_bytes(b"")
-    assert model_spec(cfg, 10, dense=False, checkpoint=str(old / "last.safetensors"))["kwargs"]["budget_jitter"] == 1.0
-    assert model_spec(cfg, 10, dense=False, checkpoint=str(new / "last.safetensors"))["kwargs"]["budget_jitter"] == 0.0
-    explicit = TrainConfig(model=cfg.model, model_kwargs={"budget_jitter": 2.0})
-    assert model_spec(explicit, 10, dense=False, checkpoint=str(old / "last.safetensors"))["kwargs"]["budget_jitter"] == 2.0
+        save_weights(timm.create_model(cfg.model, num_classes=10, cmtf=False), str(run / "last.safetensors"))
+    assert model_spec(cfg, 10, dense=False, checkpoint=str(old / "last.safetensors"))["kwargs"][key] == before
+    assert model_spec(cfg, 10, dense=False, checkpoint=str(new / "last.safetensors"))["kwargs"][key] == now
+    other = dict(budget_jitter=2.0, prop_attn=True)[key]
+    explicit = TrainConfig(model=cfg.model, model_kwargs={key: other})
+    assert model_spec(explicit, 10, dense=False, checkpoint=str(old / "last.safetensors"))["kwargs"][key] == other
+    if key == "prop_attn":  # the jitter acts in training only
+        assert load_for_eval(str(old / "last.safetensors"))[0].prop_attn is before
+        assert load_for_eval(str(new / "last.safetensors"))[0].prop_attn is now
 
 
 def test_self_distillation_the_full_token_path_teaches_the_condensed_one(fmnist, tmp_path):

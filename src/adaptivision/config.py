@@ -61,6 +61,23 @@ class Stage:
     k_mid: Optional[int] = None  # first stage: K of an average image at budget bias 0
 
 
+def default_prop_attn(reduction: str, centers: Optional[str], assign: Optional[str]) -> bool:
+    """What ``prop_attn=None`` means: off for DTC with per-image centres and soft assignment, where it was
+    measured to cost accuracy (docs/results.md, "Without proportional attention"), on elsewhere (ToMe's
+    reference; learned centroids, whose empty slots (mass 0) it masks with log 0; the unmeasured rest)."""
+    return not (reduction == "dtc" and centers == "fps" and assign == "soft")
+
+
+def live_prop_attn(kwargs: dict) -> bool:
+    """The ``prop_attn`` a model built from ``kwargs`` today gets (written into new runs' specs, so that a
+    later change of the default cannot rebuild them differently)."""
+    if kwargs.get("prop_attn") is not None:
+        return bool(kwargs["prop_attn"])
+    preset = CLUSTERING.get(kwargs.get("clustering", ModelOptions.clustering), {})
+    return default_prop_attn(kwargs.get("reduction", ModelOptions.reduction), kwargs.get("centers") or preset.get("centers"),
+                             kwargs.get("assign") or preset.get("assign"))
+
+
 @dataclass
 class ModelOptions:
     """AdaptiVision-specific model options (the ViT ones go to timm's ``VisionTransformer``).
@@ -91,7 +108,9 @@ class ModelOptions:
     #                                     data-dependent pooling, the tokens learn through the super-tokens' values
     #                                     only (Hourglass's and ToMe's way; not in the paper)
     normalize: bool = True              # weighted mean (True) or eq. 3's literal sum (False)
-    prop_attn: bool = True              # add log(mass) to attention logits (ToMe's proportional attention)
+    prop_attn: Optional[bool] = None    # add log(mass) to attention logits (ToMe's proportional attention); default:
+    #                                     off for DTC with centers='fps' and assign='soft' (since 2026-11-27: +0.55 / +1.46
+    #                                     top-1 at the default length, +0.5-0.6 at the plateau, docs/results.md), on elsewhere
     complexity: str = "variance"        # 'variance' | 'entropy' | 'saliency'
     dynamic: bool = True                # per-image K; False = fixed K (k_max unless a budget is set)
     train_k: str = "batch"              # K in training: 'batch' (the batch's mean K, one group: as accurate, 1.2-1.4x
@@ -198,6 +217,9 @@ class ModelOptions:
         _check(self.iters >= 0, "iters", self.iters, "an integer >= 0")
         _check(self.centers in ("learned", "fps", "grid"), "centers", self.centers, "'learned', 'fps' or 'grid'")
         _check(self.assign in ("soft", "hard"), "assign", self.assign, "'soft' or 'hard'")
+        _check(self.prop_attn in (None, True, False), "prop_attn", self.prop_attn, "true, false or null")
+        if self.prop_attn is None:
+            self.prop_attn = default_prop_attn(self.reduction, self.centers, self.assign)
         _check(self.complexity != "entropy" or self.centers == "learned", "complexity", self.complexity,
                "'variance' or 'saliency' with centers='fps' ('entropy' measures use of the learned centroids)")
         _check(self.complexity in ("variance", "entropy", "saliency"), "complexity", self.complexity,

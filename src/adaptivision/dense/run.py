@@ -15,7 +15,7 @@ from torch.utils.data import Subset
 
 from ..budget import apply_budget
 from ..checkpoint import load_weights, save_weights
-from ..config import ModelOptions
+from ..config import ModelOptions, live_prop_attn
 from ..data.datasets import fashion_mnist
 from ..data.mosaic import MOSAIC_CLASSES, FashionMosaics
 from ..data.segmentation import build_segmentation
@@ -42,11 +42,12 @@ def datasets(name: str, data_dir: Optional[str], img_size: int, eval_size: Optio
 
 
 def pinned_kwargs(model: str, kwargs: Optional[dict]) -> dict:
-    """The backbone options a new run writes into its spec: AdaptiVision's ``unpool`` resolved, so that
+    """The backbone options a new run writes into its spec: AdaptiVision's ``unpool`` and ``prop_attn`` resolved, so that
     a later change of its default cannot change what a saved segmenter or detector computes."""
     kwargs = dict(kwargs or {})
     if model.startswith("adaptivision_") and kwargs.get("reduction", "dtc") == "dtc":  # baselines unpool their own way
         kwargs.setdefault("unpool", ModelOptions.unpool)
+        kwargs["prop_attn"] = live_prop_attn(kwargs)
     return kwargs
 
 
@@ -56,6 +57,7 @@ def backbone_kwargs(spec: dict) -> dict:
     kwargs = dict(spec["kwargs"])
     if spec["model"].startswith("adaptivision_") and kwargs.get("reduction", "dtc") == "dtc":
         kwargs.setdefault("unpool", "assign")
+        kwargs.setdefault("prop_attn", True)  # likewise (its default moved on 2026-11-27)
     return kwargs
 
 

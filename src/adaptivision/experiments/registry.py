@@ -224,6 +224,9 @@ LEVER_CELLS = (
          dict(NO_JITTER, prop_attn=False)),
     Cell("image, soft, tau 20, after block 1, K 24, batch K, no budget jitter, no proportional attention",
          dict(NO_JITTER, condense_at=1, prop_attn=False)),
+    # the default job's model since proportional attention went off by default, distilled as the job trains it
+    Cell("image, soft, tau 20, after block 2, K 24, batch K, no budget jitter, no proportional attention, "
+         "distilled from dense", dict(NO_JITTER, prop_attn=False), train=dict(distill_from=TEACHER_DENSE)),
 )
 
 # Fine-tuning from the trained dense model, the protocol of DynamicViT, EViT and ToMe's trained rows
@@ -365,7 +368,7 @@ EXPERIMENTS = {e.name: e for e in (
                "after block 2 and after block 1", "train", tuple(LEVER_CELLS[i] for i in (0, 2, 25, 47, 41, 48)),
                note="run it with --scale default --seeds 2; shares its runs with dtc-jitter and dtc-hourglass"),
     Experiment("dtc-plateau", "The default-length candidates trained to plateau (--scale full)", "train",
-               tuple(LEVER_CELLS[i] for i in (0, 18, 2, 21, 1, 19, 22, 23, 12, 3, 25, 27, 30, 37, 47, 48)),
+               tuple(LEVER_CELLS[i] for i in (0, 18, 2, 21, 1, 19, 22, 23, 12, 3, 25, 27, 30, 37, 47, 48, 49)),
                note="run it with --scale full; dense first, so its curve fixes the plateau epochs (and it "
                     "teaches the distilled cells)"),
     Experiment("dtc-finetune", "Fine-tuned from the trained dense model: DTC, ToMe, EViT, DynamicViT and ToFe, "
@@ -377,7 +380,7 @@ EXPERIMENTS = {e.name: e for e in (
                note="run it with --scale full --record-only after dtc-finetune: it evaluates those runs and "
                     "trains nothing"),
     Experiment("plateau-curve", "Accuracy vs GMACs at the plateau: the dtc-plateau checkpoints at several budgets "
-               "each", "budget", tuple(LEVER_CELLS[i] for i in (0, 18, 2, 1, 21, 22, 19, 23, 25, 27, 30, 37, 47, 48)),
+               "each", "budget", tuple(LEVER_CELLS[i] for i in (0, 18, 2, 1, 21, 22, 19, 23, 25, 27, 30, 37, 47, 48, 49)),
                note="run it with --scale full --record-only: it evaluates the finished dtc-plateau runs and "
                     "trains nothing"),
     Experiment("figure1bc", "Figure 1(b)/(c): segmentation mIoU vs GMACs (Fashion-MNIST mosaics; ADE20K, "

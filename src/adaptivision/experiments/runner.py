@@ -105,10 +105,10 @@ def _identity(cfg: TrainConfig) -> dict:
 # The model defaults that run identities are measured against: those when the first runs were
 # recorded. Changing a live default must give new runs, not silently reuse old ones, so a DTC
 # cell's clustering preset, temperature and training K are always written out when they differ from these.
-# The other changed defaults (unpool, budget_jitter) are not resolved: a cell that leaves them out keeps
+# The other changed defaults (unpool, budget_jitter, prop_attn) are not resolved: a cell that leaves them out keeps
 # the value its runs were recorded with (``_explicit`` builds it so); cells name the new value to get it.
 ID_DEFAULTS = dict(ModelOptions().to_dict(), clustering="paper", tau=150.0, train_k="image", unpool="assign",
-                   budget_jitter=1.0)
+                   budget_jitter=1.0, prop_attn=True)
 
 
 def _non_default(kwargs: dict, model: Optional[str] = None) -> dict:
@@ -139,7 +139,7 @@ def _explicit(kwargs: dict) -> dict:
 # (2026-11-26) with the live defaults of then: the ones that have moved since are pinned when a cell
 # leaves them out, so that a new seed or scale trains what the recorded seeds trained. A default that
 # moves again belongs here too (tests/test_experiments.py checks each cell's backbone).
-DENSE_TASK_PINS = dict(budget_jitter=1.0)
+DENSE_TASK_PINS = dict(budget_jitter=1.0, prop_attn=True)
 
 
 def _dense_task_kwargs(kwargs: dict) -> dict:

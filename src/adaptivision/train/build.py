@@ -15,7 +15,7 @@ from timm.data import create_transform, resolve_data_config
 from torch.utils.data import DataLoader, Subset
 
 from ..checkpoint import load_weights, read_weights
-from ..config import ModelOptions
+from ..config import ModelOptions, live_prop_attn
 from ..data.datasets import build_dataset, collate_skip
 from ..guidance import Guidance, class_embeddings, parse_sources
 from ..models import AdaptiVision
@@ -35,8 +35,11 @@ def model_spec(cfg: TrainConfig, num_classes: int, dense: bool, guide: Optional[
     if cfg.model.startswith("adaptivision_") and not dense:
         stages = checkpoint_stages(checkpoint, cfg.model, kwargs) if checkpoint else None
         kwargs = dict(stages if stages is not None else stage_defaults(cfg.model, kwargs), **kwargs)
-        if kwargs.get("reduction", "dtc") == "dtc" and "budget_jitter" not in kwargs:
-            kwargs["budget_jitter"] = checkpoint_jitter(checkpoint) if checkpoint else ModelOptions.budget_jitter
+        if kwargs.get("reduction", "dtc") == "dtc":  # defaults that moved: a resumed run keeps its own
+            if "budget_jitter" not in kwargs:
+                kwargs["budget_jitter"] = checkpoint_option(checkpoint, "budget_jitter", 1.0, ModelOptions.budget_jitter)
+            if kwargs.get("prop_attn") is None:
+                kwargs["prop_attn"] = checkpoint_option(checkpoint, "prop_attn", True, live_prop_attn(kwargs))
     if cfg.drop_path:
         kwargs["drop_path_rate"] = cfg.drop_path
     if cfg.img_size:
@@ -76,11 +79,12 @@ def guidance_kwargs(guide: Optional[Guidance], x: torch.Tensor, mode: str = "nor
     return guide(x, mode=mode).model_kwargs() if guide is not None else {}
 
 
-def checkpoint_jitter(checkpoint: str) -> float:
-    """The budget jitter a run being resumed trained with: its ``model.json`` says it since the default
-    became 0 (2026-11-27); a run saved before, whose spec does not say, trained with the old default 1."""
-    spec = _spec_beside(checkpoint)
-    return float((spec or {}).get("kwargs", {}).get("budget_jitter", 1.0 if spec else ModelOptions.budget_jitter))
+def checkpoint_option(checkpoint: Optional[str], key: str, before, live):
+    """An option of the run being resumed from ``checkpoint`` whose default moved: its ``model.json`` says
+    it since the move (budget_jitter, 0 since 2026-11-27; prop_attn, off for DTC's default clustering since
+    2026-11-27); a run saved before, whose spec does not say, trained with ``before``; ``live`` otherwise."""
+    spec = _spec_beside(checkpoint) if checkpoint else None
+    return (spec or {}).get("kwargs", {}).get(key, before if spec else live)
 
 
 def checkpoint_stages(checkpoint: str, name: str, kwargs: dict) -> Optional[dict]:
@@ -150,6 +154,7 @@ def load_for_eval(checkpoint: str, model_name: Optional[str] = None) -> tuple:
     """Rebuild the model of a run from ``model.json`` beside the checkpoint and load its weights."""
     ckpt_dir = os.path.dirname(os.path.abspath(checkpoint))
     spec = _spec_beside(checkpoint)  # how the run built it: the same architecture whatever --model says
+    saved = spec is not None
     if spec is not None and model_name and model_name != spec["name"]:
         raise ValueError(f"--model {model_name}: {checkpoint} holds a {spec['name']} (its model.json / metadata); "
                          "leave --model out")
@@ -163,6 +168,8 @@ def load_for_eval(checkpoint: str, model_name: Optional[str] = None) -> tuple:
         spec["num_classes"] = head.shape[0] if head is not None else 0
     if spec["name"].startswith("adaptivision_"):  # a run saved before its model's stage default moved
         spec["kwargs"] = dict(checkpoint_stages(checkpoint, spec["name"], spec["kwargs"]) or {}, **spec["kwargs"])
+        if saved and spec["kwargs"].get("reduction", "dtc") == "dtc":  # saved before prop_attn was written out
+            spec["kwargs"].setdefault("prop_attn", True)                # into specs: it was on for every DTC then
     model = create_model(spec)
     load_weights(model, checkpoint)
     cfg_path = os.path.join(ckpt_dir, "config.yaml")
