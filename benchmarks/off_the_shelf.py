@@ -50,7 +50,8 @@ def variants(n: int) -> list:
     rows += [(f"paper DTC (learned, soft, tau 150), K={k}", PAPER, k) for k in (32, 48)]
     rows += [(f"learned, soft, tau 20, K={k}", dict(PAPER, tau=20.0), k) for k in (32,)]
     rows += [(f"learned, hard, K={k}", dict(PAPER, assign="hard"), k) for k in (32,)]
-    rows += [(f"fps, soft tau 20, 2 iters, K={k}", dict(OURS, assign="soft", tau=20.0), k) for k in (24,)]
+    # prop_attn=True: these rows were measured with proportional attention, on for every DTC then
+    rows += [(f"fps, soft tau 20, 2 iters, K={k}", dict(OURS, assign="soft", tau=20.0, prop_attn=True), k) for k in (24,)]
     rows += [(f"fps, hard, 0 iters, K={k}", dict(OURS, iters=0), k) for k in (16, 24)]
     rows += [(f"fps, hard, 2 iters, K={k}", OURS, k) for k in (12, 16, 20, 24, 32, n)]
     rows += [(f"fps, hard, 2 iters, per-image K, mean {k}", dict(OURS, dynamic=True, k_min=8, k_max=n, k_step=4),
@@ -71,6 +72,15 @@ def variants(n: int) -> list:
     # [CLS]'s most attended patches (block 1's attention) kept unclustered, the rest clustered (2026-11-27)
     rows += [(f"fps, hard, 2 iters, after block 2, keep {n_keep} salient, K={k}",
               dict(OURS, condense_at=2, keep_salient=n_keep), k) for n_keep in (4, 8) for k in (16, 24)]
+    # proportional attention (log m_k on the logits) with and without, after block 2 (2026-11-27: trained from
+    # scratch DTC is better without it, and it became off by default for soft assignment to per-image centres)
+    # ("fps, hard, 2 iters, after block 2, K=..." above has it on)
+    soft = dict(OURS, condense_at=2, assign="soft", tau=20.0)
+    rows += [(f"fps, hard, 2 iters, after block 2, no proportional attention, K={k}",
+              dict(OURS, condense_at=2, prop_attn=False), k) for k in (16, 24)]
+    rows += [(f"fps, soft tau 20, 2 iters, after block 2, K={k}", dict(soft, prop_attn=True), k) for k in (16, 24)]
+    rows += [(f"fps, soft tau 20, 2 iters, after block 2, no proportional attention, K={k}",
+              dict(soft, prop_attn=False), k) for k in (16, 24)]
     # Hourglass (grid centres, local soft k-means; no parameters, so it runs off the shelf too)
     rows += [(f"Hourglass {h}x{h} after block {b}", dict(reduction="hourglass", keep_ratio=h * h / n, reduce_at=b), None)
              for b in (1, 2) for h in (4, 5, 6)]
