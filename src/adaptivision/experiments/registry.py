@@ -90,6 +90,8 @@ IMAGE_DTC = {"reduction": "dtc", "clustering": "image", "condense_at": 0}
 NO_JITTER = dict(IMAGE_DTC, assign="soft", tau=20.0, condense_at=2, k_mid=24, train_k="batch", budget_jitter=0.0)
 # the nano model `adaptivision train` builds today, beside the older DTC row of Table 5 / Figure 1(a)
 DEFAULT_DTC = Cell("AdaptiVision (DTC), no budget jitter", NO_JITTER)
+# the default since 2026-11-27 (LEVER_CELLS[47]'s options: the same runs)
+DEFAULT_DTC_NO_PROP = Cell("AdaptiVision (DTC), no budget jitter, no proportional attention", dict(NO_JITTER, prop_attn=False))
 LEVER_CELLS = (
     DENSE,
     Cell("EViT", {"reduction": "evit"}, match_gmacs=True),
@@ -297,7 +299,7 @@ EXPERIMENTS = {e.name: e for e in (
                tuple(Cell(f"tau = {t}", {"reduction": "dtc", "tau": float(t)}) for t in (1, 20, 100, 150, 200, 250)),
                key="tau"),
     Experiment("table5", "Table 5: token reduction strategies at matched GMACs", "train",
-               BASELINES + (DEFAULT_DTC, Cell("AdaptiVision (DTC), paper form", PAPER_DTC))),
+               BASELINES + (DEFAULT_DTC, Cell("AdaptiVision (DTC), paper form", PAPER_DTC), DEFAULT_DTC_NO_PROP)),
     Experiment("table6", "Table 6: robustness, ImageNet-A / ImageNet-R", "robustness", (DENSE, DTC),
                note="evaluates the checkpoints of the table1 cells (or --checkpoint) on --eval-data sets"),
     Experiment("table7", "Table 7: component ablation", "train", (
@@ -306,7 +308,8 @@ EXPERIMENTS = {e.name: e for e in (
         Cell("+DTC+AFA", {"reduction": "dtc"}),
         _guided("+DTC+AFA+CMTF (text + saliency)", TEXT_SAL))),
     Experiment("figure1a", "Figure 1(a): accuracy vs GMACs, one trained model per method", "budget",
-               BASELINES[1:] + (DEFAULT_DTC,), note="re-evaluates the table5 checkpoints at several budgets"),
+               BASELINES[1:] + (DEFAULT_DTC, DEFAULT_DTC_NO_PROP), note="re-evaluates the table5 checkpoints at several "
+               "budgets"),
     Experiment("guidance", "Semantic guidance: sources, lambda1/lambda2, missing and noisy guidance", "guidance",
                GUIDANCE_CELLS, note="each guided run is also evaluated with its guidance missing, shuffled "
                                     "between images, and replaced by noise"),
