@@ -312,12 +312,13 @@ def test_finetuned_cells_start_from_the_dense_run_for_a_tenth_of_the_epochs(done
     with open(os.path.join(dense_dir, "config.yaml")) as f:
         dense_lr = yaml.safe_load(f)["base_lr"]
     tuned = [c for c in cells if "fine-tuned" in c]
-    assert tuned == [c.label for c in registry.FINETUNE_CELLS[1:]] and len(tuned) == 7
+    assert tuned == [c.label for c in registry.FINETUNE_CELLS[1:]] and len(tuned) == 9
     for label in tuned:
         with open(os.path.join(done, cells[label]["runs"][0]["run_dir"], "config.yaml")) as f:
             cfg = yaml.safe_load(f)
         assert os.path.samefile(cfg["init_from"], os.path.join(dense_dir, "last.safetensors"))
         assert cfg["epochs"] == 1 and cfg["base_lr"] == pytest.approx(dense_lr / 10)
+        assert cfg["backbone_lr_scale"] == (0.01 if "1% of the lr" in label else 1.0)  # DynamicViT's own split
     full = base_config("full", "fashion-mnist", None, None)
     dtc = registry.FINETUNE_CELLS[2]
     cfg, _ = Runner(registry.get("dtc-finetune"), "/x", "full", full).cell_config(dtc, 1)

@@ -782,3 +782,36 @@ def test_self_distillation_the_full_token_path_teaches_the_condensed_one(fmnist,
                                                 *QUICK[:-1], "compare_dense=false", "self_distill=0.5",
                                                 "model_kwargs={embed_dim: 32, depth: 2, num_heads: 2, "
                                                 "reduction: tome, tome_r: 2}"]))
+
+
+def test_backbone_lr_scale_is_dynamicvits_split_and_the_scheduler_keeps_it():
+    """backbone_lr_scale: the predictors (reducer.*) at the schedule's lr, every other parameter at the
+    scale times it, through timm's lr_scale (so warm-up and cosine keep the ratio); each parameter in
+    one group, weight decay split as timm does; refused where no predictor exists or the scale is <= 0."""
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+
+    from adaptivision.train.build import optimizer_params
+    cfg = TrainConfig(model_kwargs={"reduction": "importance"}, backbone_lr_scale=0.01)
+    model = timm.create_model(cfg.model, num_classes=10, **cfg.model_kwargs)
+    groups = optimizer_params(model, cfg)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters()) and len(set(ids)) == len(ids)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for g in groups:
+        assert {names[id(p)].startswith("reducer.") for p in g["params"]} == {g["lr_scale"] == 1.0}
+        if g["weight_decay"] > 0:  # norms, biases and the no_weight_decay tokens are not decayed
+            assert all(p.ndim > 1 and names[id(p)] not in model.no_weight_decay() for p in g["params"])
+    assert len(groups) == 4
+    opt = create_optimizer_v2(groups, opt="adamw", lr=1e-3, weight_decay=0.05)
+    sched, _ = create_scheduler_v2(opt, sched="cosine", num_epochs=2, warmup_epochs=0.5, warmup_lr=1e-6,
+                                   step_on_epochs=False, updates_per_epoch=10)
+    for step in (0, 3, 12):
+        sched.step_update(step)
+        lrs = {g["lr_scale"]: g["lr"] for g in opt.param_groups}
+        assert lrs[0.01] == pytest.approx(0.01 * lrs[1.0]) and lrs[1.0] > 0
+    assert optimizer_params(model, TrainConfig()) is model  # the default: timm's own groups
+    with pytest.raises(ValueError, match="no token-reduction predictor"):
+        optimizer_params(timm.create_model(cfg.model, num_classes=10), TrainConfig(backbone_lr_scale=0.01))
+    with pytest.raises(ValueError, match="backbone_lr_scale"):
+        TrainConfig.build(overrides=["backbone_lr_scale=0"])

@@ -253,6 +253,13 @@ FINETUNE_CELLS = (
          match_gmacs=True, epochs_fraction=0.1),
     Cell("ToFe (freeze and reuse), fine-tuned from dense", {"reduction": "tofe"}, train=FINETUNE, match_gmacs=True,
          epochs_fraction=0.1),
+    # DynamicViT with its own learning-rate split: the backbone at 1% of the predictors' lr
+    # (raoyongming/DynamicViT optim_factory.py, bone_lr_scale=0.01)
+    Cell("DynamicViT (importance), fine-tuned from dense, backbone at 1% of the lr", {"reduction": "importance"},
+         train=dict(FINETUNE, backbone_lr_scale=0.01), match_gmacs=True, epochs_fraction=0.1),
+    # the default model since 2026-11-27 (no jitter, no proportional attention) fine-tuned the same way
+    Cell("image, soft, tau 20, after block 2, K 24, batch K, no budget jitter, no proportional attention, "
+         "fine-tuned from dense", dict(NO_JITTER, prop_attn=False), train=FINETUNE, epochs_fraction=0.1),
 )
 
 # the nano model's default until it moved after block 2 (registry.STAGE_DEFAULTS): image-soft before block 0

@@ -89,7 +89,7 @@ def _slug(text: str) -> str:
 # they hold their default, so those runs keep their names (and are not trained again).
 LATER_FIELDS = ("init_from", "guidance", "text_model", "text_template", "guidance_tokens", "guidance_dropout",
                 "budget_warmup", "budget_warmup_bias", "distill_from", "distill_weight", "distill_tau", "distill_kind",
-                "self_distill")
+                "self_distill", "backbone_lr_scale")
 
 
 def _identity(cfg: TrainConfig) -> dict:

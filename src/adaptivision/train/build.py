@@ -57,6 +57,30 @@ def model_spec(cfg: TrainConfig, num_classes: int, dense: bool, guide: Optional[
     return dict(name=cfg.model, num_classes=num_classes, kwargs=kwargs)
 
 
+def optimizer_params(model: nn.Module, cfg: TrainConfig):
+    """What the optimizer is built on: the model (timm's weight-decay split), or, with ``backbone_lr_scale``,
+    groups whose timm ``lr_scale`` keeps the token-reduction predictors (``reducer.*``) at the full lr and
+    puts every other parameter at ``backbone_lr_scale`` x it (DynamicViT's fine-tuning recipe,
+    raoyongming/DynamicViT ``optim_factory.py``: ``bone_lr_scale=0.01``)."""
+    if cfg.backbone_lr_scale == 1.0:
+        return model
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        new = name.startswith("reducer.")
+        decay = not (p.ndim <= 1 or name.endswith(".bias") or name in skip)  # timm's rule
+        g = groups.setdefault((new, decay), dict(params=[], weight_decay=cfg.weight_decay if decay else 0.0,
+                                                 lr_scale=1.0 if new else cfg.backbone_lr_scale))
+        g["params"].append(p)
+    if not any(new for new, _ in groups):
+        raise ValueError(f"backbone_lr_scale={cfg.backbone_lr_scale}: {cfg.model} {cfg.model_kwargs or ''} has no "
+                         "token-reduction predictor (reducer.*) to train at the full lr; it is for "
+                         "reduction='importance' or 'tofe' (DynamicViT's recipe)")
+    return list(groups.values())
+
+
 def build_guidance(cfg: TrainConfig, classes, model: nn.Module) -> Optional[Guidance]:
     """The configured guidance sources for ``model``'s patch grid and the data set's class names
     (None for guidance=none). Class-name embeddings are computed once and cached."""

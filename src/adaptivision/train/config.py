@@ -48,6 +48,8 @@ class TrainConfig:
     warmup_epochs: float = 0.2              # linear warm-up from warmup_lr (fractions allowed)
     warmup_lr: float = 1e-6                 # where the warm-up starts
     weight_decay: float = 0.05              # AdamW; not on norms, biases, embeddings, centroids
+    backbone_lr_scale: float = 1.0          # lr of every parameter outside a baseline's token-reduction predictors
+    #                                         (``reducer.*``) x this: DynamicViT's fine-tuning split (0.01 there)
     opt: str = "adamw"                      # any timm optimizer name
     sched: str = "cosine"                   # cosine | tanh | step | multistep | poly | constant | none
     label_smoothing: float = 0.1            # cross-entropy label smoothing
@@ -113,6 +115,7 @@ class TrainConfig:
         check(0 <= self.min_lr, "min_lr", ">= 0")
         check(self.warmup_epochs >= 0, "warmup_epochs", ">= 0")
         check(self.weight_decay >= 0, "weight_decay", ">= 0")
+        check(self.backbone_lr_scale > 0, "backbone_lr_scale", "> 0")
         check(self.sched in SCHEDULES, "sched", ", ".join(SCHEDULES) + " (timm's create_scheduler_v2)")
         check(0 <= self.label_smoothing < 1, "label_smoothing", "[0, 1)")
         check(self.mixup >= 0 and self.cutmix >= 0, "mixup" if self.mixup < 0 else "cutmix", ">= 0")

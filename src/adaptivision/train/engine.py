@@ -58,6 +58,7 @@ from .build import (  # noqa: F401
     load_guidance,
     load_teacher,
     model_spec,
+    optimizer_params,
 )
 from .config import DENSE_TEACHER, TrainConfig
 from .distributed import Dist, all_sum, setup_distributed  # noqa: F401
@@ -161,7 +162,7 @@ def setup(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bool = F
                          f"per process: fewer than accum_steps={cfg.accum_steps}")
     global_batch = cfg.batch_size * d.world * cfg.accum_steps
     lr = cfg.lr or cfg.base_lr * global_batch / 512
-    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay)
+    optimizer = create_optimizer_v2(optimizer_params(model, cfg), opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay)
     updates_per_epoch = len(loader) // cfg.accum_steps
     # warm-up in whole updates; the schedule steps per update, so resuming needs only num_updates
     warmup = int(cfg.warmup_epochs * updates_per_epoch) / updates_per_epoch
