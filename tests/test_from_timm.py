@@ -36,6 +36,9 @@ def test_off_the_shelf_condensation_calibrated_on_a_batch(tmp_path):
     x = torch.randn(6, 3, 224, 224) * torch.linspace(0.2, 2, 6).view(6, 1, 1, 1)  # images of varied contrast
     default = adaptivision.from_timm(vit, x, k_min=32, k_max=160)
     assert list(default.dtc) == ["1"] and default.dtc["1"].centers == "fps"  # the defaults here: after block 1, fps
+    # proportional attention on off the shelf, also with the soft preset (off by default when training)
+    assert default.prop_attn and adaptivision.from_timm(vit, clustering="image-soft").prop_attn
+    assert not adaptivision.from_timm(vit, clustering="image-soft", prop_attn=False).prop_attn
     model = adaptivision.from_timm(vit, x, k_min=32, k_max=160, clustering="paper", condense_at=0,
                                    budget_jitter=0.5).eval()
     dtc = model.dtc["0"]
