@@ -110,7 +110,7 @@ class ModelOptions:
     normalize: bool = True              # weighted mean (True) or eq. 3's literal sum (False)
     prop_attn: Optional[bool] = None    # add log(mass) to attention logits (ToMe's proportional attention); default:
     #                                     off for DTC with centers='fps' and assign='soft' (since 2026-11-27: +0.55 / +1.46
-    #                                     top-1 at the default length, +0.5-0.6 at the plateau, docs/results.md), on elsewhere
+    #                                     top-1 at the default length, +0.75 at the plateau, 3 seeds; docs/results.md), on elsewhere
     complexity: str = "variance"        # 'variance' | 'entropy' | 'saliency'
     dynamic: bool = True                # per-image K; False = fixed K (k_max unless a budget is set)
     train_k: str = "batch"              # K in training: 'batch' (the batch's mean K, one group: as accurate, 1.2-1.4x
