@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 from timm.data import create_transform, resolve_data_config
+from timm.optim import param_groups_weight_decay
 from torch.utils.data import DataLoader, Subset
 
 from ..checkpoint import load_weights, read_weights
@@ -59,26 +60,23 @@ def model_spec(cfg: TrainConfig, num_classes: int, dense: bool, guide: Optional[
 
 def optimizer_params(model: nn.Module, cfg: TrainConfig):
     """What the optimizer is built on: the model (timm's weight-decay split), or, with ``backbone_lr_scale``,
-    groups whose timm ``lr_scale`` keeps the token-reduction predictors (``reducer.*``) at the full lr and
-    puts every other parameter at ``backbone_lr_scale`` x it (DynamicViT's fine-tuning recipe,
-    raoyongming/DynamicViT ``optim_factory.py``: ``bone_lr_scale=0.01``)."""
+    timm's same groups each split in two by a timm ``lr_scale``: the token-reduction predictors
+    (``reducer.*``) at the full lr, every other parameter at ``backbone_lr_scale`` x it (DynamicViT's
+    fine-tuning recipe, raoyongming/DynamicViT ``optim_factory.py``: ``bone_lr_scale=0.01``)."""
     if cfg.backbone_lr_scale == 1.0:
         return model
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    groups = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        new = name.startswith("reducer.")
-        decay = not (p.ndim <= 1 or name.endswith(".bias") or name in skip)  # timm's rule
-        g = groups.setdefault((new, decay), dict(params=[], weight_decay=cfg.weight_decay if decay else 0.0,
-                                                 lr_scale=1.0 if new else cfg.backbone_lr_scale))
-        g["params"].append(p)
-    if not any(new for new, _ in groups):
+    new = {id(p) for n, p in model.named_parameters() if n.startswith("reducer.")}
+    if not new:
         raise ValueError(f"backbone_lr_scale={cfg.backbone_lr_scale}: {cfg.model} {cfg.model_kwargs or ''} has no "
                          "token-reduction predictor (reducer.*) to train at the full lr; it is for "
                          "reduction='importance' or 'tofe' (DynamicViT's recipe)")
-    return list(groups.values())
+    groups = []
+    for g in param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=model.no_weight_decay()):
+        for scale, params in ((1.0, [p for p in g["params"] if id(p) in new]),
+                              (cfg.backbone_lr_scale, [p for p in g["params"] if id(p) not in new])):
+            if params:
+                groups.append(dict(g, params=params, lr_scale=scale))
+    return groups
 
 
 def build_guidance(cfg: TrainConfig, classes, model: nn.Module) -> Optional[Guidance]:
