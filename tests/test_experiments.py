@@ -520,7 +520,8 @@ def test_only_seed_trains_that_seed_and_records_the_others(monkeypatch, tmp_path
 
 def test_budget_sweep_takes_the_earlier_points_of_a_run_whose_weights_are_gone(done, tmp_path, capsys):
     """A run restored from its committed summary (weights lost with a machine) keeps the budget
-    points of the experiment's earlier record in --out; without them the error names the run."""
+    points of the experiment's earlier record in --out; a run that record has no points of is left
+    out and named in the log; without any earlier record the error names the run."""
     import shutil
     first = _record(done, "figure1a")
     out = tmp_path / "restored"
@@ -543,9 +544,17 @@ def test_budget_sweep_takes_the_earlier_points_of_a_run_whose_weights_are_gone(d
     lost = json.loads((out / "figure1a" / "experiment.json").read_text())
     del lost["cells"][1]["runs"][0]["points"]
     (out / "figure1a" / "experiment.json").write_text(json.dumps(lost))
+    assert main(["experiment", "run", "figure1a", *common, "--record-only"]) == 0
+    log = capsys.readouterr().out
+    assert f"{lost['cells'][1]['label']} seed 0: weights gone" in log and "left out" in log
+    kept = _record(str(out), "figure1a")
+    assert [r["seed"] for r in kept["cells"][1]["runs"]] == [r["seed"] for r in first["cells"][1]["runs"]][1:]
+    assert [[r["points"] for r in c["runs"]] for i, c in enumerate(kept["cells"]) if i != 1] == \
+        [[r["points"] for r in c["runs"]] for i, c in enumerate(first["cells"]) if i != 1]
+    (out / "figure1a" / "experiment.json").unlink()
     assert main(["experiment", "run", "figure1a", *common, "--record-only"]) != 0
     err = capsys.readouterr().err
-    assert "last.safetensors is missing" in err and f"{lost['cells'][1]['label']!r} seed 0" in err
+    assert "last.safetensors is missing" in err and "does not exist" in err
     (out / "figure1a" / "experiment.json").write_text("{")
     assert main(["experiment", "run", "figure1a", *common, "--record-only"]) != 0
     assert "experiment.json is not a readable experiment record" in capsys.readouterr().err

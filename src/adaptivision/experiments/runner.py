@@ -365,10 +365,11 @@ class Runner:
     def budget_sweep(self, entry: dict) -> None:
         """Figure 1(a): every trained model of the cell at each budget of its method."""
         method = (entry["kwargs"] or {}).get("reduction", "dtc")
-        for run in entry["runs"]:
+        for run in list(entry["runs"]):
             ckpt = os.path.join(self.out, run["run_dir"], "last.safetensors")
             if not os.path.isfile(ckpt):  # a run restored from its committed record, weights gone
-                self._earlier_points(entry, run, ckpt)
+                if not self._earlier_points(entry, run, ckpt):
+                    entry["runs"].remove(run)  # as an unfinished run is: named in the log, not in the table
                 continue
             # done before on these very weights with these budgets (another experiment's sweep of the
             # same run, or an earlier --record-only): reuse the points, an evaluation costs minutes here.
@@ -388,10 +389,16 @@ class Runner:
             with open(saved, "w") as f:
                 json.dump(dict(key=key, points=run["points"], commit=provenance()["commit"]), f, indent=1)
 
-    def _earlier_points(self, entry: dict, run: dict, ckpt: str) -> None:
+    def _earlier_points(self, entry: dict, run: dict, ckpt: str) -> bool:
         """The points of a run whose weights are gone (a machine reset; its summary.json copied back
         from the committed records), taken from this experiment's earlier record in ``--out`` (copy
-        the committed experiment.json there): a second seed's sweep then joins the first one's."""
+        the committed experiment.json there): a second seed's sweep then joins the first one's.
+        False (the run is left out, said in the log) where that record has none: it finished after
+        the last sweep and its weights went before the next one."""
+        if not os.path.isfile(os.path.join(self.out, self.exp.name, "experiment.json")):
+            raise FileNotFoundError(
+                f"{self.exp.name}: {ckpt} is missing and {os.path.join(self.out, self.exp.name, 'experiment.json')} "
+                "does not exist: train the run again, or copy the committed record of this experiment there")
         for cell in self._earlier.get("cells", []):
             for old in cell.get("runs", []) if cell.get("label") == entry["label"] else []:
                 if old.get("seed") == run["seed"] and old.get("run_dir") == run["run_dir"] and old.get("points"):
@@ -400,11 +407,10 @@ class Runner:
                     run["points_from"] = old.get("points_from", self._earlier.get("finished"))
                     self.log(f"[{self.exp.name}] {entry['label']} seed {run['seed']}: weights gone, budget "
                              f"points from the earlier record (measured {run['points_from']})")
-                    return
-        raise FileNotFoundError(
-            f"{self.exp.name}: {ckpt} is missing and {os.path.join(self.out, self.exp.name, 'experiment.json')} "
-            f"has no budget points of {entry['label']!r} seed {run['seed']}: train the run again, or copy the "
-            "committed record of this experiment there")
+                    return True
+        self.log(f"[{self.exp.name}] {entry['label']} seed {run['seed']}: weights gone ({ckpt}) and no budget "
+                 "points in the earlier record: left out (train the run again to sweep it)")
+        return False
 
     def _sweep_run(self, entry: dict, run: dict, method: str) -> None:
         model, cfg, guide = self._load(run["run_dir"])
