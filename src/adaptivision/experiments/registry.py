@@ -381,7 +381,7 @@ EXPERIMENTS = {e.name: e for e in (
                "train", tuple(LEVER_CELLS[i] for i in (0, 2, 25, 27, 40, 41, 42, 43, 44, 45, 46, 47, 48)),
                note="run it with --scale default --seeds 2; shares its dense, ToMe and DTC runs with dtc-jitter"),
     Experiment("dtc-prop-attn", "Without proportional attention (log mass in the attention logits, ToMe's): "
-               "after block 2 and after block 1", "train", tuple(LEVER_CELLS[i] for i in (0, 2, 25, 47, 41, 48)),
+               "after block 2 and after block 1", "train", tuple(LEVER_CELLS[i] for i in (0, 2, 25, 47, 41, 48, 50)),
                note="run it with --scale default --seeds 2; shares its runs with dtc-jitter and dtc-hourglass"),
     Experiment("dtc-plateau", "The default-length candidates trained to plateau (--scale full)", "train",
                tuple(LEVER_CELLS[i] for i in (0, 18, 2, 21, 1, 19, 22, 23, 12, 3, 25, 27, 30, 37, 47, 48, 49, 50, 51)),
