@@ -546,7 +546,7 @@ def test_budget_sweep_takes_the_earlier_points_of_a_run_whose_weights_are_gone(d
     (out / "figure1a" / "experiment.json").write_text(json.dumps(lost))
     assert main(["experiment", "run", "figure1a", *common, "--record-only"]) == 0
     log = capsys.readouterr().out
-    assert f"{lost['cells'][1]['label']} seed 0: weights gone" in log and "left out" in log
+    assert f"{lost['cells'][1]['label']} seed 0: weights gone" in log and "no budget points in the earlier record: left out" in log
     kept = _record(str(out), "figure1a")
     assert [r["seed"] for r in kept["cells"][1]["runs"]] == [r["seed"] for r in first["cells"][1]["runs"]][1:]
     assert [[r["points"] for r in c["runs"]] for i, c in enumerate(kept["cells"]) if i != 1] == \
