@@ -125,25 +125,30 @@ def test_run_identity_follows_what_the_defaults_mean(monkeypatch):
     assert _non_default({"reduction": "tome"}) == {"reduction": "tome"}
     monkeypatch.setattr(ModelOptions, "train_k", "image")  # what identities meant before the change
     assert _non_default({"reduction": "dtc"}) == {"clustering": "image-soft", "tau": 20.0}
-    # and a model's own stage defaults: the nano model now condenses after block 2, at K 24
+    # and a model's own stage defaults: the nano model condenses after block 2, named (and built) at K 24 as
+    # its cells' runs were recorded, though the live default moved to K 20 on a grid of 4
     nano = "adaptivision_nano_patch4_28"
     assert _non_default({"reduction": "dtc"}, nano) == {"clustering": "image-soft", "tau": 20.0,
                                                         "condense_at": 2, "k_mid": 24}
+    assert timm.create_model(nano).dtc["2"].k_mid == 20
     assert _non_default({"reduction": "dtc", "condense_at": 0}, nano) == {"clustering": "image-soft", "tau": 20.0}
     assert _non_default({"reduction": "tome"}, nano) == {"reduction": "tome"}
 
 
 def test_nano_default_is_the_measured_after_block_2_model():
-    """The nano default (registry.STAGE_DEFAULTS) is the model that `default-job` measured as
-    'image, soft, tau 20, after block 2, K 24, batch K': the same resolved options and stage."""
+    """The nano default (registry.DTC_STAGE_DEFAULTS and ModelOptions) is the model that `dtc-plateau` and
+    `dtc-prop-attn` measured as '..., after block 2, K 20, batch K, no budget jitter, no proportional
+    attention': the same resolved options and stage."""
     from adaptivision.experiments.registry import LEVER_CELLS
-    cell = LEVER_CELLS[18]
-    assert "after block 2" in cell.label
+    cell = LEVER_CELLS[50]
+    assert "after block 2, K 20" in cell.label
     default = timm.create_model("adaptivision_nano_patch4_28")
     measured = timm.create_model("adaptivision_nano_patch4_28", **cell.kwargs)
-    keys = ("condense_at", "centers", "assign", "iters", "tau", "train_k", "afa", "stages")
+    keys = ("condense_at", "centers", "assign", "iters", "tau", "train_k", "afa", "stages", "k_step",
+            "budget_jitter", "prop_attn")
     assert {k: getattr(default.opts, k) for k in keys} == {k: getattr(measured.opts, k) for k in keys}
-    assert [(s.block, s.k_min, s.k_mid, s.k_max) for s in default.opts.stages] == [(2, 16, 24, 49)]
+    assert [(s.block, s.k_min, s.k_mid, s.k_max) for s in default.opts.stages] == [(2, 16, 20, 49)]
+    assert default.opts.k_step == 4
     # a caller that sets where to condense, or another input size, gets no stage defaults (the old
     # default, before block 0); the model's own size, as `adaptivision benchmark --img-size 28` passes it, keeps them
     def blocks(**kw):
@@ -303,11 +308,22 @@ def test_runs_saved_before_the_nano_stage_moved_still_load(tmp_path):
     with torch.no_grad():
         assert torch.equal(model.eval()(x), old(x))
     spec = model_spec(TrainConfig(), 10, dense=False)
-    assert spec["kwargs"]["condense_at"] == 2 and spec["kwargs"]["k_mid"] == 24
+    assert (spec["kwargs"]["condense_at"], spec["kwargs"]["k_mid"], spec["kwargs"]["k_step"]) == (2, 20, 4)
     assert "k_mid" not in model_spec(TrainConfig(), 10, dense=True)["kwargs"]
     # resuming that old run rebuilds it the same way (the checkpoint's stages win over today's default)
     assert model_spec(TrainConfig(), 10, dense=False, checkpoint=str(tmp_path / "last.safetensors"))["kwargs"][
         "condense_at"] == 0
+    # and a run whose model.json wrote its stage out before the default moved to K 20 (K 24 on the grid of 8)
+    # resumes as written: K 24, and k_step 8 (ModelOptions' default), not today's K 20 on a grid of 4
+    k24 = tmp_path / "k24"
+    k24.mkdir()
+    save_weights(timm.create_model("adaptivision_nano_patch4_28", num_classes=10, condense_at=2, k_mid=24),
+                 str(k24 / "last.safetensors"))
+    (k24 / "model.json").write_text(json.dumps(dict(name="adaptivision_nano_patch4_28", num_classes=10,
+                                                    kwargs={"cmtf": False, "condense_at": 2, "k_mid": 24})))
+    resumed = model_spec(TrainConfig(), 10, dense=False, checkpoint=str(k24 / "last.safetensors"))["kwargs"]
+    assert (resumed["condense_at"], resumed["k_mid"], resumed.get("k_step")) == (2, 24, None)
+    assert timm.create_model("adaptivision_nano_patch4_28", **resumed).dtc["2"].k_step == 8
 
 
 def test_padded_groups_benchmark_smoke(tmp_path):

@@ -111,11 +111,23 @@ ID_DEFAULTS = dict(ModelOptions().to_dict(), clustering="paper", tau=150.0, trai
                    budget_jitter=1.0, prop_attn=True)
 
 
+# A model's stage defaults as its cells' runs were recorded: the nano model's moved from K 24 (grid of 8) to
+# K 20 (grid of 4) on 2026-11-28, and a cell that leaves the stage out keeps the K 24 model and its runs, as
+# it keeps the budget jitter and proportional attention (cells name k_mid=20, k_step=4 to get the new one).
+ID_STAGE_DEFAULTS = {"adaptivision_nano_patch4_28": dict(condense_at=2, k_mid=24)}
+
+
+def _id_stage(model: Optional[str], kwargs: dict) -> dict:
+    """The stage options a DTC cell of ``model`` that leaves them out is named and built with."""
+    live = stage_defaults(model, kwargs) if model else {}
+    return dict(ID_STAGE_DEFAULTS[model]) if live and model in ID_STAGE_DEFAULTS else live
+
+
 def _non_default(kwargs: dict, model: Optional[str] = None) -> dict:
     """The options that differ from ``ID_DEFAULTS``, so equal configurations share their runs."""
     kwargs = dict(kwargs)
     if kwargs.get("reduction", "dtc") == "dtc":  # the live defaults, resolved, for what they mean now
-        kwargs.update(stage_defaults(model, kwargs) if model else {})  # the model's own stage (nano: after block 2)
+        kwargs.update(_id_stage(model, kwargs))  # the model's own stage (nano: after block 2, K 24 as recorded)
         kwargs.setdefault("clustering", ModelOptions.clustering)
         kwargs.setdefault("tau", CLUSTERING[kwargs["clustering"]]["tau"])
         kwargs.setdefault("train_k", ModelOptions.train_k)

@@ -113,9 +113,14 @@ def checkpoint_stages(checkpoint: str, name: str, kwargs: dict) -> Optional[dict
     """``condense_at`` of the DTC stages a checkpoint holds (its ``dtc.<block>.*`` keys), when
     ``kwargs`` leave it to the model's default and that default now differs: a run saved before the
     nano model's stage moved after block 2 (2026-11-26) was built before block 0 and must be
-    rebuilt so. None when ``kwargs`` say where, or the checkpoint agrees with today's default."""
+    rebuilt so; and a run whose ``model.json`` wrote its stage out (since 2026-11-26) is rebuilt as written
+    (the nano model's K 24 on a grid of 8 until 2026-11-28, K 20 on a grid of 4 since). None when ``kwargs``
+    say where, or the checkpoint agrees with today's default."""
     if set(STAGE_OPTIONS) & set(kwargs) or not os.path.isfile(checkpoint) or not checkpoint.endswith(".safetensors"):
         return None
+    written = {k: v for k, v in ((_spec_beside(checkpoint) or {}).get("kwargs") or {}).items() if k in STAGE_OPTIONS}
+    if written:
+        return written if written != stage_defaults(name, kwargs) else None
     try:
         with safe_open(checkpoint, "pt") as f:
             blocks = sorted({int(m[1]) for k in f.keys() if (m := re.match(r"dtc\.(\d+)\.", k))})
