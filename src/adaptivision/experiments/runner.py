@@ -249,6 +249,7 @@ class Runner:
             # the target every recorded match used: the paper-form DTC at init (its GMACs, not its accuracy)
             ref = dict(self.base.model_kwargs, reduction="dtc", cmtf=False)
             ref.setdefault("clustering", "paper")
+            ref.update(_id_stage(model_name, ref))  # at the stage it was measured at (nano: K 24, not today's K 20)
             dtc = engine.create_model(dict(spec, kwargs=ref))
             self._dtc_gmacs = profile(dtc, x)["gmacs"]
         knob, gmacs = budget.match_gmacs(model, x, self._dtc_gmacs)
