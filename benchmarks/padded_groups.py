@@ -4,9 +4,10 @@ per K (the default), the groups merged into at most G batches padded with masked
 reference; the dense model of the same run beside them. Real test images, interleaved rounds.
 
     python benchmarks/padded_groups.py --run runs/<model>-fashion-mnist-<time> \\
-        [--batch-size 64 --batch-size 256] [--rounds 21] [--out benchmarks/results/padded-groups]
+        [--batch-size 64 --batch-size 256] [--infer-k-step 8] [--rounds 21] [--out benchmarks/results/padded-groups]
 
-RUN is the default job's run directory (AdaptiVision's ``last.safetensors`` beside its
+``--infer-k-step S`` adds per-image K on the grid of S at inference (one batch per K; the nano default's
+8 since 2026-11-28, on a model trained with batch K on the grid of 4). RUN is the default job's run directory (AdaptiVision's ``last.safetensors`` beside its
 ``model.json``, the dense model's in ``dense/``). Top-1 is on the whole test set; the padded rows must
 reproduce the per-K row (they run the same images through the same weights). Writes OUT.json
 (the record) and OUT.md (its tables).
@@ -23,7 +24,7 @@ import sys
 
 import torch
 
-from adaptivision.budget import apply_budget
+from adaptivision.budget import apply_budget, set_infer_k_step
 from adaptivision.data.datasets import collate_skip
 from adaptivision.profile import profile
 from adaptivision.provenance import provenance
@@ -31,9 +32,14 @@ from adaptivision.timing import tile_batch, time_models
 from adaptivision.train import engine
 
 
-def variants(model: torch.nn.Module, groups: list, fixed_k: int) -> list:
-    """(label, model) of every way to run ``model``; copies, so that each keeps its own setting."""
+def variants(model: torch.nn.Module, groups: list, fixed_k: int, grids: tuple = ()) -> list:
+    """(label, model) of every way to run ``model``; copies, so that each keeps its own setting.
+    ``grids``: per-image K on these grids at inference (``infer_k_step``), one batch per K."""
     out = [("per-image K, one batch per K", model)]
+    for step in grids:
+        m = copy.deepcopy(model)
+        set_infer_k_step(m, step)
+        out.append((f"per-image K, infer_k_step={step}", m))
     for g in groups:
         m = copy.deepcopy(model)
         m.opts.max_groups = g
@@ -44,7 +50,8 @@ def variants(model: torch.nn.Module, groups: list, fixed_k: int) -> list:
     return out
 
 
-def measure(run: str, batch_sizes: list, groups: list, rounds: int, warmup: int = 3, limit: int = 0) -> dict:
+def measure(run: str, batch_sizes: list, groups: list, rounds: int, warmup: int = 3, limit: int = 0,
+            grids: tuple = ()) -> dict:
     dense, cfg = engine.load_for_eval(os.path.join(run, "dense", "last.safetensors"))
     ours, _ = engine.load_for_eval(os.path.join(run, "last.safetensors"))
     cfg = dataclasses.replace(cfg, workers=0, batch_size=256, limit_eval=limit or cfg.limit_eval)
@@ -55,7 +62,7 @@ def measure(run: str, batch_sizes: list, groups: list, rounds: int, warmup: int 
     mean_k = profile(ours, images)["mean_k"][0]
     fixed_k = max(1, round(mean_k))
     rows = [dict(label="dense ViT (same run)", model=dense)] + [dict(label=lab, model=m) for lab, m in
-                                                                variants(ours, groups, fixed_k)]
+                                                                variants(ours, groups, fixed_k, grids)]
     for r in rows:
         r["top1"] = engine.evaluate(r["model"].eval(), loader, d)["top1"]
         print(f"{r['label']:40s} top-1 {r['top1']:.2f}", flush=True)
@@ -101,6 +108,8 @@ def main(argv=None) -> int:
     p.add_argument("--run", required=True, help="the default job's run directory (with dense/ inside)")
     p.add_argument("--batch-size", type=int, action="append", help="repeatable (default: 64 and 256)")
     p.add_argument("--groups", default="1,2,3", help="max_groups values to measure")
+    p.add_argument("--infer-k-step", type=int, action="append", default=[],
+                   help="repeatable: also run per-image K on this grid at inference (the model's infer_k_step)")
     p.add_argument("--rounds", type=int, default=21)
     p.add_argument("--limit", type=int, default=0, help="evaluate on this many test images (0: all)")
     p.add_argument("--out", default="benchmarks/results/padded-groups")
@@ -110,7 +119,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"{args.run}: no {os.path.join(sub, 'last.safetensors')}; pass the default job's "
                              "run directory (runs/<model>-fashion-mnist-<time>)")
     result = measure(args.run, args.batch_size or [64, 256], [int(g) for g in args.groups.split(",")],
-                     args.rounds, limit=args.limit)
+                     args.rounds, limit=args.limit, grids=tuple(args.infer_k_step))
     result.update(command=" ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])), provenance=provenance())
     os.makedirs(os.path.dirname(os.path.abspath(args.out)) or ".", exist_ok=True)
     with open(args.out + ".json", "w") as f:

@@ -138,7 +138,8 @@ def test_run_identity_follows_what_the_defaults_mean(monkeypatch):
 def test_nano_default_is_the_measured_after_block_2_model():
     """The nano default (registry.DTC_STAGE_DEFAULTS and ModelOptions) is the model that `dtc-plateau` and
     `dtc-prop-attn` measured as '..., after block 2, K 20, batch K, no budget jitter, no proportional
-    attention': the same resolved options and stage."""
+    attention': the same resolved options and stage; only inference puts each image's K on the grid of 8
+    (infer_k_step), which the measured cell leaves at its training grid of 4."""
     from adaptivision.experiments.registry import LEVER_CELLS
     cell = LEVER_CELLS[50]
     assert "after block 2, K 20" in cell.label
@@ -148,7 +149,7 @@ def test_nano_default_is_the_measured_after_block_2_model():
             "budget_jitter", "prop_attn")
     assert {k: getattr(default.opts, k) for k in keys} == {k: getattr(measured.opts, k) for k in keys}
     assert [(s.block, s.k_min, s.k_mid, s.k_max) for s in default.opts.stages] == [(2, 16, 20, 49)]
-    assert default.opts.k_step == 4
+    assert default.opts.k_step == 4 and default.opts.infer_k_step == 8 and measured.opts.infer_k_step is None
     # a caller that sets where to condense, or another input size, gets no stage defaults (the old
     # default, before block 0); the model's own size, as `adaptivision benchmark --img-size 28` passes it, keeps them
     def blocks(**kw):
@@ -308,7 +309,8 @@ def test_runs_saved_before_the_nano_stage_moved_still_load(tmp_path):
     with torch.no_grad():
         assert torch.equal(model.eval()(x), old(x))
     spec = model_spec(TrainConfig(), 10, dense=False)
-    assert (spec["kwargs"]["condense_at"], spec["kwargs"]["k_mid"], spec["kwargs"]["k_step"]) == (2, 20, 4)
+    assert (spec["kwargs"]["condense_at"], spec["kwargs"]["k_mid"], spec["kwargs"]["k_step"],
+            spec["kwargs"]["infer_k_step"]) == (2, 20, 4, 8)
     assert "k_mid" not in model_spec(TrainConfig(), 10, dense=True)["kwargs"]
     # resuming that old run rebuilds it the same way (the checkpoint's stages win over today's default)
     assert model_spec(TrainConfig(), 10, dense=False, checkpoint=str(tmp_path / "last.safetensors"))["kwargs"][
@@ -324,9 +326,17 @@ def test_runs_saved_before_the_nano_stage_moved_still_load(tmp_path):
     resumed = model_spec(TrainConfig(), 10, dense=False, checkpoint=str(k24 / "last.safetensors"))["kwargs"]
     assert (resumed["condense_at"], resumed["k_mid"], resumed.get("k_step")) == (2, 24, None)
     assert timm.create_model("adaptivision_nano_patch4_28", **resumed).dtc["2"].k_step == 8
+    # a K 20 run saved before inference moved to the grid of 8 (2026-11-28) evaluates on its grid of 4, as recorded
+    k20 = tmp_path / "k20"
+    k20.mkdir()
+    save_weights(timm.create_model("adaptivision_nano_patch4_28", num_classes=10), str(k20 / "last.safetensors"))
+    (k20 / "model.json").write_text(json.dumps(dict(name="adaptivision_nano_patch4_28", num_classes=10, kwargs={
+        "cmtf": False, "condense_at": 2, "k_mid": 20, "k_step": 4})))
+    stage = load_for_eval(str(k20 / "last.safetensors"))[0].dtc["2"]
+    assert (stage.k_mid, stage.k_step, stage.infer_k_step) == (20, 4, None)
 
 
-def test_padded_groups_benchmark_smoke(tmp_path):
+def test_padded_groups_benchmark_smoke(tmp_path, capsys):
     """CI's short version of benchmarks/padded_groups.py on a tiny default job (dense + DTC): the
     padded executions reproduce the per-K top-1, run as at most G batches and count their padding."""
     import json
@@ -340,7 +350,7 @@ def test_padded_groups_benchmark_smoke(tmp_path):
     mod = _benchmark("padded_groups")
     out = tmp_path / "res" / "padded"
     assert mod.main(["--run", str(tmp_path / "job"), "--batch-size", "16", "--groups", "1,2", "--rounds", "2",
-                     "--out", str(out)]) == 0
+                     "--infer-k-step", "16", "--out", str(out)]) == 0
     rec = json.loads(out.with_suffix(".json").read_text())
     top1 = {r["label"]: r["top1"] for r in rec["rows"]}
     timing = {r["label"]: t for r, t in zip(rec["rows"], rec["timing"]["16"], strict=True)}
@@ -350,9 +360,24 @@ def test_padded_groups_benchmark_smoke(tmp_path):
         assert top1[label] == top1[per_k]
         assert timing[label]["groups"] <= g and timing[label]["gmacs"] >= timing[per_k]["gmacs"]
     assert timing["dense ViT (same run)"]["speedup"] == 1.0
+    # a coarser grid at inference (K 8-24 in steps of 8 here; on the grid of 16 at most two K): fewer groups
+    assert 1 <= timing["per-image K, infer_k_step=16"]["groups"] <= min(2, timing[per_k]["groups"])
     assert "| per-image K, max_groups=1 |" in out.with_suffix(".md").read_text()
     with pytest.raises(SystemExit, match="dense"):
         mod.main(["--run", str(tmp_path / "job" / "dense")])
+    # the same model's top-1 on other inference grids (benchmarks/infer_grid.py): its own grid (k_step 8) is the
+    # per-K row above; `adaptivision eval --infer-k-step` gives the same figures
+    grid = _benchmark("infer_grid")
+    ck = str(tmp_path / "job" / "last.safetensors")
+    assert grid.main(["--checkpoint", ck, "--grid", "8", "--grid", "16", "--out", str(tmp_path / "res" / "grid")]) == 0
+    rows = json.loads((tmp_path / "res" / "grid.json").read_text())["checkpoints"][0]["rows"]
+    assert [r["grid"] for r in rows] == [8, 16] and rows[0]["top1"] == top1[per_k]
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", ck, "--infer-k-step", "16"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["top1"] == rows[1]["top1"] and res["mean_k"][0] == pytest.approx(rows[1]["mean_k"])
+    assert main(["eval", "--checkpoint", str(tmp_path / "job" / "dense" / "last.safetensors"), "--infer-k-step", "8"]) == 2
+    assert "no DTC stage" in capsys.readouterr().err
 
 
 # --- the spatial term (spatial > 0): position in the distance, SLIC's compactness --------------------

@@ -11,6 +11,7 @@ from conftest import tiny_model
     (dict(tau=0.0), "tau"),
     (dict(tau=-3.0), "tau"),
     (dict(k_step=0), "k_step"),
+    (dict(infer_k_step=0), "infer_k_step"),
     (dict(iters=-1), "iters"),
     (dict(complexity="colour"), "complexity"),
     (dict(gate="always"), "gate"),

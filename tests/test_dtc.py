@@ -493,3 +493,33 @@ def test_assign_grad_false_pools_with_constant_weights():
     model = timm.create_model("adaptivision_nano_patch4_28", assign_grad=False, num_classes=3)
     model(torch.randn(2, 1, 28, 28)).sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_infer_k_step_rounds_per_image_k_at_inference_only():
+    """K = k_min + (k_max - k_min) * sigmoid(score + bias0), rounded to k_step in training and to
+    infer_k_step at inference (the nano default: batch K on the grid of 4, per-image K on the grid of 8)."""
+    import math
+    dtc = DynamicTokenClustering(8, k_min=16, k_max=49, k_mid=20, k_step=4, infer_k_step=8)
+    score = torch.tensor([-1.0, -0.5, 0.3, 0.6, 1.5, 2.5])
+    raw = [16 + 33 / (1 + math.exp(-(s + math.log(4 / 29)))) for s in score.tolist()]
+    # by hand: on the grid of 4, 16 20 20 24 28 36; on the grid of 8, 16 16 24 24 32 40
+    assert [round(r, 2) for r in raw] == [17.59, 18.55, 21.18, 22.63, 28.61, 36.69]
+    dtc.train()
+    assert dtc.k_from_score(score, 0.0).tolist() == [16, 20, 20, 24, 28, 36]
+    dtc.eval()                                   # no statistics yet: the training grid (k_mid stays 20)
+    assert dtc.k_from_score(score, 0.0).tolist() == [16, 20, 20, 24, 28, 36]
+    dtc.stats_seen.fill_(True)
+    assert dtc.k_from_score(score, 0.0).tolist() == [16, 16, 24, 24, 32, 40]
+    dtc.infer_k_step = None                      # unset: inference on k_step's grid too
+    assert dtc.k_from_score(score, 0.0).tolist() == [16, 20, 20, 24, 28, 36]
+    with pytest.raises(ValueError, match="infer_k_step"):
+        DynamicTokenClustering(8, k_min=16, k_max=49, infer_k_step=0)
+    # through the model (per-image K in training too): inference on the grid of 4, training on k_step's of 1
+    x = textured_and_flat()
+    model = _warm_stats(tiny_model(budget_jitter=0.0, train_k="image", k_step=1, infer_k_step=4), x)
+    with torch.no_grad():
+        model(x)
+    assert (model.last_num_clusters % 4 == 0).all()
+    with torch.no_grad():
+        model.train()(x)
+    assert (model.last_num_clusters % 4 != 0).any(), model.last_num_clusters

@@ -74,6 +74,18 @@ def reduction_of(model: nn.Module) -> str:
     return opts.reduction if opts is not None else "none"
 
 
+def set_infer_k_step(model: nn.Module, step: Optional[int]) -> None:
+    """Per-image K on the grid of ``step`` at inference in every DTC stage of ``model`` (None: each stage's
+    training ``k_step``). The weights are unchanged: it only decides how K is rounded, so how many groups
+    a batch splits into (docs/model.md, ``infer_k_step``)."""
+    first_dtc(model)  # names a model without DTC
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 1):
+        raise ValueError(f"infer_k_step={step!r}: expected None or an integer >= 1")
+    for stage in model.dtc.values():
+        stage.infer_k_step = step
+    model.opts.infer_k_step = step
+
+
 def first_dtc(model: nn.Module):
     if not len(getattr(model, "dtc", None) or ()):
         raise ValueError("this model has no DTC stage (condense_at=None): there is no token budget")

@@ -28,12 +28,14 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from .budget import apply_budget, parse_budget
+    from .budget import apply_budget, parse_budget, set_infer_k_step
     from .profile import profile
     from .train.build import build_eval_dataset, eval_loader, guidance_kwargs, load_for_eval, load_guidance
     from .train.distributed import setup_distributed
     from .train.evaluate import evaluate
     model, cfg = load_for_eval(args.checkpoint, args.model)
+    if args.infer_k_step is not None:
+        set_infer_k_step(model, args.infer_k_step)
     guide = load_guidance(args.checkpoint, cfg, model)
     if args.guidance_mode != "normal" and guide is None:
         raise ValueError(f"--guidance-mode {args.guidance_mode}: {args.checkpoint} was trained without guidance")
@@ -238,6 +240,8 @@ def main(argv=None) -> int:
     e.add_argument("--dataset")
     e.add_argument("--data-dir", dest="data_dir")
     e.add_argument("--budget", help="inference budget of one checkpoint: gmacs=1.3 | mean_k=64 | bias=-1 | k=64")
+    e.add_argument("--infer-k-step", type=int, dest="infer_k_step",
+                   help="per-image K on this grid at inference (every DTC stage's infer_k_step; training unchanged)")
     e.add_argument("--guidance-mode", dest="guidance_mode", default="normal",
                    choices=("normal", "missing", "shuffled", "random"),
                    help="a guided run's guidance as trained, left out, another image's, or noise")

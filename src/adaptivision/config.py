@@ -97,6 +97,8 @@ class ModelOptions:
     k_max: IntOrSeq = None              # default: all tokens entering the stage
     k_mid: Optional[int] = None         # first stage: K of an average image at budget bias 0 (default: mid-range)
     k_step: int = 8                     # K is rounded to a multiple of this (bounds the number of groups)
+    infer_k_step: Optional[int] = None  # inference only: per-image K on this grid instead (None: k_step). A coarser grid
+    #                                     means fewer groups per batch: one batch per K is faster (docs/performance.md)
     clustering: str = "image-soft"      # preset of the four below: 'image-soft' | 'image' | 'paper' (CLUSTERING, docs/model.md)
     centers: Optional[str] = None       # 'learned' (nested learned centroids) | 'fps' (each image's own tokens)
     #                                     | 'grid' (each image's grid-cell means; first stage only)
@@ -208,6 +210,8 @@ class ModelOptions:
         if not ours:
             self.condense_at = None
         _check(self.k_step >= 1, "k_step", self.k_step, "an integer >= 1")
+        _check(self.infer_k_step is None or self.infer_k_step >= 1, "infer_k_step", self.infer_k_step,
+               "None or an integer >= 1")
         _check(self.clustering in CLUSTERING, "clustering", self.clustering, ", ".join(map(repr, CLUSTERING)))
         for name, value in CLUSTERING[self.clustering].items():
             if getattr(self, name) is None:

@@ -215,15 +215,15 @@ class DynamicTokenClustering(nn.Module):
                  dynamic: bool = True, train_k: str = "batch", budget_jitter: float = 0.0, stat_momentum: float = 0.1,
                  assign_norm: bool = True, k_mid: Optional[int] = None, centers: str = "learned",
                  hard: bool = False, spatial: float = 0.0, learn_tau: bool = False, assign_grad: bool = True,
-                 window: Optional[int] = None):
+                 window: Optional[int] = None, infer_k_step: Optional[int] = None):
         super().__init__()
         if not 1 <= k_min <= k_max:
             raise ValueError(f"Invalid K range [{k_min}, {k_max}]; allowed: 1 <= k_min <= k_max.")
         if k_mid is not None and not k_min < k_mid < k_max:
             raise ValueError(f"Invalid value for 'k_mid': {k_mid!r}; allowed: k_min < k_mid < k_max ({k_min}, {k_max}).")
-        if not tau > 0 or iters < 0 or k_step < 1:
-            raise ValueError(f"Invalid tau={tau!r}, iters={iters!r} or k_step={k_step!r}; allowed: tau > 0, "
-                             "iters >= 0, k_step >= 1.")
+        if not tau > 0 or iters < 0 or k_step < 1 or (infer_k_step is not None and infer_k_step < 1):
+            raise ValueError(f"Invalid tau={tau!r}, iters={iters!r}, k_step={k_step!r} or infer_k_step={infer_k_step!r}; "
+                             "allowed: tau > 0, iters >= 0, k_step >= 1, infer_k_step None or >= 1.")
         if centers not in ("learned", "fps", "grid"):
             raise ValueError(f"Invalid value for 'centers': {centers!r}; allowed: 'learned', 'fps' or 'grid'.")
         if complexity not in ("variance", "entropy", "saliency"):
@@ -243,6 +243,9 @@ class DynamicTokenClustering(nn.Module):
         if complexity == "entropy" and centers != "learned":
             raise ValueError("complexity='entropy' measures usage of the learned centroids: it needs centers='learned'")
         self.dim, self.k_min, self.k_max, self.k_step = dim, k_min, k_max, k_step
+        # per-image K's grid at inference; training keeps k_step (the batch K's grid). A coarser grid puts a
+        # batch's images into fewer K groups (fewer, larger batches through the condensed blocks)
+        self.infer_k_step = infer_k_step
         self.tau, self.iters, self.normalize = tau, iters, normalize
         self.complexity, self.dynamic, self.budget_jitter = complexity, dynamic, budget_jitter
         self.train_k = train_k
@@ -284,7 +287,8 @@ class DynamicTokenClustering(nn.Module):
         return self.tau if self.log_tau is None else self.log_tau.exp()
 
     def extra_repr(self) -> str:
-        return (f"dim={self.dim}, k=[{self.k_min}, {self.k_max}] step {self.k_step}, tau={self.tau}, "
+        return (f"dim={self.dim}, k=[{self.k_min}, {self.k_max}] step {self.k_step}"
+                + (f" (inference {self.infer_k_step})" if self.infer_k_step else "") + f", tau={self.tau}, "
                 f"iters={self.iters}, centers={self.centers}, hard={self.hard}, complexity={self.complexity}, "
                 f"dynamic={self.dynamic}, train_k={self.train_k}" + (f", spatial={self.spatial}" if self.spatial else "")
                 + (", learned tau" if self.log_tau is not None else "") + (f", window={self.window}" if self.window else ""))
@@ -358,10 +362,16 @@ class DynamicTokenClustering(nn.Module):
 
     def k_from_score(self, score: torch.Tensor, bias: float) -> torch.Tensor:
         """``K = clamp(round_to(k_step, K_min + (K_max - K_min) * sigmoid(score + bias0 + bias)))``, (B,);
-        ``bias0 = log((k_mid - K_min) / (K_max - k_mid))`` puts an average image (score 0) at ``k_mid``."""
+        ``bias0 = log((k_mid - K_min) / (K_max - k_mid))`` puts an average image (score 0) at ``k_mid``.
+        At inference the grid is ``infer_k_step`` when set, once the model has complexity statistics."""
         score = torch.nan_to_num(score, nan=0.0)  # a broken score must not give a negative K
         k = self.k_min + (self.k_max - self.k_min) * torch.sigmoid(score + self.bias0 + bias)
-        k = torch.round(k / self.k_step) * self.k_step
+        if self.training or self.infer_k_step is None:
+            k = torch.round(k / self.k_step) * self.k_step
+        else:  # a model with no statistics puts every image at k_mid: keep it there (the grid of 8 would round
+            #    the nano default's 20 to 16), as its trained models average it. A select: no host sync
+            k = torch.where(self.stats_seen, torch.round(k / self.infer_k_step) * self.infer_k_step,
+                            torch.round(k / self.k_step) * self.k_step)
         return k.clamp(self.k_min, self.k_max).long()
 
     def num_clusters(self, z: torch.Tensor, weights: Optional[torch.Tensor] = None,

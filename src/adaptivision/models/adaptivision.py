@@ -76,7 +76,8 @@ class AdaptiVision(VisionTransformer):
         o = self.opts
         self.dtc = nn.ModuleDict({
             str(st.block): ClusterStage(
-                D, k_min=st.k_min, k_max=st.k_max, k_mid=st.k_mid, k_step=o.k_step, tau=o.tau, iters=o.iters,
+                D, k_min=st.k_min, k_max=st.k_max, k_mid=st.k_mid, k_step=o.k_step,
+                infer_k_step=o.infer_k_step, tau=o.tau, iters=o.iters,
                 normalize=o.normalize, complexity=o.complexity, dynamic=o.dynamic, train_k=o.train_k,
                 budget_jitter=o.budget_jitter,
                 stat_momentum=o.stat_momentum, assign_norm=o.assign_norm, centers=o.centers,
