@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-import sys
 
 import torch
 
 from adaptivision.budget import set_infer_k_step
 from adaptivision.data.datasets import collate_skip
 from adaptivision.profile import profile
-from adaptivision.provenance import provenance
+from adaptivision.provenance import save_record
 from adaptivision.train import engine
 
 
@@ -73,15 +71,8 @@ def main(argv=None) -> int:
         if not os.path.isfile(ck):
             raise SystemExit(f"{ck}: no such checkpoint")
     result = dict(grids=grids, checkpoints=[measure(ck, grids, args.limit) for ck in args.checkpoint],
-                  threads=torch.get_num_threads(),
-                  command=" ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])), provenance=provenance())
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)) or ".", exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(result, f, indent=1)
-    md = to_markdown(result)
-    with open(args.out + ".md", "w") as f:
-        f.write(md)
-    print(md)
+                  threads=torch.get_num_threads())
+    save_record(args.out, result, to_markdown(result), argv)
     return 0
 
 

@@ -17,17 +17,15 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import os
 import statistics
-import sys
 
 import torch
 
 from adaptivision.budget import apply_budget, set_infer_k_step
 from adaptivision.data.datasets import collate_skip
 from adaptivision.profile import profile
-from adaptivision.provenance import provenance
+from adaptivision.provenance import save_record
 from adaptivision.timing import tile_batch, time_models
 from adaptivision.train import engine
 
@@ -120,14 +118,7 @@ def main(argv=None) -> int:
                              "run directory (runs/<model>-fashion-mnist-<time>)")
     result = measure(args.run, args.batch_size or [64, 256], [int(g) for g in args.groups.split(",")],
                      args.rounds, limit=args.limit, grids=tuple(args.infer_k_step))
-    result.update(command=" ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])), provenance=provenance())
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)) or ".", exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(result, f, indent=1)
-    md = to_markdown(result)
-    with open(args.out + ".md", "w") as f:
-        f.write(md)
-    print(md)
+    save_record(args.out, result, to_markdown(result), argv)
     return 0
 
 

@@ -42,3 +42,18 @@ def provenance() -> dict:
 
 
 git_commit()  # at import: what this process runs
+
+
+def save_record(out: str, result: dict, markdown: str, argv: Optional[list] = None) -> None:
+    """A benchmark script's record: ``OUT.json`` (``result`` with the command line that made it and
+    :func:`provenance`) and ``OUT.md`` (``markdown``, its tables), which is printed too."""
+    import json
+    import sys
+    result = dict(result, command=" ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])),
+                  provenance=provenance())
+    os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
+    with open(out + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    with open(out + ".md", "w") as f:
+        f.write(markdown)
+    print(markdown)
