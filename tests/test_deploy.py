@@ -101,12 +101,17 @@ def test_spec_parsing_and_errors():
 
 
 def test_mixed_batch_spreads_k():
-    model = timm.create_model("adaptivision_nano_patch4_28")
+    # on the training grid of 4 (the nano default infers on the grid of 8: fewer K values, fewer groups)
+    model = timm.create_model("adaptivision_nano_patch4_28", infer_k_step=4)
     x = mixed_batch(16, 1, 28)
     _with_stats(model, x)
     with torch.no_grad():
         model(x)
     assert len(model.last_num_clusters.unique()) >= 3
+    model.dtc["2"].infer_k_step = 8
+    with torch.no_grad():
+        model(x)
+    assert len(model.last_num_clusters.unique()) >= 2 and (model.last_num_clusters % 8 == 0).all()
 
 
 def test_benchmark_cli_writes_json_and_markdown(tmp_path, capsys):

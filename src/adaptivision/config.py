@@ -98,7 +98,7 @@ class ModelOptions:
     k_mid: Optional[int] = None         # first stage: K of an average image at budget bias 0 (default: mid-range)
     k_step: int = 8                     # K is rounded to a multiple of this (bounds the number of groups)
     infer_k_step: Optional[int] = None  # inference only: per-image K on this grid instead (None: k_step). A coarser grid
-    #                                     means fewer groups per batch: one batch per K is faster (docs/performance.md)
+    #                                     means fewer groups per batch: one batch per K is faster (docs/model.md)
     clustering: str = "image-soft"      # preset of the four below: 'image-soft' | 'image' | 'paper' (CLUSTERING, docs/model.md)
     centers: Optional[str] = None       # 'learned' (nested learned centroids) | 'fps' (each image's own tokens)
     #                                     | 'grid' (each image's grid-cell means; first stage only)
