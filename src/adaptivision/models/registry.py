@@ -65,8 +65,9 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> AdaptiVision:
 _RANGE_224 = dict(k_min=32, k_mid=128)
 STAGE_DEFAULTS = {f"adaptivision_{size}_patch16_224": _RANGE_224 for size in ("tiny", "small", "base")}
 # At inference the nano default puts each image's K on the grid of 8 (infer_k_step; training's batch K stays on the
-# grid of 4, so the trained model is the one measured): fewer K groups per batch (1.01-1.08x the dense model's
-# images/s at batch 64 in a probe, to be re-recorded, against 0.89-0.92x on the grid of 4), top-1 level (-0.02 on
+# grid of 4, so the trained model is the one measured): fewer K groups per batch (1.01x / 1.09x the dense model's
+# images/s at batch 64, against 0.92x / 0.90x on the grid of 4 in the same processes; records
+# benchmarks/results/padded-groups-k20-seed{0,1}), top-1 level (-0.02 on
 # average over 7 trained models, each within 0.14; docs/model.md, "infer_k_step"; docs/results.md, "Trained at K 20").
 DTC_STAGE_DEFAULTS = {"adaptivision_nano_patch4_28": dict(condense_at=2, k_mid=20, k_step=4, infer_k_step=8)}  # reduction='dtc'
 #                            only: the baselines that reduce at condense_at (random keep) stay where they were compared
