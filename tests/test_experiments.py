@@ -75,6 +75,12 @@ def test_table5_matches_gmacs_and_shares_runs(done):
         levers["paper: learned centroids, soft, tau 150"]
     default = cells["AdaptiVision (DTC), no budget jitter"]["runs"][0]["run_dir"]
     assert default == levers["image, soft, tau 20, after block 2, K 24, batch K, no budget jitter"] != dtc_run
+    # the K 20 default and ToMe at its cost: the dtc-plateau runs (the dtc-levers cells), not new ones
+    k20 = cells["AdaptiVision (DTC), K 20 (the default since 2026-11-28)"]["runs"][0]["run_dir"]
+    assert k20 == levers["image, soft, tau 20, after block 2, K 20, batch K, no budget jitter, no proportional "
+                         "attention"] != default
+    assert cells["ToMe, r 6 (at K 20's GMACs)"]["runs"][0]["run_dir"] == levers["ToMe, r 6"] != \
+        cells["ToMe"]["runs"][0]["run_dir"]
 
 
 def test_dtc_levers_record_every_lever_and_record_only_trains_nothing(done, tmp_path):
