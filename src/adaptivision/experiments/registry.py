@@ -297,6 +297,11 @@ DET_CELLS = (
 DET_SCALES = {"smoke": dict(steps=2, batch=4, eval_size=8), "small": dict(steps=800, batch=16, eval_size=500),
               "default": dict(steps=4000, batch=16, eval_size=1000), "full": dict(steps=12000, batch=16, eval_size=2000)}
 
+# Table 5 / Figure 1(a)'s rows for today's nano default (K 20, 64% of dense) and ToMe trained at its cost: the
+# dtc-levers cells under Table 5's names, so the runs are shared
+K20_ROWS = (replace(LEVER_CELLS[50], label="AdaptiVision (DTC), K 20 (the default since 2026-11-28)"),
+            replace(LEVER_CELLS[51], label="ToMe, r 6 (at K 20's GMACs)"))
+
 EXPERIMENTS = {e.name: e for e in (
     Experiment("table1", "Table 1/2: model comparison", "train", (
         Cell("DeiT-S (timm)", {}, model="deit_small_patch16_224", scales=("paper",)),
@@ -312,11 +317,8 @@ EXPERIMENTS = {e.name: e for e in (
                tuple(Cell(f"tau = {t}", {"reduction": "dtc", "tau": float(t)}) for t in (1, 20, 100, 150, 200, 250)),
                key="tau"),
     Experiment("table5", "Table 5: token reduction strategies at matched GMACs", "train",
-               BASELINES + (DEFAULT_DTC, Cell("AdaptiVision (DTC), paper form", PAPER_DTC), DEFAULT_DTC_NO_PROP,
-                            # today's nano default (K 20, 64% of dense) and ToMe trained at its cost: the
-                            # dtc-levers cells under Table 5's names, so the runs are shared
-                            replace(LEVER_CELLS[50], label="AdaptiVision (DTC), K 20 (the default since 2026-11-28)"),
-                            replace(LEVER_CELLS[51], label="ToMe, r 6 (at K 20's GMACs)"))),
+               BASELINES + (DEFAULT_DTC, Cell("AdaptiVision (DTC), paper form", PAPER_DTC), DEFAULT_DTC_NO_PROP)
+               + K20_ROWS),
     Experiment("table6", "Table 6: robustness, ImageNet-A / ImageNet-R", "robustness", (DENSE, DTC),
                note="evaluates the checkpoints of the table1 cells (or --checkpoint) on --eval-data sets"),
     Experiment("table7", "Table 7: component ablation", "train", (
@@ -325,7 +327,7 @@ EXPERIMENTS = {e.name: e for e in (
         Cell("+DTC+AFA", {"reduction": "dtc"}),
         _guided("+DTC+AFA+CMTF (text + saliency)", TEXT_SAL))),
     Experiment("figure1a", "Figure 1(a): accuracy vs GMACs, one trained model per method", "budget",
-               BASELINES[1:] + (DEFAULT_DTC, DEFAULT_DTC_NO_PROP), note="re-evaluates the table5 checkpoints at several "
+               BASELINES[1:] + (DEFAULT_DTC, DEFAULT_DTC_NO_PROP) + K20_ROWS, note="re-evaluates the table5 checkpoints at several "
                "budgets"),
     Experiment("guidance", "Semantic guidance: sources, lambda1/lambda2, missing and noisy guidance", "guidance",
                GUIDANCE_CELLS, note="each guided run is also evaluated with its guidance missing, shuffled "
