@@ -569,6 +569,17 @@ def test_budget_sweep_takes_the_earlier_points_of_a_run_whose_weights_are_gone(d
     assert [r["seed"] for r in kept["cells"][1]["runs"]] == [r["seed"] for r in first["cells"][1]["runs"]][1:]
     assert [[r["points"] for r in c["runs"]] for i, c in enumerate(kept["cells"]) if i != 1] == \
         [[r["points"] for r in c["runs"]] for i, c in enumerate(first["cells"]) if i != 1]
+    # another budget experiment's record in --out that swept the same run (same run_dir and seed) gives them back
+    (out / "other-curve").mkdir()
+    other = dict(experiment="other-curve", finished="2026-01-02 03:04:05", cells=[first["cells"][1]])
+    (out / "other-curve" / "experiment.json").write_text(json.dumps(other))
+    assert main(["experiment", "run", "figure1a", *common, "--record-only"]) == 0
+    assert f"{lost['cells'][1]['label']} seed 0: weights gone, budget points from other-curve's record" in \
+        capsys.readouterr().out
+    back = _record(str(out), "figure1a")["cells"][1]["runs"]
+    assert [r["points"] for r in back] == [r["points"] for r in first["cells"][1]["runs"]]
+    assert back[0]["points_from"] == "2026-01-02 03:04:05"
+    (out / "other-curve" / "experiment.json").unlink()
     (out / "figure1a" / "experiment.json").unlink()
     assert main(["experiment", "run", "figure1a", *common, "--record-only"]) != 0
     err = capsys.readouterr().err

@@ -10,6 +10,7 @@ records what was run and measured (``--record-only`` rewrites it from every fini
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import os
@@ -406,24 +407,50 @@ class Runner:
         """The points of a run whose weights are gone (a machine reset; its summary.json copied back
         from the committed records), taken from this experiment's earlier record in ``--out`` (copy
         the committed experiment.json there): a second seed's sweep then joins the first one's.
-        False (the run is left out, said in the log) where that record has none: it finished after
-        the last sweep and its weights went before the next one."""
-        if not os.path.isfile(os.path.join(self.out, self.exp.name, "experiment.json")):
+        Failing that, from another budget experiment's record in ``--out`` that swept the same run
+        (the budgets are BUDGETS / DTC_FIXED_K, one set per method for every experiment; the log
+        names the record). False (the run is left out, said in the log) where no record has them:
+        it finished after the last sweep and its weights went before the next one."""
+        own = os.path.isfile(os.path.join(self.out, self.exp.name, "experiment.json"))
+        found = self._points_in(self._earlier, run, label=entry["label"]) if own else None
+        source = "the earlier record"
+        if found is None:
+            for path in sorted(glob.glob(os.path.join(self.out, "*", "experiment.json"))):
+                if os.path.basename(os.path.dirname(path)) == self.exp.name:
+                    continue
+                try:
+                    with open(path) as f:
+                        other = json.load(f)
+                except (OSError, json.JSONDecodeError):
+                    continue  # not a record of ours: ignored, this is only a fallback
+                found = self._points_in(other, run)
+                if found is not None:
+                    source = f"{other.get('experiment', path)}'s record"
+                    break
+        if found is None and not own:
             raise FileNotFoundError(
                 f"{self.exp.name}: {ckpt} is missing and {os.path.join(self.out, self.exp.name, 'experiment.json')} "
-                "does not exist: train the run again, or copy the committed record of this experiment there")
-        for cell in self._earlier.get("cells", []):
-            for old in cell.get("runs", []) if cell.get("label") == entry["label"] else []:
+                "does not exist (nor does another record there sweep this run): train the run again, or copy the "
+                "committed record of this experiment there")
+        if found is None:
+            self.log(f"[{self.exp.name}] {entry['label']} seed {run['seed']}: weights gone ({ckpt}) and no budget "
+                     "points in the earlier record: left out (train the run again to sweep it)")
+            return False
+        run["points"], run["points_from"] = found
+        self.log(f"[{self.exp.name}] {entry['label']} seed {run['seed']}: weights gone, budget "
+                 f"points from {source} (measured {run['points_from']})")
+        return True
+
+    @staticmethod
+    def _points_in(record: dict, run: dict, label: Optional[str] = None) -> Optional[tuple]:
+        """(points, when measured) of ``run`` (same run_dir and seed) in an experiment record, from the
+        cell of that ``label`` when given; None where it has none."""
+        for cell in record.get("cells", []):
+            for old in cell.get("runs", []) if label in (None, cell.get("label")) else []:
                 if old.get("seed") == run["seed"] and old.get("run_dir") == run["run_dir"] and old.get("points"):
-                    run["points"] = old["points"]
                     # when the points were measured: kept through later re-recordings
-                    run["points_from"] = old.get("points_from", self._earlier.get("finished"))
-                    self.log(f"[{self.exp.name}] {entry['label']} seed {run['seed']}: weights gone, budget "
-                             f"points from the earlier record (measured {run['points_from']})")
-                    return True
-        self.log(f"[{self.exp.name}] {entry['label']} seed {run['seed']}: weights gone ({ckpt}) and no budget "
-                 "points in the earlier record: left out (train the run again to sweep it)")
-        return False
+                    return old["points"], old.get("points_from", record.get("finished"))
+        return None
 
     def _sweep_run(self, entry: dict, run: dict, method: str) -> None:
         model, cfg, guide = self._load(run["run_dir"])
