@@ -579,6 +579,14 @@ def test_budget_sweep_takes_the_earlier_points_of_a_run_whose_weights_are_gone(d
     back = _record(str(out), "figure1a")["cells"][1]["runs"]
     assert [r["points"] for r in back] == [r["points"] for r in first["cells"][1]["runs"]]
     assert back[0]["points_from"] == "2026-01-02 03:04:05"
+    # ... but not points swept at other budgets than today's (an older BUDGETS)
+    moved = json.loads(json.dumps(other))
+    for r in moved["cells"][0]["runs"]:
+        r["points"][0]["knob"] = 0.123
+    (out / "other-curve" / "experiment.json").write_text(json.dumps(moved))
+    (out / "figure1a" / "experiment.json").write_text(json.dumps(lost))
+    assert main(["experiment", "run", "figure1a", *common, "--record-only"]) == 0
+    assert "no budget points in the earlier record: left out" in capsys.readouterr().out
     (out / "other-curve" / "experiment.json").unlink()
     (out / "figure1a" / "experiment.json").unlink()
     assert main(["experiment", "run", "figure1a", *common, "--record-only"]) != 0

@@ -382,7 +382,7 @@ class Runner:
         for run in list(entry["runs"]):
             ckpt = os.path.join(self.out, run["run_dir"], "last.safetensors")
             if not os.path.isfile(ckpt):  # a run restored from its committed record, weights gone
-                if not self._earlier_points(entry, run, ckpt):
+                if not self._earlier_points(entry, run, ckpt, method):
                     entry["runs"].remove(run)  # as an unfinished run is: named in the log, not in the table
                 continue
             # done before on these very weights with these budgets (another experiment's sweep of the
@@ -403,7 +403,7 @@ class Runner:
             with open(saved, "w") as f:
                 json.dump(dict(key=key, points=run["points"], commit=provenance()["commit"]), f, indent=1)
 
-    def _earlier_points(self, entry: dict, run: dict, ckpt: str) -> bool:
+    def _earlier_points(self, entry: dict, run: dict, ckpt: str, method: str) -> bool:
         """The points of a run whose weights are gone (a machine reset; its summary.json copied back
         from the committed records), taken from this experiment's earlier record in ``--out`` (copy
         the committed experiment.json there): a second seed's sweep then joins the first one's.
@@ -424,6 +424,9 @@ class Runner:
                 except (OSError, json.JSONDecodeError):
                     continue  # not a record of ours: ignored, this is only a fallback
                 found = self._points_in(other, run)
+                knobs = BUDGETS.get(method) if method != "tome" else None  # ToMe's r comes from the model
+                if found is not None and knobs and [p["knob"] for p in found[0]][:len(knobs)] != knobs:
+                    found = None  # swept at other budgets (an older BUDGETS): not these points
                 if found is not None:
                     source = f"{other.get('experiment', path)}'s record"
                     break
