@@ -624,3 +624,29 @@ def test_commit_records_folds_a_run_and_keeps_a_restored_record(tmp_path):
     assert json.loads((dest / "runs/a/seed0/summary.json").read_text()) == old
     new = json.loads((dest / "runs/a/seed1/summary.json").read_text())
     assert new["config"] == {"seed": 1} and new["model_spec"] == {"name": "m"} and new["epochs"] == [{"kind": "epoch", "epoch": 0}]
+
+
+def test_plateau_drop_path_shares_the_plateau_runs_and_adds_only_stochastic_depth():
+    """The regularised-recipe experiment: its cells without drop path are dtc-plateau's runs (nothing
+    trained twice); each drop-path cell is its twin's config with drop_path 0.1 and nothing else, and
+    the model it builds carries that rate into every block."""
+    from adaptivision.experiments import registry
+    from adaptivision.experiments.runner import Runner, base_config
+    from adaptivision.train.build import model_spec
+    full = base_config("full", "fashion-mnist", None, None)
+    plateau = Runner(registry.get("dtc-plateau"), "/x", "full", full)
+    twins = {c.label: plateau.cell_config(c, 1)[0] for c in plateau.exp.cells}
+    runner = Runner(registry.get("plateau-drop-path"), "/x", "full", full)
+    regularised = 0
+    for cell in runner.exp.cells:
+        cfg, _ = runner.cell_config(cell, 1)
+        if not cell.label.endswith(", drop path 0.1"):
+            assert cfg == twins[cell.label], cell.label
+            continue
+        twin = twins[cell.label.removesuffix(", drop path 0.1")]
+        assert cfg.drop_path == 0.1 and twin.drop_path == 0.0 and cfg.name != twin.name
+        assert dataclasses.replace(cfg, drop_path=0.0, name=twin.name) == twin
+        spec = model_spec(cfg, 10, dense=cell.kwargs.get("reduction") == "none")
+        assert spec["kwargs"]["drop_path_rate"] == 0.1
+        regularised += 1
+    assert regularised == 3
