@@ -629,7 +629,9 @@ def test_commit_records_folds_a_run_and_keeps_a_restored_record(tmp_path):
 def test_plateau_drop_path_shares_the_plateau_runs_and_adds_only_stochastic_depth():
     """The regularised-recipe experiment: its cells without drop path are dtc-plateau's runs (nothing
     trained twice); each drop-path cell is its twin's config with drop_path 0.1 and nothing else, and
-    the model it builds carries that rate into every block."""
+    the model rebuilt from its spec drops paths (timm's linear rule: none at block 0, 0.1 at the last)."""
+    import timm
+
     from adaptivision.experiments import registry
     from adaptivision.experiments.runner import Runner, base_config
     from adaptivision.train.build import model_spec
@@ -646,7 +648,11 @@ def test_plateau_drop_path_shares_the_plateau_runs_and_adds_only_stochastic_dept
         twin = twins[cell.label.removesuffix(", drop path 0.1")]
         assert cfg.drop_path == 0.1 and twin.drop_path == 0.0 and cfg.name != twin.name
         assert dataclasses.replace(cfg, drop_path=0.0, name=twin.name) == twin
-        spec = model_spec(cfg, 10, dense=cell.kwargs.get("reduction") == "none")
-        assert spec["kwargs"]["drop_path_rate"] == 0.1
+        rates = []
+        for c in (cfg, twin):
+            spec = model_spec(c, 10, dense=cell.kwargs.get("reduction") == "none")
+            model = timm.create_model(spec["name"], num_classes=10, **spec["kwargs"])
+            rates.append([getattr(b.drop_path1, "drop_prob", 0.0) for b in model.blocks])
+        assert rates[0][-1] == pytest.approx(0.1) and rates[0][0] == 0.0 and not any(rates[1])
         regularised += 1
     assert regularised == 3
