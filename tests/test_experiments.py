@@ -419,9 +419,10 @@ def test_every_dtc_cell_builds_the_model_it_names(scale):
         if cell.model or cell.match_gmacs or cell.kwargs.get("reduction", "dtc") != "dtc":
             continue
         cfg, _ = runner.cell_config(cell, 0)
-        opts = create_model(model_spec(cfg, 10, dense=False)).opts
+        model = create_model(model_spec(cfg, 10, dense=False))
+        opts = model.opts
         for key, want in cell.kwargs.items():
-            got = getattr(opts, key)
+            got = getattr(opts, key) if hasattr(opts, key) else getattr(model, key)  # a timm argument (patch_drop_rate)
             assert (got == want) or (key == "condense_at" and [s.block for s in opts.stages] == [want]), (cell.label, key)
         assert opts.budget_jitter == cell.kwargs.get("budget_jitter", 1.0), cell.label
         assert opts.prop_attn == cell.kwargs.get("prop_attn", True), cell.label
@@ -656,3 +657,37 @@ def test_plateau_drop_path_shares_the_plateau_runs_and_adds_only_stochastic_dept
         assert rates[0][-1] == pytest.approx(0.1) and rates[0][0] == 0.0 and not any(rates[1])
         regularised += 1
     assert regularised == 3
+
+
+def test_plateau_patch_drop_shares_the_plateau_runs_and_adds_only_patch_drops():
+    """Random patch drops in training: the cells without are dtc-plateau's runs and Random keep is
+    Table 5's cell (nothing trained twice); each patch-drop cell is its twin's config with
+    patch_drop_rate 0.25 in the model options and nothing else, and its model, rebuilt from the spec,
+    drops patches in training while the twin's does not."""
+    import timm
+
+    from adaptivision.experiments import registry
+    from adaptivision.experiments.runner import Runner, base_config
+    from adaptivision.train.build import model_spec
+    full = base_config("full", "fashion-mnist", None, None)
+    plateau = Runner(registry.get("dtc-plateau"), "/x", "full", full)
+    twins = {c.label: plateau.cell_config(c, 1)[0] for c in plateau.exp.cells}
+    exp = registry.get("plateau-patch-drop")
+    runner = Runner(exp, "/x", "full", full)
+    assert registry.BASELINES[1].label == "Random keep" and registry.BASELINES[1] in registry.get("table5").cells
+    dropping = 0
+    for cell in exp.cells:
+        if cell is registry.BASELINES[1]:
+            continue
+        cfg, _ = runner.cell_config(cell, 1)
+        if not cell.label.endswith(", patch drop 0.25"):
+            assert cfg == twins[cell.label], cell.label
+            continue
+        twin = twins[cell.label.removesuffix(", patch drop 0.25")]
+        assert cfg.model_kwargs == dict(twin.model_kwargs, patch_drop_rate=0.25) and cfg.name != twin.name
+        assert dataclasses.replace(cfg, model_kwargs=twin.model_kwargs, name=twin.name) == twin
+        rates = [timm.create_model(s["name"], num_classes=10, **s["kwargs"]).patch_drop_rate
+                 for s in (model_spec(c, 10, dense=cell.kwargs.get("reduction") == "none") for c in (cfg, twin))]
+        assert rates == [0.25, 0.0]
+        dropping += 1
+    assert dropping == 2 and len(exp.cells) == 5

@@ -150,3 +150,36 @@ def test_a_one_channel_checkpoint_in_a_three_channel_model_names_in_chans(tmp_pa
     right = timm.create_model("adaptivision_nano_patch4_28", in_chans=1)
     load_checkpoint(right, str(path))
     assert torch.equal(right.patch_embed.proj.weight, src.patch_embed.proj.weight)
+
+
+def test_patch_drop_rate_drops_patches_before_dtc_in_training_only():
+    """timm's ``patch_drop_rate`` (PatchDropout): in training DTC clusters the int(0.75 x 49) = 36 patches
+    that survive (their masses sum to 36); at evaluation every patch (49).
+    Options that place tokens on the patch grid are refused with it, and so are dense outputs in training."""
+    torch.manual_seed(0)
+    model = timm.create_model("adaptivision_nano_patch4_28", num_classes=10, patch_drop_rate=0.25)
+    P, x = model.num_prefix_tokens, torch.randn(3, 1, 28, 28)
+    model.train()
+    out = model.forward_tokens(x)
+    torch.testing.assert_close(out.mass[:, P:].sum(1), torch.full((3,), 36.0))
+    assert out.groups[0].assign[0].shape[1] == 36                                  # (b, N kept, K)
+    model.patch_embed.proj.weight.grad = None
+    model.forward_head(out.features, mass=out.mass).square().sum().backward()
+    assert model.patch_embed.proj.weight.grad.abs().sum() > 0
+    dense = timm.create_model("adaptivision_nano_patch4_28", num_classes=10, patch_drop_rate=0.25, condense_at=False)
+    assert dense.train()(x).shape == (3, 10) and dense.forward_features(x).shape[1] == P + 36
+    model.eval()
+    with torch.no_grad():
+        out = model.forward_tokens(x)
+        torch.testing.assert_close(out.mass[:, P:].sum(1), torch.full((3,), 49.0))
+        torch.testing.assert_close(model(x), model(x))                              # nothing random at evaluation
+        assert dense.eval().forward_features(x).shape[1] == P + 49
+        assert len(model.forward_intermediates(x, intermediates_only=True)) == len(model.blocks)
+    for kw, named in ((dict(reduction="hourglass"), "reduction='hourglass'"), (dict(reduction="hired"), "reduction='hired'"),
+                      (dict(centers="grid"), "centers='grid'"), (dict(centers="fps", spatial=0.5), "spatial=0.5")):
+        timm.create_model("adaptivision_nano_patch4_28", **kw)                        # builds without the drops
+        with pytest.raises(ValueError, match=f"patch_drop_rate=0.25 drops patches in training, but {named}"):
+            timm.create_model("adaptivision_nano_patch4_28", patch_drop_rate=0.25, **kw)
+    model.train()
+    with pytest.raises(ValueError, match="patch_drop_rate=0.25 drops patches in training: dense outputs"):
+        model.forward_intermediates(x)

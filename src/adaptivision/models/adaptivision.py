@@ -74,6 +74,7 @@ class AdaptiVision(VisionTransformer):
             raise ValueError("norm='post' applies to AFA blocks: it needs afa=True and condense_at set.")
 
         o = self.opts
+        self._check_patch_drop()
         self.dtc = nn.ModuleDict({
             str(st.block): ClusterStage(
                 D, k_min=st.k_min, k_max=st.k_max, k_mid=st.k_mid, k_step=o.k_step,
@@ -117,6 +118,24 @@ class AdaptiVision(VisionTransformer):
         # K of each image in the last forward: for inspection only, nothing reads it back
         self.last_num_clusters: Optional[torch.Tensor] = None
         self._skip_dtc = False  # full_tokens(): the DTC stages are skipped
+
+    @property
+    def patch_drop_rate(self) -> float:
+        """timm's ``patch_drop_rate`` (PatchDropout, Liu et al. 2023): the share of patch tokens dropped
+        at random right after the embedding, in training only; evaluation sees every patch."""
+        return getattr(self.patch_drop, "prob", 0.0)
+
+    def _check_patch_drop(self) -> None:
+        """Random patch drops leave tokens off the patch grid: options that place tokens on it fail."""
+        if not self.patch_drop_rate:
+            return
+        o = self.opts
+        needs = ([f"reduction={o.reduction!r}"] if o.reduction in ("hourglass", "hired") else []) + (
+            [f"centers={o.centers!r}"] if o.stages and o.centers == "grid" else []) + (
+            [f"spatial={o.spatial!r}"] if o.stages and o.spatial else [])
+        if needs:
+            raise ValueError(f"patch_drop_rate={self.patch_drop_rate} drops patches in training, but {', '.join(needs)} "
+                             "needs every patch on the patch grid: use patch_drop_rate=0 with it")
 
     # --- timm interface -------------------------------------------------------------------------
     @torch.jit.ignore
@@ -298,6 +317,9 @@ class AdaptiVision(VisionTransformer):
         patch grid through the assignment, so dense heads get (B, D, H, W) maps as from a ViT."""
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        if self.training and self.patch_drop_rate:
+            raise ValueError(f"patch_drop_rate={self.patch_drop_rate} drops patches in training: dense outputs need "
+                             "every patch on the grid (build the backbone with patch_drop_rate=0, or call .eval())")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         B, _, height, width = x.shape
         P = self.num_prefix_tokens
