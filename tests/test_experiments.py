@@ -691,3 +691,5 @@ def test_plateau_patch_drop_shares_the_plateau_runs_and_adds_only_patch_drops():
         assert rates == [0.25, 0.0]
         dropping += 1
     assert dropping == 2 and len(exp.cells) == 5
+    curve = registry.get("patch-drop-curve")  # evaluates these runs at several budgets, trains nothing new
+    assert curve.kind == "budget" and all(c in exp.cells for c in curve.cells) and len(curve.cells) == 4

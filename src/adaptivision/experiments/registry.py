@@ -431,6 +431,11 @@ EXPERIMENTS = {e.name: e for e in (
                "too)", "train", tuple(LEVER_CELLS[i] for i in (0, 55, 50, 56)) + (BASELINES[1],),
                note="run it with --scale full --seeds 2; shares its runs without patch drops with dtc-plateau and "
                     "Random keep's with table5"),
+    Experiment("patch-drop-curve", "Accuracy vs GMACs of the plateau-patch-drop runs: the K 20 default with and "
+               "without patch drops in training, at several budgets each", "budget",
+               tuple(LEVER_CELLS[i] for i in (0, 55, 50, 56)),
+               note="run it with --scale full --record-only after plateau-patch-drop: it evaluates those runs and "
+                    "trains nothing (Random keep's curve: figure1a)"),
     Experiment("figure1bc", "Figure 1(b)/(c): segmentation mIoU vs GMACs (Fashion-MNIST mosaics; ADE20K, "
                "Cityscapes by --dataset)", "segmentation", SEG_CELLS, paper_datasets=("ade20k", "cityscapes"),
                note="one segmenter per backbone and seed, evaluated at several budgets; baselines unpooled "
