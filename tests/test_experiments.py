@@ -627,6 +627,16 @@ def test_commit_records_folds_a_run_and_keeps_a_restored_record(tmp_path):
     assert new["config"] == {"seed": 1} and new["model_spec"] == {"name": "m"} and new["epochs"] == [{"kind": "epoch", "epoch": 0}]
 
 
+def _plateau_twins():
+    """The full-scale base config and dtc-plateau's seed-1 config of each of its cells, by label: the runs
+    a regularised-recipe experiment shares."""
+    from adaptivision.experiments import registry
+    from adaptivision.experiments.runner import Runner, base_config
+    full = base_config("full", "fashion-mnist", None, None)
+    plateau = Runner(registry.get("dtc-plateau"), "/x", "full", full)
+    return full, {c.label: plateau.cell_config(c, 1)[0] for c in plateau.exp.cells}
+
+
 def test_plateau_drop_path_shares_the_plateau_runs_and_adds_only_stochastic_depth():
     """The regularised-recipe experiment: its cells without drop path are dtc-plateau's runs (nothing
     trained twice); each drop-path cell is its twin's config with drop_path 0.1 and nothing else, and
@@ -634,11 +644,9 @@ def test_plateau_drop_path_shares_the_plateau_runs_and_adds_only_stochastic_dept
     import timm
 
     from adaptivision.experiments import registry
-    from adaptivision.experiments.runner import Runner, base_config
+    from adaptivision.experiments.runner import Runner
     from adaptivision.train.build import model_spec
-    full = base_config("full", "fashion-mnist", None, None)
-    plateau = Runner(registry.get("dtc-plateau"), "/x", "full", full)
-    twins = {c.label: plateau.cell_config(c, 1)[0] for c in plateau.exp.cells}
+    full, twins = _plateau_twins()
     runner = Runner(registry.get("plateau-drop-path"), "/x", "full", full)
     regularised = 0
     for cell in runner.exp.cells:
@@ -667,11 +675,9 @@ def test_plateau_patch_drop_shares_the_plateau_runs_and_adds_only_patch_drops():
     import timm
 
     from adaptivision.experiments import registry
-    from adaptivision.experiments.runner import Runner, base_config
+    from adaptivision.experiments.runner import Runner
     from adaptivision.train.build import model_spec
-    full = base_config("full", "fashion-mnist", None, None)
-    plateau = Runner(registry.get("dtc-plateau"), "/x", "full", full)
-    twins = {c.label: plateau.cell_config(c, 1)[0] for c in plateau.exp.cells}
+    full, twins = _plateau_twins()
     exp = registry.get("plateau-patch-drop")
     runner = Runner(exp, "/x", "full", full)
     assert registry.BASELINES[1].label == "Random keep" and registry.BASELINES[1] in registry.get("table5").cells
