@@ -696,6 +696,6 @@ def test_plateau_patch_drop_shares_the_plateau_runs_and_adds_only_patch_drops():
                  for s in (model_spec(c, 10, dense=cell.kwargs.get("reduction") == "none") for c in (cfg, twin))]
         assert rates == [0.25, 0.0]
         dropping += 1
-    assert dropping == 2 and len(exp.cells) == 5
+    assert dropping == 3 and len(exp.cells) == 7  # dense, K 20 and ToMe r = 6, each with and without
     curve = registry.get("patch-drop-curve")  # evaluates these runs at several budgets, trains nothing new
-    assert curve.kind == "budget" and all(c in exp.cells for c in curve.cells) and len(curve.cells) == 4
+    assert curve.kind == "budget" and all(c in exp.cells for c in curve.cells) and len(curve.cells) == 6

@@ -313,6 +313,10 @@ LEVER_CELLS += tuple(replace(LEVER_CELLS[i], label=LEVER_CELLS[i].label + ", dro
 PATCH_DROP = 0.25
 LEVER_CELLS += tuple(replace(LEVER_CELLS[i], label=LEVER_CELLS[i].label + f", patch drop {PATCH_DROP}",
                              kwargs=dict(LEVER_CELLS[i].kwargs, patch_drop_rate=PATCH_DROP)) for i in (0, 50))
+# ToMe r = 6 with the same drops: the merging baseline under the same regulariser (it merges what survives;
+# r is clamped to half the tokens left, as ToMe does). Appended: LEVER_CELLS[57]
+LEVER_CELLS += (replace(LEVER_CELLS[51], label=LEVER_CELLS[51].label + f", patch drop {PATCH_DROP}",
+                        kwargs=dict(LEVER_CELLS[51].kwargs, patch_drop_rate=PATCH_DROP)),)
 
 # Table 5 / Figure 1(a)'s rows for today's nano default (K 20, 64% of dense) and ToMe trained at its cost: the
 # dtc-levers cells under Table 5's names, so the runs are shared
@@ -427,13 +431,13 @@ EXPERIMENTS = {e.name: e for e in (
                tuple(LEVER_CELLS[i] for i in (0, 52, 50, 53, 51, 54)),
                note="run it with --scale full --seeds 2; shares its runs without drop path with dtc-plateau"),
     Experiment("plateau-patch-drop", f"Random patch drops in training only (rate {PATCH_DROP}) at the plateau: the "
-               "dense model and the K 20 default beside the same without, and Random keep (which drops at test "
-               "too)", "train", tuple(LEVER_CELLS[i] for i in (0, 55, 50, 56)) + (BASELINES[1],),
+               "dense model, the K 20 default and ToMe r = 6 beside the same without, and Random keep (which "
+               "drops at test too)", "train", tuple(LEVER_CELLS[i] for i in (0, 55, 50, 56, 51, 57)) + (BASELINES[1],),
                note="run it with --scale full --seeds 2; shares its runs without patch drops with dtc-plateau and "
                     "Random keep's with table5"),
-    Experiment("patch-drop-curve", "Accuracy vs GMACs of the plateau-patch-drop runs: the K 20 default with and "
-               "without patch drops in training, at several budgets each", "budget",
-               tuple(LEVER_CELLS[i] for i in (0, 55, 50, 56)),
+    Experiment("patch-drop-curve", "Accuracy vs GMACs of the plateau-patch-drop runs: the K 20 default and ToMe "
+               "r = 6 with and without patch drops in training, at several budgets each", "budget",
+               tuple(LEVER_CELLS[i] for i in (0, 55, 50, 56, 51, 57)),
                note="run it with --scale full --record-only after plateau-patch-drop: it evaluates those runs and "
                     "trains nothing (Random keep's curve: figure1a)"),
     Experiment("figure1bc", "Figure 1(b)/(c): segmentation mIoU vs GMACs (Fashion-MNIST mosaics; ADE20K, "
