@@ -393,6 +393,37 @@ def test_shipped_configs_are_valid_and_the_default_job_matches_its_file():
     assert TrainConfig.build(os.path.join(root, "fashion-mnist.yaml")) == TrainConfig()
 
 
+def test_plateau_recipe_file_trains_what_the_recorded_patch_drop_runs_trained():
+    """configs/fashion-mnist-plateau.yaml is the recipe of the committed plateau-patch-drop runs (K 20 + drops,
+    dense + drops): the same training fields and the same trained model, so the numbers quoted in the file are its."""
+    import dataclasses
+
+    from adaptivision.train.build import model_spec
+    root = os.path.join(os.path.dirname(__file__), "..")
+    cfg = TrainConfig.build(os.path.join(root, "configs", "fashion-mnist-plateau.yaml")).resolved()
+    runs = os.path.join(root, "benchmarks", "results", "dtc", "full", "runs")
+    for run, dense in (("dtc-dad9b586", False), ("none-d1d6cefe", True)):
+        rec = json.load(open(os.path.join(runs, run, "seed0", "summary.json")))
+        # what the experiment runner sets per run (names, seeds, no dense twin of its own) and the model options
+        # (compared below, built): every other training field is the recorded one
+        per_run = {"name", "output", "seed", "compare_dense", "model_kwargs"}
+        mine = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in per_run}
+        assert mine == {k: rec["config"].get(k, v) for k, v in mine.items()}, run
+        spec = model_spec(cfg, 10, dense=dense)
+        built = timm.create_model(spec["name"], num_classes=10, **spec["kwargs"])
+        ref = timm.create_model(rec["model_spec"]["name"], num_classes=10, **rec["model_spec"]["kwargs"])
+        assert built.patch_drop_rate == ref.patch_drop_rate == 0.25, run
+        assert {k: v.shape for k, v in built.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+        if not dense:  # the same DTC: the preset 'image-soft' is centres fps, soft, 2 steps, tau 20; unpool only
+            # shapes dense outputs; the inference K grid of 8 is the nano default since (top-1 level, docs/model.md)
+            a, b = (dataclasses.asdict(m.opts) for m in (built, ref))
+            for k in ("clustering", "unpool", "infer_k_step"):
+                a.pop(k), b.pop(k)
+            assert a == b, run
+        else:  # nothing condensed, nothing reduced
+            assert not built.dtc and not ref.dtc
+
+
 def test_profile_command_takes_adaptivision_and_timm_names(capsys):
     assert main(["profile", "--model", "adaptivision_nano_patch4_28,vit_tiny_patch16_224",
                  "--batch-size", "2", "--repeats", "1"]) == 0
