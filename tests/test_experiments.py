@@ -699,3 +699,48 @@ def test_plateau_patch_drop_shares_the_plateau_runs_and_adds_only_patch_drops():
     assert dropping == 3 and len(exp.cells) == 7  # dense, K 20 and ToMe r = 6, each with and without
     curve = registry.get("patch-drop-curve")  # evaluates these runs at several budgets, trains nothing new
     assert curve.kind == "budget" and all(c in exp.cells for c in curve.cells) and len(curve.cells) == 6
+
+
+def test_low_budget_cells_change_only_the_budget_of_the_patch_drop_runs():
+    """plateau-low-budget: its K 20 / r = 6 cells are plateau-patch-drop's runs (nothing trained twice); the
+    DTC cell trained for the low budget is the K 20 + drops config with K 12 (K 8-49) and nothing else, the
+    ToMe cell the r = 6 + drops config with r = 8; both cost less at the same input (DTC's K 12 near 52% of
+    the dense GMACs, ToMe's r = 8 near 50%), and the curve evaluates exactly these four runs."""
+    import timm
+    import torch
+
+    from adaptivision.config import ModelOptions
+    from adaptivision.experiments import registry
+    from adaptivision.experiments.runner import Runner, base_config
+    from adaptivision.profile import profile
+    from adaptivision.train.build import model_spec
+    full = base_config("full", "fashion-mnist", None, None)
+    drops = Runner(registry.get("plateau-patch-drop"), "/x", "full", full)
+    shared = {c.label: drops.cell_config(c, 1)[0] for c in drops.exp.cells}
+    runner = Runner(registry.get("plateau-low-budget"), "/x", "full", full)
+    new = {}
+    for cell in runner.exp.cells:
+        cfg, _ = runner.cell_config(cell, 1)
+        if cell.label in shared:
+            assert cfg == shared[cell.label], cell.label
+        else:
+            new[cell.label] = cfg
+    k20, r6 = (shared[c.label] for c in registry.LEVER_CELLS[56:58])
+    k12, r8 = (new[c.label] for c in registry.LEVER_CELLS[58:60])
+    assert k12.model_kwargs == dict(k20.model_kwargs, k_mid=12, k_min=8) and k12.name != k20.name
+    # r = 8 is ToMe's default, so the run's options leave it out (and its name stays that of the first such run)
+    assert r8.model_kwargs.get("tome_r", ModelOptions.tome_r) == 8 and r8.name != r6.name
+    assert dict(r8.model_kwargs, tome_r=8) == dict(r6.model_kwargs, tome_r=8)
+    assert dataclasses.replace(k12, model_kwargs=k20.model_kwargs, name=k20.name) == k20
+    assert dataclasses.replace(r8, model_kwargs=r6.model_kwargs, name=r6.name) == r6
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 28, 28)
+    gmacs = {}
+    for key, cfg in dict(dense=shared[registry.LEVER_CELLS[55].label], k20=k20, k12=k12, r6=r6, r8=r8).items():
+        spec = model_spec(cfg, 10, dense=key == "dense")
+        model = timm.create_model(spec["name"], num_classes=10, **spec["kwargs"]).eval()
+        gmacs[key] = profile(model, x)["gmacs"]
+    assert 0.45 < gmacs["k12"] / gmacs["dense"] < 0.58 < gmacs["k20"] / gmacs["dense"]
+    assert 0.45 < gmacs["r8"] / gmacs["dense"] < 0.55 < gmacs["r6"] / gmacs["dense"]
+    curve = registry.get("low-budget-curve")
+    assert curve.kind == "budget" and curve.cells == runner.exp.cells
