@@ -744,3 +744,36 @@ def test_low_budget_cells_change_only_the_budget_of_the_patch_drop_runs():
     assert 0.45 < gmacs["r8"] / gmacs["dense"] < 0.55 < gmacs["r6"] / gmacs["dense"]
     curve = registry.get("low-budget-curve")
     assert curve.kind == "budget" and curve.cells == runner.exp.cells
+
+
+def test_patch_drop_rate_cells_change_only_the_rate_of_the_patch_drop_runs():
+    """plateau-patch-drop-rate: its rate-0.25 cells are plateau-patch-drop's runs (nothing trained twice), each
+    new cell is one of them with patch_drop_rate 0.4 and nothing else (so the same cost at evaluation, where no
+    patch is dropped), and the curve evaluates exactly these four runs."""
+    import timm
+    import torch
+
+    from adaptivision.experiments import registry
+    from adaptivision.experiments.runner import Runner, base_config
+    from adaptivision.profile import profile
+    from adaptivision.train.build import model_spec
+    full = base_config("full", "fashion-mnist", None, None)
+    drops = Runner(registry.get("plateau-patch-drop"), "/x", "full", full)
+    shared = {c.label: drops.cell_config(c, 1)[0] for c in drops.exp.cells}
+    runner = Runner(registry.get("plateau-patch-drop-rate"), "/x", "full", full)
+    cfgs = {c.label: runner.cell_config(c, 1)[0] for c in runner.exp.cells}
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 28, 28)
+    for low, high in ((56, 60), (57, 61)):
+        base, heavy = (cfgs[registry.LEVER_CELLS[i].label] for i in (low, high))
+        assert base == shared[registry.LEVER_CELLS[low].label]
+        assert base.model_kwargs["patch_drop_rate"] == 0.25
+        assert heavy.model_kwargs == dict(base.model_kwargs, patch_drop_rate=0.4) and heavy.name != base.name
+        assert dataclasses.replace(heavy, model_kwargs=base.model_kwargs, name=base.name) == base
+        gmacs = []
+        for cfg in (base, heavy):
+            spec = model_spec(cfg, 10, dense=False)
+            gmacs.append(profile(timm.create_model(spec["name"], num_classes=10, **spec["kwargs"]).eval(), x)["gmacs"])
+        assert gmacs[0] == gmacs[1]
+    curve = registry.get("patch-drop-rate-curve")
+    assert curve.kind == "budget" and curve.cells == runner.exp.cells

@@ -325,6 +325,13 @@ LEVER_CELLS += (replace(LEVER_CELLS[56], label=LEVER_CELLS[56].label.replace("K 
                         kwargs=dict(LEVER_CELLS[56].kwargs, k_mid=12, k_min=8)),
                 replace(LEVER_CELLS[57], label=LEVER_CELLS[57].label.replace("r 6", "r 8"),
                         kwargs=dict(LEVER_CELLS[57].kwargs, tome_r=8)))
+# Is 0.25 the drop rate to keep? At the plateau the drops added +0.56 to DTC and +0.93 to ToMe and both still
+# train above test (docs/results.md, "Random patch drops in training"): the K 20 default and ToMe r = 6 with a
+# heavier rate, 0.4 (Random keep trains at 0.34). Appended: LEVER_CELLS[60:62]
+PATCH_DROP_HIGH = 0.4
+LEVER_CELLS += tuple(replace(LEVER_CELLS[i], label=LEVER_CELLS[i].label.replace(f"patch drop {PATCH_DROP}",
+                                                                                 f"patch drop {PATCH_DROP_HIGH}"),
+                             kwargs=dict(LEVER_CELLS[i].kwargs, patch_drop_rate=PATCH_DROP_HIGH)) for i in (56, 57))
 
 # Table 5 / Figure 1(a)'s rows for today's nano default (K 20, 64% of dense) and ToMe trained at its cost: the
 # dtc-levers cells under Table 5's names, so the runs are shared
@@ -457,6 +464,15 @@ EXPERIMENTS = {e.name: e for e in (
                tuple(LEVER_CELLS[i] for i in (56, 58, 57, 59)),
                note="run it with --scale full --record-only after plateau-low-budget: it evaluates those runs and "
                     "trains nothing"),
+    Experiment("plateau-patch-drop-rate", f"The patch-drop rate at the plateau: the K 20 default and ToMe r = 6 "
+               f"trained with drops at {PATCH_DROP_HIGH} beside the same at {PATCH_DROP}", "train",
+               tuple(LEVER_CELLS[i] for i in (56, 60, 57, 61)),
+               note="run it with --scale full --seeds 2; shares its rate-0.25 runs with plateau-patch-drop"),
+    Experiment("patch-drop-rate-curve", "Accuracy vs GMACs of the plateau-patch-drop-rate runs: the K 20 default "
+               f"and ToMe r = 6 trained with drops at {PATCH_DROP} and {PATCH_DROP_HIGH}, at several budgets each",
+               "budget", tuple(LEVER_CELLS[i] for i in (56, 60, 57, 61)),
+               note="run it with --scale full --record-only after plateau-patch-drop-rate: it evaluates those runs "
+                    "and trains nothing"),
     Experiment("figure1bc", "Figure 1(b)/(c): segmentation mIoU vs GMACs (Fashion-MNIST mosaics; ADE20K, "
                "Cityscapes by --dataset)", "segmentation", SEG_CELLS, paper_datasets=("ade20k", "cityscapes"),
                note="one segmenter per backbone and seed, evaluated at several budgets; baselines unpooled "
