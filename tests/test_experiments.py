@@ -42,7 +42,7 @@ def test_table5_matches_gmacs_and_shares_runs(done):
     rec = _record(done, "table5")
     cells = {c["label"]: c for c in rec["cells"]}
     target = cells["Random keep"]["matched_to"]
-    for label in ("Random keep", "DynamicViT (importance)", "EViT", "ToMe"):
+    for label in ("Random keep", "DynamicViT (importance), grad clip 1", "EViT", "ToMe"):
         c = cells[label]
         assert c["knob"] in ("keep_ratio", "tome_r")
         assert abs(c["gmacs_at_init"] - target) / target < 0.1, (label, c["gmacs_at_init"], target)
@@ -67,7 +67,8 @@ def test_table5_matches_gmacs_and_shares_runs(done):
     assert t4[150.0]["runs"][0]["run_dir"] != dtc_run and t4[1.0]["runs"][0]["run_dir"] != dtc_run
     # Tables 1-2 list the token reducers too: the same runs as Table 5
     t1 = {c["label"]: c for c in _record(done, "table1")["cells"]}
-    for label in ("DynamicViT (importance)", "ToMe", "Hourglass", "HiRED (adapted)", "ToFe (freeze and reuse)"):
+    for label in ("DynamicViT (importance), grad clip 1", "ToMe", "Hourglass", "HiRED (adapted)",
+                  "ToFe (freeze and reuse), grad clip 1"):
         assert t1[label]["runs"][0]["run_dir"] == cells[label]["runs"][0]["run_dir"], label
     # its rows for today's default and the paper form are the dtc-levers runs of the same models
     levers = {c["label"]: c["runs"][0]["run_dir"] for c in _record(done, "dtc-levers")["cells"] if c["runs"]}
@@ -777,3 +778,32 @@ def test_patch_drop_rate_cells_change_only_the_rate_of_the_patch_drop_runs():
         assert gmacs[0] == gmacs[1]
     curve = registry.get("patch-drop-rate-curve")
     assert curve.kind == "budget" and curve.cells == runner.exp.cells
+
+
+def test_learned_keep_baselines_train_with_a_clipped_gradient_in_the_tables():
+    """DynamicViT and ToFe collapse from scratch at the shared peak lr (docs/results.md, "Learned keep predictors
+    collapse"): table5, figure1a and table1 train them with the gradient norm clipped at 1.0, and nothing else
+    differs from their earlier cells; every other method keeps its cell (and its runs), and the gradient clip is
+    what the built training config gets."""
+    from adaptivision.experiments import registry
+    from adaptivision.experiments.runner import Runner, base_config
+    full = base_config("full", "fashion-mnist", None, None)
+    old = {c.kwargs["reduction"]: c for c in registry.BASELINES}
+    fair = {c.kwargs["reduction"]: c for c in registry.FAIR_BASELINES}
+    assert fair.keys() == old.keys()
+    for name in ("table5", "figure1a", "table1"):
+        cells = registry.get(name).cells
+        assert not {c.label for c in cells} & {old[r].label for r in ("importance", "tofe")}, name
+        assert fair["importance"] in cells and fair["tofe"] in cells, name
+        runner = Runner(registry.get(name), "/x", "full", full)
+        for cell in cells:
+            red = cell.kwargs.get("reduction")
+            if cell in fair.values() and red in ("importance", "tofe"):
+                cfg, _ = runner.cell_config(cell, 1)
+                before, _ = runner.cell_config(old[red], 1)
+                assert cfg.clip_grad == 1.0 and before.clip_grad is None and cfg.name != before.name
+                assert dataclasses.replace(cfg, clip_grad=None, name=before.name) == before
+    for red in ("none", "random", "evit", "tome", "hourglass", "hired", "dtc"):
+        assert fair[red] is old[red] and fair[red] in registry.get("table5").cells
+    # the fine-tuning cells (a tenth of the lr, no collapse) keep theirs
+    assert all(c.train.get("clip_grad") is None for c in registry.get("dtc-finetune").cells)
