@@ -42,7 +42,7 @@ def test_table5_matches_gmacs_and_shares_runs(done):
     rec = _record(done, "table5")
     cells = {c["label"]: c for c in rec["cells"]}
     target = cells["Random keep"]["matched_to"]
-    for label in ("Random keep", "DynamicViT (importance), grad clip 1", "EViT", "ToMe"):
+    for label in ("Random keep", "DynamicViT (importance), lr / 4, grad clip 1", "EViT", "ToMe"):
         c = cells[label]
         assert c["knob"] in ("keep_ratio", "tome_r")
         assert abs(c["gmacs_at_init"] - target) / target < 0.1, (label, c["gmacs_at_init"], target)
@@ -67,8 +67,8 @@ def test_table5_matches_gmacs_and_shares_runs(done):
     assert t4[150.0]["runs"][0]["run_dir"] != dtc_run and t4[1.0]["runs"][0]["run_dir"] != dtc_run
     # Tables 1-2 list the token reducers too: the same runs as Table 5
     t1 = {c["label"]: c for c in _record(done, "table1")["cells"]}
-    for label in ("DynamicViT (importance), grad clip 1", "ToMe", "Hourglass", "HiRED (adapted)",
-                  "ToFe (freeze and reuse), grad clip 1"):
+    for label in ("DynamicViT (importance), lr / 4, grad clip 1", "ToMe", "Hourglass", "HiRED (adapted)",
+                  "ToFe (freeze and reuse), lr / 4, grad clip 1"):
         assert t1[label]["runs"][0]["run_dir"] == cells[label]["runs"][0]["run_dir"], label
     # its rows for today's default and the paper form are the dtc-levers runs of the same models
     levers = {c["label"]: c["runs"][0]["run_dir"] for c in _record(done, "dtc-levers")["cells"] if c["runs"]}
@@ -782,8 +782,8 @@ def test_patch_drop_rate_cells_change_only_the_rate_of_the_patch_drop_runs():
 
 def test_learned_keep_baselines_train_with_a_clipped_gradient_in_the_tables():
     """DynamicViT and ToFe collapse from scratch at the shared peak lr (docs/results.md, "Learned keep predictors
-    collapse"): table5, figure1a and table1 train them with the gradient norm clipped at 1.0, and nothing else
-    differs from their earlier cells; every other method keeps its cell (and its runs), and the gradient clip is
+    collapse"): table5, figure1a and table1 train them at a quarter of the scale's lr (of the paper scale's too)
+    with the gradient norm clipped at 1.0, and nothing else differs from their earlier cells; every other method keeps its cell (and its runs), and the gradient clip is
     what the built training config gets."""
     from adaptivision.experiments import registry
     from adaptivision.experiments.runner import Runner, base_config
@@ -802,8 +802,14 @@ def test_learned_keep_baselines_train_with_a_clipped_gradient_in_the_tables():
                 cfg, _ = runner.cell_config(cell, 1)
                 before, _ = runner.cell_config(old[red], 1)
                 assert cfg.clip_grad == 1.0 and before.clip_grad is None and cfg.name != before.name
-                assert dataclasses.replace(cfg, clip_grad=None, name=before.name) == before
+                assert cfg.base_lr == pytest.approx(full.base_lr / 4) and before.base_lr == full.base_lr
+                assert dataclasses.replace(cfg, clip_grad=None, base_lr=before.base_lr, name=before.name) == before
     for red in ("none", "random", "evit", "tome", "hourglass", "hired", "dtc"):
         assert fair[red] is old[red] and fair[red] in registry.get("table5").cells
     # the fine-tuning cells (a tenth of the lr, no collapse) keep theirs
     assert all(c.train.get("clip_grad") is None for c in registry.get("dtc-finetune").cells)
+    # the share follows the scale's lr: the paper recipe's base_lr is 32x smaller than the nano recipe's
+    paper = Runner(registry.get("table5"), "/x", "paper", base_config("paper", "imagenet", None, None))
+    unmatched = dataclasses.replace(fair["importance"], match_gmacs=False)  # (matching probes the data set)
+    assert paper.base.base_lr < full.base_lr / 4
+    assert paper.cell_config(unmatched, 1)[0].base_lr == pytest.approx(paper.base.base_lr / 4)

@@ -221,6 +221,8 @@ class Runner:
         train = dict(cell.train)
         if cell.epochs_fraction is not None:  # a fine-tuning cell: a share of the scale's epochs
             train.setdefault("epochs", max(1, round(self.base.epochs * cell.epochs_fraction)))
+        if cell.lr_factor is not None:  # a share of the scale's learning rate
+            train.setdefault("base_lr", self.base.base_lr * cell.lr_factor)
         cfg = dataclasses.replace(self.base, model=model, model_kwargs=kwargs, seed=seed, **train).validate()
         # named by the options that differ from ID_DEFAULTS; built with every pinned one written out
         ident = json.dumps(_identity(cfg), sort_keys=True, default=str)
