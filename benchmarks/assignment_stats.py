@@ -21,11 +21,11 @@ from adaptivision.train.build import build_eval_dataset, load_for_eval
 from adaptivision.visualize import assignment_stats
 
 
-def per_run(doc: str, num: int, measure, header: str, row, argv=None) -> int:
+def per_run(doc: str, num: int, measure, header: str, row, argv=None, extra=None) -> int:
     """The command line shared by the per-run diagnostics (``--run`` ..., ``--num``, ``--data-dir``,
     ``--out``): ``measure(model, images)`` (a dict) on each run's last checkpoint and its first
-    ``--num`` test images, seed 0; printed as a table (``header`` and ``row(record)`` lines) and
-    saved to OUT.json / OUT.md."""
+    ``--num`` test images, seed 0, with ``extra(run_dir)`` (a dict) when given; printed as a table
+    (``header`` and ``row(record)`` lines) and saved to OUT.json / OUT.md."""
     p = argparse.ArgumentParser(description=doc.split("\n")[0])
     p.add_argument("--run", action="append", required=True, help="run directory (its last.safetensors)")
     p.add_argument("--num", type=int, default=num, help="test images")
@@ -40,7 +40,7 @@ def per_run(doc: str, num: int, measure, header: str, row, argv=None) -> int:
         ds = build_eval_dataset(cfg, model)
         x, _, _ = collate_skip([ds[i] for i in range(min(args.num, len(ds)))])
         torch.manual_seed(0)
-        rows.append(dict(run=run, **measure(model, x)))
+        rows.append(dict(run=run, **measure(model, x), **(extra(run) if extra else {})))
     lines = [header] + [row(r) for r in rows]
     print("\n".join(lines))
     if args.out:

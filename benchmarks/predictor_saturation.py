@@ -7,12 +7,20 @@ For each run's last checkpoint, on the first ``--num`` test images, the model in
 mode the predictors decide in: DynamicViT masks, ToFe freezes) with a fixed seed: each predictor's
 mean keep probability and mean keep/drop log-odds, in model order. Log-odds far from 0 (|x| >> 10)
 mean a predictor that keeps or drops every patch whatever the image: its straight-through gradient
-has vanished. Writes OUT.json and OUT.md when ``--out`` is given.
+has vanished. Beside them, from the run directory: the learning rate and gradient clip it trained
+with, the epochs it finished and its last test top-1 (on the run's own test images), so runs of
+different recipes can be read side by side (docs/results.md, "Learned keep predictors collapse").
+Writes OUT.json and OUT.md when ``--out`` is given.
 """
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 from assignment_stats import per_run
+
+from adaptivision.train.config import TrainConfig
 
 from adaptivision.reduction.importance import KeepScorePredictor
 
@@ -30,16 +38,30 @@ def predictor_stats(model: torch.nn.Module, x: torch.Tensor) -> list:
     return [dict(keep=o[..., 0].exp().mean().item(), log_odds=(o[..., 0] - o[..., 1]).mean().item()) for o in outs]
 
 
+def run_facts(run: str) -> dict:
+    """The recipe (peak lr, gradient clip) of the run in ``run`` and where it stands (epochs finished,
+    the last epoch's test top-1 and how many test images that was on), from its config and metrics."""
+    cfg = TrainConfig.saved(run)
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        epochs = [r for r in map(json.loads, f) if r.get("kind") == "epoch"]
+    last = epochs[-1] if epochs else {}
+    # one process (the engine multiplies by the world size too)
+    return dict(lr=cfg.lr or cfg.base_lr * cfg.batch_size * cfg.accum_steps / 512,
+                clip_grad=cfg.clip_grad, epochs_done=len(epochs), eval_top1=last.get("eval_top1"),
+                eval_images=last.get("eval_images"))
+
+
 def _row(r: dict) -> str:
     keep = ", ".join(f"{s['keep']:.3f}" for s in r["predictors"])
     odds = ", ".join(f"{s['log_odds']:+.1f}" for s in r["predictors"])
-    return f"| {r['run']} | {keep} | {odds} |"
+    top1 = "—" if r["eval_top1"] is None else f"{r['eval_top1']:.2f} ({r['eval_images']})"
+    return f"| {r['run']} | {r['lr']:.2e} | {r['clip_grad'] or '—'} | {r['epochs_done']} | {top1} | {keep} | {odds} |"
 
 
 def main(argv=None) -> int:
     return per_run(__doc__, 256, lambda model, x: dict(predictors=predictor_stats(model, x)),
-                   "| run | keep probability per predictor | keep/drop log-odds per predictor |\n|---|---|---|",
-                   _row, argv)
+                   "| run | lr | grad clip | epochs | test top-1 (images) | keep probability per predictor "
+                   "| keep/drop log-odds per predictor |\n|---|---|---|---|---|---|---|", _row, argv, extra=run_facts)
 
 
 if __name__ == "__main__":

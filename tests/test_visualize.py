@@ -106,6 +106,27 @@ def test_predictor_saturation_reads_each_keep_predictor(monkeypatch):
     assert all(abs(s["log_odds"]) < 5 for s in stats[1:])
 
 
+def test_predictor_saturation_reads_the_recipe_and_last_epoch_of_each_run(monkeypatch, tmp_path):
+    """benchmarks/predictor_saturation.py's run_facts: the peak lr the engine uses (base_lr x batch x
+    accumulation / 512 unless lr is given), the gradient clip, and the last of the epochs in metrics.jsonl
+    (step lines skipped)."""
+    import json
+
+    from adaptivision.train.config import TrainConfig
+    mod = _benchmark("predictor_saturation", monkeypatch)
+    TrainConfig(base_lr=0.004, batch_size=64, accum_steps=2, clip_grad=1.0).save(str(tmp_path / "config.yaml"))
+    lines = [dict(kind="step", step=0, loss=2.3), dict(kind="epoch", epoch=0, eval_top1=40.0, eval_images=500),
+             dict(kind="step", step=5, loss=1.0), dict(kind="epoch", epoch=1, eval_top1=61.5, eval_images=500)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    facts = mod.run_facts(str(tmp_path))
+    assert facts == dict(lr=pytest.approx(0.004 * 128 / 512), clip_grad=1.0, epochs_done=2, eval_top1=61.5,
+                         eval_images=500)
+    TrainConfig(lr=3e-4).save(str(tmp_path / "config.yaml"))
+    (tmp_path / "metrics.jsonl").write_text("")
+    assert mod.run_facts(str(tmp_path)) == dict(lr=3e-4, clip_grad=None, epochs_done=0, eval_top1=None,
+                                                eval_images=None)
+
+
 def test_mass_stats_by_hand(monkeypatch):
     """benchmarks/mass_stats.py: hard clusters of one patch each all weigh 1 (no spread, the heaviest
     quarter holds a quarter); a model that puts 13 of 16 patches into one cluster and one patch
