@@ -20,9 +20,8 @@ import os
 import torch
 from assignment_stats import per_run
 
-from adaptivision.train.config import TrainConfig
-
 from adaptivision.reduction.importance import KeepScorePredictor
+from adaptivision.train.config import TrainConfig
 
 
 def predictor_stats(model: torch.nn.Module, x: torch.Tensor) -> list:
