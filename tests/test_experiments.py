@@ -780,7 +780,7 @@ def test_patch_drop_rate_cells_change_only_the_rate_of_the_patch_drop_runs():
     assert curve.kind == "budget" and curve.cells == runner.exp.cells
 
 
-def test_learned_keep_baselines_train_with_a_clipped_gradient_in_the_tables():
+def test_learned_keep_baselines_train_at_a_quarter_of_the_lr_in_the_tables():
     """DynamicViT and ToFe collapse from scratch at the shared peak lr (docs/results.md, "Learned keep predictors
     collapse"): table5, figure1a and table1 train them at a quarter of the scale's lr (of the paper scale's too)
     with the gradient norm clipped at 1.0, and nothing else differs from their earlier cells; every other method keeps its cell (and its runs), and the gradient clip is
