@@ -10,6 +10,7 @@ from adaptivision.experiments import EXPERIMENTS, report
 from fixtures import make_fmnist
 
 PNG = b"\x89PNG\r\n\x1a\n"
+PLATEAU_ABLATIONS = ("plateau-table7", "plateau-table4", "plateau-variants", "plateau-guidance")
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,7 @@ def done(tmp_path_factory):
     out = str(root / "out")
     common = ["--scale", "smoke", "--data-dir", data, "--out", out]
     for name in ("table5", "figure1a", "table7", "table4", "variants", "table1", "theorem1", "guidance", "dtc-levers",
-                 "figure1bc", "table3"):
+                 "figure1bc", "table3", *PLATEAU_ABLATIONS):
         assert main(["experiment", "run", name, *common]) == 0, name
     # Table 6: the table1 checkpoints on their own test set and on an extra evaluation set
     assert main(["experiment", "run", "table6", *common, "--eval-data", f"fashion-mnist={data}"]) == 0
@@ -813,3 +814,70 @@ def test_learned_keep_baselines_train_at_a_quarter_of_the_lr_in_the_tables():
     unmatched = dataclasses.replace(fair["importance"], match_gmacs=False)  # (matching probes the data set)
     assert paper.base.base_lr < full.base_lr / 4
     assert paper.cell_config(unmatched, 1)[0].base_lr == pytest.approx(paper.base.base_lr / 4)
+
+
+def test_plateau_ablations_change_one_thing_of_the_k20_default_and_share_its_runs(done):
+    """Table 7, Table 4, the variants and the guidance rows at the plateau ablate today's default (Table 5's
+    K 20 row), not the pinned options of the plain "dtc" cells (an older model): every DTC cell is the K 20
+    row's config with only its own options or guidance changed, the unchanged rows are Table 5's K 20 and
+    dense runs (nothing trained twice), the built model has the K 20 options and the cell's, and each
+    experiment runs end to end (its smoke record has every cell, the guided ones with their guidance
+    missing, shuffled and replaced by noise)."""
+    from adaptivision.experiments import registry
+    from adaptivision.experiments.runner import Runner, base_config
+    from adaptivision.train.build import create_model, model_spec
+    full = base_config("full", "fashion-mnist", None, None)
+    t5 = Runner(registry.get("table5"), "/x", "full", full)
+    k20_cell = next(c for c in t5.exp.cells if c.label.startswith("AdaptiVision (DTC), K 20"))
+    k20, dense = t5.cell_config(k20_cell, 1)[0], t5.cell_config(registry.DENSE, 1)[0]
+    table7 = Runner(registry.get("table7"), "/x", "full", full)
+    assert table7.cell_config(table7.exp.cells[2], 1)[0].name != k20.name  # the plain cell: another model
+    sal = "text,saliency"
+    want = {
+        ("plateau-table7", "+DTC"): ({"afa": False}, "none"),
+        ("plateau-table7", "+DTC+AFA"): ({}, "none"),
+        ("plateau-table7", "+DTC+AFA+CMTF (text + saliency)"): ({}, sal),
+        ("plateau-table4", "tau = 20"): ({}, "none"),
+        ("plateau-table4", "tau = 100"): ({"tau": 100.0}, "none"),
+        ("plateau-table4", "tau = 150"): ({"tau": 150.0}, "none"),
+        ("plateau-variants", "sound defaults"): ({}, "none"),
+        ("plateau-variants", "normalize=False (eq. 3 literal sum)"): ({"normalize": False}, "none"),
+        ("plateau-variants", "norm='post' (eq. 7 literal)"): ({"norm": "post"}, "none"),
+        ("plateau-variants", "gate='paper' (eq. 10 literal; text + saliency)"): ({"gate": "paper"}, sal),
+        ("plateau-variants", "gate='gated' (default; text + saliency)"): ({}, sal),
+        ("plateau-guidance", "no guidance (DTC+AFA)"): ({}, "none"),
+        ("plateau-guidance", "saliency"): ({}, "saliency"),
+        ("plateau-guidance", "foreground mask"): ({}, "mask"),
+        ("plateau-guidance", "text + saliency"): ({}, sal),
+    }
+    got, names = {}, {}
+    for name in PLATEAU_ABLATIONS:
+        runner = Runner(registry.get(name), "/x", "full", full)
+        for cell in runner.exp.cells:
+            cfg = runner.cell_config(cell, 1)[0]
+            if cell.kwargs["reduction"] == "none":
+                assert cfg == dense, name
+                continue
+            extra = {k: v for k, v in cfg.model_kwargs.items() if k20.model_kwargs.get(k, object()) != v}
+            assert set(k20.model_kwargs) <= set(cfg.model_kwargs), (name, cell.label)
+            unchanged = dataclasses.replace(cfg, model_kwargs=k20.model_kwargs, guidance="none", name=k20.name)
+            assert unchanged == k20, (name, cell.label)
+            got[(name, cell.label)] = (extra, cfg.guidance)
+            names.setdefault((tuple(sorted(extra.items())), cfg.guidance), set()).add(cfg.name)
+            opts = create_model(model_spec(cfg, 10, dense=False)).opts
+            for key, value in dict(k20_cell.kwargs, **extra).items():
+                assert getattr(opts, key) == value or (key == "condense_at" and [s.block for s in opts.stages] == [value])
+    assert got == want
+    assert all(len(n) == 1 for n in names.values())  # equal configurations, one run
+    assert names[((), "none")] == {k20.name} and len({n for v in names.values() for n in v}) == len(names)
+    # the smoke runs: every cell finished, the unchanged row is Table 5's K 20 run there too
+    smoke_k20 = {r["run_dir"] for c in _record(done, "table5")["cells"] if c["label"] == k20_cell.label for r in c["runs"]}
+    for name in PLATEAU_ABLATIONS:
+        rec = _record(done, name)
+        assert [c["label"] for c in rec["cells"]] == [c.label for c in registry.get(name).cells]
+        for c in rec["cells"]:
+            assert c["runs"] and all("run_dir" in r for r in c["runs"]), (name, c["label"])
+            if got.get((name, c["label"])) == ({}, "none"):
+                assert {r["run_dir"] for r in c["runs"]} == smoke_k20, (name, c["label"])
+            if name == "plateau-guidance" and got[(name, c["label"])][1] != "none":
+                assert set(c["runs"][0]["modes"]) == {"missing", "shuffled", "random"}, c["label"]

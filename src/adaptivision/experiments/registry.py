@@ -351,6 +351,20 @@ LEVER_CELLS += tuple(replace(LEVER_CELLS[i], label=LEVER_CELLS[i].label.replace(
 K20_ROWS = (replace(LEVER_CELLS[50], label="AdaptiVision (DTC), K 20 (the default since 2026-11-28)"),
             replace(LEVER_CELLS[51], label="ToMe, r 6 (at K 20's GMACs)"))
 
+# The ablations at the plateau (issue 14: Table 7, Table 4, the variants, the guidance rows) on today's nano default,
+# the K 20 model, and not on the plain "dtc" cells of table7 / table4 / variants / guidance: those keep their options
+# of 2026-11-26 (pinned, runner.ID_DEFAULTS: image-soft before block 0, budget jitter 1, proportional attention),
+# two defaults ago and below the K 20 model at the plateau. Built on it, each table ablates the model users train,
+# and its unchanged row is the K 20 run of Table 5 (three seeds already): nothing is trained twice.
+K20 = LEVER_CELLS[50].kwargs
+
+
+def _on_k20(label: str, guidance: Optional[str] = None, **kwargs) -> Cell:
+    return Cell(label, dict(K20, **kwargs), train=dict(guidance=guidance) if guidance else {})
+
+
+PLATEAU_TEXT_SAL = _on_k20("+DTC+AFA+CMTF (text + saliency)", TEXT_SAL)
+
 EXPERIMENTS = {e.name: e for e in (
     Experiment("table1", "Table 1/2: model comparison", "train", (
         Cell("DeiT-S (timm)", {}, model="deit_small_patch16_224", scales=("paper",)),
@@ -486,6 +500,27 @@ EXPERIMENTS = {e.name: e for e in (
                "budget", tuple(LEVER_CELLS[i] for i in (56, 60, 57, 61)),
                note="run it with --scale full --record-only after plateau-patch-drop-rate: it evaluates those runs "
                     "and trains nothing"),
+    Experiment("plateau-table7", "Table 7 at the plateau: the components, on today's default (K 20)", "train", (
+        DENSE, _on_k20("+DTC", afa=False), _on_k20("+DTC+AFA"), PLATEAU_TEXT_SAL),
+        note="run it with --scale full --seeds 2; its dense and +DTC+AFA rows are Table 5's runs"),
+    Experiment("plateau-table4", "Table 4 at the plateau: DTC temperature tau, on today's default (K 20)", "train",
+               tuple(_on_k20(f"tau = {t}", tau=float(t)) for t in (20, 100, 150)), key="tau",
+               note="run it with --scale full; tau 20 (also the small scale's best) is Table 5's K 20 run"),
+    Experiment("plateau-variants", "Paper-literal vs sound variants at the plateau, on today's default (K 20)", "train", (
+        _on_k20("sound defaults"),
+        _on_k20("normalize=False (eq. 3 literal sum)", normalize=False),
+        _on_k20("norm='post' (eq. 7 literal)", norm="post"),
+        _on_k20("gate='paper' (eq. 10 literal; text + saliency)", TEXT_SAL, gate="paper"),
+        replace(PLATEAU_TEXT_SAL, label="gate='gated' (default; text + saliency)")),
+        note="run it with --scale full; shares the K 20 run and plateau-table7's text + saliency run"),
+    Experiment("plateau-guidance", "Semantic guidance at the plateau, the main rows, on today's default (K 20)",
+               "guidance", (
+                   _on_k20("no guidance (DTC+AFA)"),
+                   _on_k20("saliency", "saliency"),
+                   _on_k20("foreground mask", "mask"),
+                   replace(PLATEAU_TEXT_SAL, label="text + saliency")),
+               note="run it with --scale full --seeds 2; each guided run is also evaluated with its guidance "
+                    "missing, shuffled and replaced by noise; shares the K 20 run and plateau-table7's text + saliency"),
     Experiment("figure1bc", "Figure 1(b)/(c): segmentation mIoU vs GMACs (Fashion-MNIST mosaics; ADE20K, "
                "Cityscapes by --dataset)", "segmentation", SEG_CELLS, paper_datasets=("ade20k", "cityscapes"),
                note="one segmenter per backbone and seed, evaluated at several budgets; baselines unpooled "
