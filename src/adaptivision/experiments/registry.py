@@ -354,7 +354,7 @@ K20_ROWS = (replace(LEVER_CELLS[50], label="AdaptiVision (DTC), K 20 (the defaul
 # The ablations at the plateau (issue 14: Table 7, Table 4, the variants, the guidance rows) on today's nano default,
 # the K 20 model, and not on the plain "dtc" cells of table7 / table4 / variants / guidance: those keep their options
 # of 2026-11-26 (pinned, runner.ID_DEFAULTS: image-soft before block 0, budget jitter 1, proportional attention),
-# two defaults ago and below the K 20 model at the plateau. Built on it, each table ablates the model users train,
+# three defaults ago (no jitter, no proportional attention, K 20 came since). Built on the K 20 model, each table ablates the model users train,
 # and its unchanged row is the K 20 run of Table 5 (three seeds already): nothing is trained twice.
 K20 = LEVER_CELLS[50].kwargs
 
