@@ -629,6 +629,41 @@ def test_commit_records_folds_a_run_and_keeps_a_restored_record(tmp_path):
     assert new["config"] == {"seed": 1} and new["model_spec"] == {"name": "m"} and new["epochs"] == [{"kind": "epoch", "epoch": 0}]
 
 
+def test_commit_records_replaces_the_generated_block_in_the_docs(done, tmp_path, capsys):
+    """commit_records.py --docs: the block generated from the record being replaced is swapped for the new
+    record's block, text around it untouched; a first record or a hand-edited block leaves the docs as they
+    were and prints the block to paste (exit 1), the records written all the same."""
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "commit_records.py"
+    spec = importlib.util.spec_from_file_location("commit_records", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    dest, docs = tmp_path / "results", tmp_path / "results.md"
+    docs.write_text("# Results\n\nProse before.\n")
+    assert mod.main(os.path.join(done, "table7"), str(dest), str(docs)) == 1   # first record: nothing to replace
+    assert "has no block of it yet" in capsys.readouterr().err and docs.read_text() == "# Results\n\nProse before.\n"
+    new = mod.generated_block(str(dest / "table7"))
+    assert new.startswith("Scale `smoke`") and "| +DTC |" in new and "commit" in new
+    # an older record of it, whose block the docs hold between hand-written paragraphs
+    rec_path = dest / "table7" / "experiment.json"
+    rec = json.loads(rec_path.read_text())
+    rec["finished"] = "2000-01-01 00:00:00"
+    rec_path.write_text(json.dumps(rec))
+    old = mod.generated_block(str(dest / "table7"))
+    assert "recorded 2000-01-01 00:00:00" in old and old != new
+    docs.write_text(f"# Results\n\nProse before.\n\n{old}\n\n- a bullet of prose\n\nProse after.\n")
+    assert mod.main(os.path.join(done, "table7"), str(dest), str(docs)) == 0
+    assert docs.read_text() == f"# Results\n\nProse before.\n\n{new}\n\n- a bullet of prose\n\nProse after.\n"
+    # a block edited by hand is not overwritten
+    edited = docs.read_text().replace("| +DTC |", "| +DTC (edited) |")
+    docs.write_text(edited)
+    rec_path.write_text(json.dumps(rec))
+    assert mod.main(os.path.join(done, "table7"), str(dest), str(docs)) == 1
+    assert "paste this block" in capsys.readouterr().err and docs.read_text() == edited
+    assert json.loads(rec_path.read_text())["finished"] != "2000-01-01 00:00:00"   # the records still written
+
+
 def _plateau_twins():
     """The full-scale base config and dtc-plateau's seed-1 config of each of its cells, by label: the runs
     a regularised-recipe experiment shares."""
