@@ -67,9 +67,14 @@ def main(exp_dir: str, dest: str, docs: str | None = None) -> int:
     with open(os.path.join(exp_dir, "experiment.json")) as f:
         exp = json.load(f)
     committed = os.path.join(dest, exp["experiment"])
-    old = generated_block(committed) if docs and os.path.isfile(os.path.join(committed, "experiment.json")) else None
-    os.makedirs(os.path.join(dest, exp["experiment"]), exist_ok=True)
-    shutil.copy(os.path.join(exp_dir, "experiment.json"), os.path.join(dest, exp["experiment"]))
+    old, unreadable = None, None
+    if docs and os.path.isfile(os.path.join(committed, "experiment.json")):
+        try:
+            old = generated_block(committed)
+        except Exception as e:  # an old record that no longer reports must not stop the new one being written
+            unreadable = f"{type(e).__name__}: {e}"
+    os.makedirs(committed, exist_ok=True)
+    shutil.copy(os.path.join(exp_dir, "experiment.json"), committed)
     for cell in exp["cells"]:
         for run in cell.get("runs", []):
             src = os.path.join(exp_dir, "..", run["run_dir"])
@@ -90,7 +95,12 @@ def main(exp_dir: str, dest: str, docs: str | None = None) -> int:
     if update_docs(docs, old, new):
         print(f"{docs}: the {exp['experiment']} block replaced")
         return 0
-    why = "has no block of it yet" if old is None else "does not hold the block of the previous record verbatim"
+    if unreadable:
+        why = f"not updated, the previous record could not be reported ({unreadable})"
+    elif old is None:
+        why = "has no block of it yet"
+    else:
+        why = "does not hold the block of the previous record verbatim"
     print(f"{docs} {why}: records written, paste this block by hand:\n\n{new}\n", file=sys.stderr)
     return 1
 

@@ -663,6 +663,11 @@ def test_commit_records_replaces_the_generated_block_in_the_docs(done, tmp_path,
     assert mod.main(os.path.join(done, "table7"), str(dest), str(docs)) == 1
     assert "paste this block" in capsys.readouterr().err and docs.read_text() == edited
     assert json.loads(rec_path.read_text())["finished"] != "2000-01-01 00:00:00"   # the records still written
+    # a previous record that can no longer be reported does not stop the new one being written
+    rec_path.write_text("{not json")
+    assert mod.main(os.path.join(done, "table7"), str(dest), str(docs)) == 1
+    assert "previous record could not be reported" in capsys.readouterr().err and docs.read_text() == edited
+    assert json.loads(rec_path.read_text())["experiment"] == "table7"
 
 
 def _plateau_twins():
