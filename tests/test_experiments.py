@@ -600,15 +600,72 @@ def test_budget_sweep_takes_the_earlier_points_of_a_run_whose_weights_are_gone(d
     assert "experiment.json is not a readable experiment record" in capsys.readouterr().err
 
 
-def _commit_records():
-    """benchmarks/commit_records.py as a module (benchmarks/ is not a package)."""
+def _benchmark_script(name: str = "commit_records"):
+    """benchmarks/<name>.py as a module (benchmarks/ is not a package)."""
     import importlib.util
     import pathlib
-    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "commit_records.py"
-    spec = importlib.util.spec_from_file_location("commit_records", path)
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _commit_records():
+    return _benchmark_script("commit_records")
+
+
+def _fake_record(root, cells: dict) -> str:
+    """A training record under ``root``: {label: {seed: (top1, gmacs)}}, one summary.json per run."""
+    exp = {"experiment": "t", "title": "T", "kind": "train", "scale": "full", "dataset": "d", "model": "m",
+           "epochs": 1, "seeds": 2, "cells": []}
+    for i, (label, runs) in enumerate(cells.items()):
+        cell = {"label": label, "kwargs": {}, "runs": []}
+        for seed, (top1, gmacs) in runs.items():
+            run_dir = f"runs/c{i}/seed{seed}"
+            os.makedirs(os.path.join(root, run_dir))
+            with open(os.path.join(root, run_dir, "summary.json"), "w") as f:
+                json.dump({"rows": [{"top1": top1, "gmacs": gmacs}]}, f)
+            cell["runs"].append({"seed": seed, "run_dir": run_dir})
+        exp["cells"].append(cell)
+    os.makedirs(os.path.join(root, "t"))
+    with open(os.path.join(root, "t", "experiment.json"), "w") as f:
+        json.dump(exp, f)
+    return os.path.join(root, "t")
+
+
+def test_headline_table_by_hand_and_in_the_readme(tmp_path, capsys):
+    """benchmarks/headline.py: rows by mean top-1, GMACs as a share of dense, each method's top-1 minus
+    the reference's seed by seed (hand-computed below), only on the seeds both have; the README's table is
+    the one the committed Table 5 record generates."""
+    mod = _benchmark_script("headline")
+    exp = _fake_record(str(tmp_path), {
+        "dense": {0: (90.00, 0.04), 1: (89.00, 0.04)},
+        "ref": {0: (91.00, 0.02), 1: (89.50, 0.02)},
+        "other": {0: (90.50, 0.03), 1: (89.75, 0.03)},
+        "no seed 0": {1: (88.00, 0.01), 2: (88.00, 0.01)},   # seed 2: the reference has none
+        "unrun": {}})
+    assert mod.table(exp, reference="ref", dense="dense").splitlines()[2:] == [
+        "| **ref** | 50 | 90.25 ± 1.06 | — | 2 |",
+        "| other | 75 | 90.12 ± 0.53 | -0.50, +0.25 | 2 |",
+        "| dense | 100 | 89.50 ± 0.71 | -1.00, -0.50 | 2 |",
+        "| no seed 0 | 25 | 88.00 ± 0.00 | -1.50 | 2 |"]
+    with pytest.raises(ValueError, match="no finished run of 'unrun'"):
+        mod.table(exp, reference="unrun", dense="dense")
+    readme = tmp_path / "README.md"
+    readme.write_text("# X\n\nbefore\n")
+    assert mod.main([exp, "--reference", "ref", "--dense", "dense", "--readme", str(readme)]) == 1 and readme.read_text() == "# X\n\nbefore\n"
+    assert "no headline markers" in capsys.readouterr().err
+    begin = mod.BEGIN.format(src=exp)
+    readme.write_text(f"before\n{begin}\n| stale |\n{mod.END}\nafter\n")
+    assert mod.main([exp, "--reference", "ref", "--dense", "dense", "--readme", str(readme)]) == 0
+    assert readme.read_text() == f"before\n{begin}\n{mod.table(exp, 'ref', 'dense')}\n{mod.END}\nafter\n"
+    root = os.path.join(os.path.dirname(__file__), "..")
+    src = "benchmarks/results/dtc/full/table5"
+    with open(os.path.join(root, "README.md")) as f:
+        text = f.read()
+    assert f"{mod.BEGIN.format(src=src)}\n{mod.table(os.path.join(root, src))}\n{mod.END}" in text, \
+        "README's headline table differs from its record: python benchmarks/headline.py " + src + " --readme README.md"
 
 
 def test_commit_records_folds_a_run_and_keeps_a_restored_record(tmp_path):

@@ -48,6 +48,15 @@ def _summary(exp_dir: str, run: dict, commits: Optional[dict] = None, label: str
     return summary["rows"][0]
 
 
+def seed_rows(rec: dict, exp_dir: str) -> dict:
+    """{cell label: {seed: summary row}} of a training record's finished runs (unfinished ones left out)."""
+    out = {}
+    for cell in rec["cells"]:
+        rows = {run["seed"]: _summary(exp_dir, run) for run in cell.get("runs", [])}
+        out[cell["label"]] = {s: r for s, r in rows.items() if r is not None}
+    return out
+
+
 def _threads_note(threads: dict) -> Optional[str]:
     """Flag a table whose images/s were measured with different numbers of threads (runs trained
     as several one-thread processes at once, docs/results.md "Plateau scale"): not comparable."""
