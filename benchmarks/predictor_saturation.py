@@ -14,14 +14,10 @@ Writes OUT.json and OUT.md when ``--out`` is given.
 """
 from __future__ import annotations
 
-import json
-import os
-
 import torch
-from assignment_stats import per_run
+from assignment_stats import facts_cells, per_run, run_facts
 
 from adaptivision.reduction.importance import KeepScorePredictor
-from adaptivision.train.config import TrainConfig
 
 
 def predictor_stats(model: torch.nn.Module, x: torch.Tensor) -> list:
@@ -37,24 +33,10 @@ def predictor_stats(model: torch.nn.Module, x: torch.Tensor) -> list:
     return [dict(keep=o[..., 0].exp().mean().item(), log_odds=(o[..., 0] - o[..., 1]).mean().item()) for o in outs]
 
 
-def run_facts(run: str) -> dict:
-    """The recipe (peak lr, gradient clip) of the run in ``run`` and where it stands (epochs finished,
-    the last epoch's test top-1 and how many test images that was on), from its config and metrics."""
-    cfg = TrainConfig.saved(run)
-    with open(os.path.join(run, "metrics.jsonl")) as f:
-        epochs = [r for r in map(json.loads, f) if r.get("kind") == "epoch"]
-    last = epochs[-1] if epochs else {}
-    # one process (the engine multiplies by the world size too)
-    return dict(lr=cfg.lr or cfg.base_lr * cfg.batch_size * cfg.accum_steps / 512,
-                clip_grad=cfg.clip_grad, epochs_done=len(epochs), eval_top1=last.get("eval_top1"),
-                eval_images=last.get("eval_images"))
-
-
 def _row(r: dict) -> str:
     keep = ", ".join(f"{s['keep']:.3f}" for s in r["predictors"])
     odds = ", ".join(f"{s['log_odds']:+.1f}" for s in r["predictors"])
-    top1 = "—" if r["eval_top1"] is None else f"{r['eval_top1']:.2f} ({r['eval_images']})"
-    return f"| {r['run']} | {r['lr']:.2e} | {r['clip_grad'] or '—'} | {r['epochs_done']} | {top1} | {keep} | {odds} |"
+    return f"| {r['run']} | {facts_cells(r)} | {keep} | {odds} |"
 
 
 def main(argv=None) -> int:

@@ -883,7 +883,7 @@ def test_learned_keep_baselines_train_at_a_quarter_of_the_lr_in_the_tables():
     """DynamicViT and ToFe collapse from scratch at the shared peak lr (docs/results.md, "Learned keep predictors
     collapse"): table5, figure1a and table1 train them at a quarter of the scale's lr (of the paper scale's too)
     with the gradient norm clipped at 1.0, and nothing else differs from their earlier cells; every other method keeps its cell (and its runs), and the gradient clip is
-    what the built training config gets."""
+    what the built training config gets. Table 5's paper form gets the same fix in a row of its own."""
     from adaptivision.experiments import registry
     from adaptivision.experiments.runner import Runner, base_config
     full = base_config("full", "fashion-mnist", None, None)
@@ -912,6 +912,16 @@ def test_learned_keep_baselines_train_at_a_quarter_of_the_lr_in_the_tables():
     unmatched = dataclasses.replace(fair["importance"], match_gmacs=False)  # (matching probes the data set)
     assert paper.base.base_lr < full.base_lr / 4
     assert paper.cell_config(unmatched, 1)[0].base_lr == pytest.approx(paper.base.base_lr / 4)
+    # the paper form collapses the same way at the plateau: its fair row (appended, so the other rows keep their runs)
+    # is the plain paper form's config with the same two changes, and the plain row stays for its recorded runs
+    t5 = Runner(registry.get("table5"), "/x", "full", full)
+    cells = registry.get("table5").cells
+    assert cells[-1] is registry.PAPER_FORM_FAIR and registry.PAPER_FORM in cells
+    cfg, _ = t5.cell_config(registry.PAPER_FORM_FAIR, 1)
+    before, _ = t5.cell_config(registry.PAPER_FORM, 1)
+    assert (cfg.clip_grad, before.clip_grad) == (1.0, None) and cfg.base_lr == pytest.approx(full.base_lr / 4)
+    assert dataclasses.replace(cfg, clip_grad=None, base_lr=before.base_lr, name=before.name) == before
+    assert cfg.model_kwargs["clustering"] == "paper" and cfg.name != before.name
 
 
 def test_plateau_ablations_change_one_thing_of_the_k20_default_and_share_its_runs(done):

@@ -88,6 +88,15 @@ def test_assignment_stats_benchmark_smoke(checkpoint, tmp_path, monkeypatch):
     row = json.loads((tmp_path / "s.json").read_text())["rows"][0]
     assert 0 < row["top_weight"] <= 1 and 1 <= row["effective_k"] <= row["mean_k"] and 0 <= row["light_slots"] <= 1
     assert str(run) in (tmp_path / "s.md").read_text()
+    assert row["lr"] is None and row["epochs_done"] is None     # a bare checkpoint: no recipe to read
+    # beside a run's config and metrics, its recipe and last epoch (run_facts) join the row
+    from adaptivision.train.config import TrainConfig
+    TrainConfig(base_lr=0.004, batch_size=64, clip_grad=1.0).save(str(run / "config.yaml"))
+    (run / "metrics.jsonl").write_text(json.dumps(dict(kind="epoch", epoch=0, eval_top1=25.2, eval_images=6)) + "\n")
+    assert mod.main(["--run", str(run), "--num", "6", "--data-dir", data, "--out", str(tmp_path / "s")]) == 0
+    row = json.loads((tmp_path / "s.json").read_text())["rows"][0]
+    assert (row["lr"], row["clip_grad"], row["epochs_done"], row["eval_top1"]) == (pytest.approx(5e-4), 1.0, 1, 25.2)
+    assert "| 5.00e-04 | 1.0 | 1 | 25.20 (6) |" in (tmp_path / "s.md").read_text()
 
 
 def test_predictor_saturation_reads_each_keep_predictor(monkeypatch):
