@@ -32,7 +32,7 @@ def table(exp_dir: str, reference: str = REFERENCE, dense: str = DENSE) -> str:
         if need not in runs:
             raise ValueError(f"{exp_dir}: no finished run of {need!r}; cells with runs: {sorted(runs)}")
     ref, dense_gmacs = runs[reference], statistics.fmean(r["gmacs"] for r in runs[dense].values())
-    lines = ["| method | GMACs (% of dense) | top-1 (%) | top-1 minus the default's, seed by seed | seeds |",
+    lines = ["| method | GMACs (% of dense) | top-1 (%) | top-1 minus the bold row's, seed by seed | seeds |",
              "|---|---|---|---|---|"]
     for label, rows in sorted(runs.items(), key=lambda kv: -statistics.fmean(r["top1"] for r in kv[1].values())):
         share = 100 * statistics.fmean(r["gmacs"] for r in rows.values()) / dense_gmacs
