@@ -600,7 +600,7 @@ def test_budget_sweep_takes_the_earlier_points_of_a_run_whose_weights_are_gone(d
     assert "experiment.json is not a readable experiment record" in capsys.readouterr().err
 
 
-def _benchmark_script(name: str = "commit_records"):
+def _benchmark_script(name: str):
     """benchmarks/<name>.py as a module (benchmarks/ is not a package)."""
     import importlib.util
     import pathlib
@@ -609,10 +609,6 @@ def _benchmark_script(name: str = "commit_records"):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-def _commit_records():
-    return _benchmark_script("commit_records")
 
 
 def _fake_record(root, cells: dict) -> str:
@@ -671,7 +667,7 @@ def test_headline_table_by_hand_and_in_the_readme(tmp_path, capsys):
 def test_commit_records_folds_a_run_and_keeps_a_restored_record(tmp_path):
     """benchmarks/commit_records.py: a finished run's summary gets its config, spec and epochs
     folded in; a committed record copied back into --out (no config.yaml beside it) is kept as it was."""
-    mod = _commit_records()
+    mod = _benchmark_script("commit_records")
     out = tmp_path / "exp"
     fresh, restored = out / "runs" / "a" / "seed1", out / "runs" / "a" / "seed0"
     fresh.mkdir(parents=True)
@@ -696,7 +692,7 @@ def test_commit_records_replaces_the_generated_block_in_the_docs(done, tmp_path,
     """commit_records.py --docs: the block generated from the record being replaced is swapped for the new
     record's block, text around it untouched; a first record or a hand-edited block leaves the docs as they
     were and prints the block to paste (exit 1), the records written all the same."""
-    mod = _commit_records()
+    mod = _benchmark_script("commit_records")
     dest, docs = tmp_path / "results", tmp_path / "results.md"
     docs.write_text("# Results\n\nProse before.\n")
     assert mod.main(os.path.join(done, "table7"), str(dest), str(docs)) == 1   # first record: nothing to replace
