@@ -15,7 +15,7 @@ import json
 import os
 import sys
 
-from adaptivision.experiments.report import _stat
+from adaptivision.experiments.report import mean_std
 from adaptivision.layers.dtc import DynamicTokenClustering
 from adaptivision.provenance import provenance
 from adaptivision.train import engine
@@ -49,7 +49,7 @@ def to_markdown(per_run: dict) -> str:
     runs = list(per_run.values())
     lines = [f"| assignment at inference ({len(runs)} model(s)) | top-1 (%) |", "|---|---|"]
     for i, row in enumerate(runs[0]):
-        lines.append(f"| {row['label']} | {_stat([r[i]['top1'] for r in runs])} |")
+        lines.append(f"| {row['label']} | {mean_std([r[i]['top1'] for r in runs])} |")
     return "\n".join(lines) + "\n"
 
 

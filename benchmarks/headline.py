@@ -16,7 +16,7 @@ import os
 import statistics
 import sys
 
-from adaptivision.experiments.report import _stat, seed_rows
+from adaptivision.experiments.report import mean_std, seed_rows
 
 REFERENCE = "AdaptiVision (DTC), K 20 (the default since 2026-11-28)"
 DENSE = "ViT (dense)"
@@ -39,7 +39,7 @@ def table(exp_dir: str, reference: str = REFERENCE, dense: str = DENSE) -> str:
         delta = "—" if label == reference else ", ".join(
             f"{rows[s]['top1'] - ref[s]['top1']:+.2f}" for s in sorted(rows) if s in ref)
         name = f"**{label}**" if label == reference else label
-        lines.append(f"| {name} | {share:.0f} | {_stat([r['top1'] for r in rows.values()])} | {delta or '—'} | {len(rows)} |")
+        lines.append(f"| {name} | {share:.0f} | {mean_std([r['top1'] for r in rows.values()])} | {delta or '—'} | {len(rows)} |")
     return "\n".join(lines)
 
 

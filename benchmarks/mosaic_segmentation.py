@@ -27,7 +27,7 @@ from adaptivision import budget
 from adaptivision.data.datasets import fashion_mnist
 from adaptivision.data.mosaic import MOSAIC_CLASSES, FashionMosaics
 from adaptivision.dense import Segmenter, evaluate_segmenter, train_segmenter
-from adaptivision.experiments.report import _stat, plot_curves
+from adaptivision.experiments.report import mean_std, plot_curves
 from adaptivision.provenance import provenance
 
 # budget_jitter=1: the jitter the committed mosaic records were trained with (the library default is 0
@@ -144,7 +144,7 @@ def summarize(paths: list, out: Optional[str] = None) -> int:
           "| backbone | knob | GMACs | mIoU (%) | seeds |", "|---|---|---|---|---|"]
     for (name, knob), runs in cells.items():
         md.append(f"| {name} | {knob if knob is not None else '—'} | "
-                  f"{statistics.fmean(row['gmacs'] for _, row in runs):.4f} | {_stat([row['miou'] for _, row in runs])} | "
+                  f"{statistics.fmean(row['gmacs'] for _, row in runs):.4f} | {mean_std([row['miou'] for _, row in runs])} | "
                   f"{', '.join(str(s) for s, _ in runs)} |")
     print("\n".join(md))
     if out:

@@ -32,7 +32,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import adaptivision
 from adaptivision.data import build_dataset, collate_skip
-from adaptivision.experiments.report import _stat
+from adaptivision.experiments.report import mean_std
 from adaptivision.models.from_timm import vit_kwargs
 from adaptivision.provenance import provenance
 from adaptivision.train import engine
@@ -186,8 +186,8 @@ def to_markdown(per_run: dict) -> str:
         k = cells[0]["mean_k"]  # one value, or one per stage for a two-stage row
         k = "—" if k is None else " / ".join(f"{v:.1f}" for v in (k if isinstance(k, list) else [k]))
         some = f" ({len(cells)} of {len(runs)} models)" if len(cells) < len(runs) else ""
-        lines.append(f"| {label}{some} | {k} | {_stat([c['gmacs'] for c in cells], 4)} "
-                     f"| {_stat([c['top1'] for c in cells], 2)} |")
+        lines.append(f"| {label}{some} | {k} | {mean_std([c['gmacs'] for c in cells], 4)} "
+                     f"| {mean_std([c['top1'] for c in cells], 2)} |")
     return "\n".join(lines) + "\n"
 
 

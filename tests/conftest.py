@@ -1,6 +1,9 @@
 import gzip
+import importlib.util
 import os
+import pathlib
 import struct
+import sys
 
 import numpy as np
 import pytest
@@ -10,6 +13,7 @@ import adaptivision  # noqa: F401  (registers the models)
 from adaptivision import AdaptiVision
 
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
+BENCHMARKS = pathlib.Path(__file__).parents[1] / "benchmarks"
 
 
 @pytest.fixture(autouse=True)
@@ -75,3 +79,16 @@ def read_fmnist(n: int = 64, split: str = "t10k"):
         _, count, rows, cols = struct.unpack(">IIII", f.read(16))
         data = np.frombuffer(f.read(n * rows * cols), dtype=np.uint8)
     return torch.from_numpy(data.copy()).view(n, rows, cols)
+
+
+def benchmark_script(name: str):
+    """benchmarks/<name>.py as a module. benchmarks/ is not a package: while the script loads,
+    its folder is on sys.path so that it finds the neighbours it imports (assignment_stats)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return mod

@@ -11,7 +11,7 @@ import adaptivision
 from adaptivision.config import CLUSTERING
 from adaptivision.layers import DynamicTokenClustering
 from adaptivision.layers.dtc import assign, condense, farthest_points
-from conftest import perturb_zero_init, tiny_model
+from conftest import benchmark_script, perturb_zero_init, tiny_model
 
 
 def _every_parameter_gets_gradient(model, x) -> None:
@@ -209,23 +209,12 @@ def _tiny_run(tmp_path, name: str, model_kwargs: str, depth: int = 3) -> tuple:
     return str(tmp_path / name), data
 
 
-def _benchmark(name: str):
-    """A script of benchmarks/ imported as a module."""
-    import importlib.util
-    import pathlib
-    path = pathlib.Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_off_the_shelf_benchmark_smoke(tmp_path):
     """CI's short version of benchmarks/off_the_shelf.py: a tiny dense run, then every variant."""
     import json
 
     run, _ = _tiny_run(tmp_path, "dense", "condense_at: false, afa: false, cmtf: false", depth=4)  # 2 stages: 1, 3
-    mod = _benchmark("off_the_shelf")
+    mod = benchmark_script("off_the_shelf")
     out = tmp_path / "res"
     assert mod.main(["--run", run, "--limit", "32", "--calib", "16", "--out", str(out)]) == 0
     rows = {r["label"]: r for r in json.loads((out / "off-the-shelf.json").read_text())["runs"][run]}
@@ -262,7 +251,7 @@ def test_assign_at_inference_benchmark_smoke(tmp_path):
     import json
 
     run, _ = _tiny_run(tmp_path, "dtc", "condense_at: 1, cmtf: false")
-    mod = _benchmark("assign_at_inference")
+    mod = benchmark_script("assign_at_inference")
     rows = {r["label"]: r for r in mod.evaluate_variants(run)}
     summary = json.loads((tmp_path / "dtc" / "summary.json").read_text())["rows"][0]
     trained = rows["as trained"]
@@ -347,7 +336,7 @@ def test_padded_groups_benchmark_smoke(tmp_path, capsys):
     assert main(["train", "--data-dir", data, "--output", str(tmp_path), "--name", "job", "--epochs", "1",
                  "workers=0", "batch_size=16", "throughput_batch=8",
                  "model_kwargs={embed_dim: 32, depth: 3, num_heads: 2, condense_at: 1, cmtf: false}"]) == 0
-    mod = _benchmark("padded_groups")
+    mod = benchmark_script("padded_groups")
     out = tmp_path / "res" / "padded"
     assert mod.main(["--run", str(tmp_path / "job"), "--batch-size", "16", "--groups", "1,2", "--rounds", "2",
                      "--infer-k-step", "16", "--out", str(out)]) == 0
@@ -367,7 +356,7 @@ def test_padded_groups_benchmark_smoke(tmp_path, capsys):
         mod.main(["--run", str(tmp_path / "job" / "dense")])
     # the same model's top-1 on other inference grids (benchmarks/infer_grid.py): its own grid (k_step 8) is the
     # per-K row above; `adaptivision eval --infer-k-step` gives the same figures
-    grid = _benchmark("infer_grid")
+    grid = benchmark_script("infer_grid")
     ck = str(tmp_path / "job" / "last.safetensors")
     assert grid.main(["--checkpoint", ck, "--grid", "8", "--grid", "16", "--out", str(tmp_path / "res" / "grid")]) == 0
     rows = json.loads((tmp_path / "res" / "grid.json").read_text())["checkpoints"][0]["rows"]

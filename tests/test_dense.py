@@ -17,6 +17,7 @@ from adaptivision.data.mosaic import FOREGROUND, FashionMosaicBoxes, FashionMosa
 from adaptivision.dense import Segmenter, confusion, iou, mean_iou
 from adaptivision.dense.detect import coco_map, sanitize
 from adaptivision.dense.detector import build_detector
+from conftest import benchmark_script
 from fixtures import make_fmnist
 
 
@@ -99,12 +100,7 @@ def test_ade20k_and_cityscapes_layouts(tmp_path):
 
 def test_mosaic_benchmark_smoke(tmp_path):
     """CI's short version of benchmarks/mosaic_segmentation.py."""
-    import importlib.util
-    import pathlib
-    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "mosaic_segmentation.py"
-    spec = importlib.util.spec_from_file_location("mosaic_segmentation", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = benchmark_script("mosaic_segmentation")
     data = make_fmnist(str(tmp_path / "fm"), n_train=20, n_test=10)
     names = ["dense", "adaptivision", "adaptivision-image-skip", "adaptivision-image-skip-spatial", "tome"]
     assert mod.main(["--smoke", "--data-dir", data, "--out", str(tmp_path / "m"), "--backbones", ",".join(names)]) == 0

@@ -1,5 +1,4 @@
 """Compile, export and benchmark paths (issue 5): same outputs, bounded recompiles, working CLI."""
-import importlib.util
 import json
 
 import pytest
@@ -11,7 +10,7 @@ from torch._dynamo.utils import counters
 from adaptivision.benchmark import mixed_batch, parse_spec
 from adaptivision.cli import main
 from adaptivision.export import export_onnx, fixed_k
-from conftest import textured_and_flat, tiny_model
+from conftest import benchmark_script, textured_and_flat, tiny_model
 
 
 def _with_stats(model, x):
@@ -148,12 +147,7 @@ def test_benchmark_train_times_real_updates(tmp_path):
 
 def test_speed_target_benchmark_smoke(tmp_path):
     """CI's short version of benchmarks/speed_targets.py (the real one takes minutes at 224²)."""
-    import importlib.util
-    import pathlib
-    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "speed_targets.py"
-    spec = importlib.util.spec_from_file_location("speed_targets", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = benchmark_script("speed_targets")
     out = tmp_path / "smoke"
     assert mod.main(["--smoke", "--out", str(out)]) == 0
     res = json.loads((tmp_path / "smoke.json").read_text())
@@ -179,9 +173,7 @@ def test_gpu_groups_and_profile_scripts_run_on_cpu(tmp_path):
                                           f"{nano}:k=24"]
     assert rows[4]["gmacs"] >= rows[1]["gmacs"]                  # one padded batch computes its padding
     assert rows[5]["gmacs"] >= rows[4]["gmacs"]                  # 40 slots per image: at least the largest K
-    spec = importlib.util.spec_from_file_location("gpu_profile", root / "benchmarks" / "gpu_profile.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = benchmark_script("gpu_profile")
     assert mod.main(["--models", f"{nano},{nano}:k=24", "--batch-size", "4", "--img-size", "28", "--in-chans", "1",
                      "--steps", "1", "--top", "5", "--out", str(tmp_path / "prof")]) == 0
     texts = [(tmp_path / "prof" / f"profile-{i}.txt").read_text() for i in range(2)]

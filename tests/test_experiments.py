@@ -7,6 +7,7 @@ import pytest
 
 from adaptivision.cli import main
 from adaptivision.experiments import EXPERIMENTS, report
+from conftest import benchmark_script
 from fixtures import make_fmnist
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -32,6 +33,15 @@ def _record(out, name):
     with open(os.path.join(out, name, "experiment.json")) as f:
         return json.load(f)
 
+
+
+def test_mean_std_cells_by_hand():
+    """Every table cell: mean ± sample std of what exists, the value alone for one, a dash for none."""
+    from adaptivision.experiments.report import MISSING, mean_std
+    assert mean_std([1.0, 2.0, None]) == "1.50 ± 0.71"           # stdev([1, 2]) = sqrt(0.5)
+    assert mean_std([0.02501, 0.02499], 4) == "0.0250 ± 0.0000"
+    assert mean_std([89.15]) == "89.15"
+    assert mean_std([None]) == MISSING == "—"
 
 def test_list_names_every_experiment(capsys):
     assert main(["experiment", "list"]) == 0
@@ -600,17 +610,6 @@ def test_budget_sweep_takes_the_earlier_points_of_a_run_whose_weights_are_gone(d
     assert "experiment.json is not a readable experiment record" in capsys.readouterr().err
 
 
-def _benchmark_script(name: str):
-    """benchmarks/<name>.py as a module (benchmarks/ is not a package)."""
-    import importlib.util
-    import pathlib
-    path = pathlib.Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _fake_record(root, cells: dict) -> str:
     """A training record under ``root``: {label: {seed: (top1, gmacs)}}, one summary.json per run."""
     exp = {"experiment": "t", "title": "T", "kind": "train", "scale": "full", "dataset": "d", "model": "m",
@@ -634,7 +633,7 @@ def test_headline_table_by_hand_and_in_the_readme(tmp_path, capsys):
     """benchmarks/headline.py: rows by mean top-1, GMACs as a share of dense, each method's top-1 minus
     the reference's seed by seed (hand-computed below), only on the seeds both have; the README's table is
     the one the committed Table 5 record generates."""
-    mod = _benchmark_script("headline")
+    mod = benchmark_script("headline")
     exp = _fake_record(str(tmp_path), {
         "dense": {0: (90.00, 0.04), 1: (89.00, 0.04)},
         "ref": {0: (91.00, 0.02), 1: (89.50, 0.02)},
@@ -667,7 +666,7 @@ def test_headline_table_by_hand_and_in_the_readme(tmp_path, capsys):
 def test_commit_records_folds_a_run_and_keeps_a_restored_record(tmp_path):
     """benchmarks/commit_records.py: a finished run's summary gets its config, spec and epochs
     folded in; a committed record copied back into --out (no config.yaml beside it) is kept as it was."""
-    mod = _benchmark_script("commit_records")
+    mod = benchmark_script("commit_records")
     out = tmp_path / "exp"
     fresh, restored = out / "runs" / "a" / "seed1", out / "runs" / "a" / "seed0"
     fresh.mkdir(parents=True)
@@ -692,7 +691,7 @@ def test_commit_records_replaces_the_generated_block_in_the_docs(done, tmp_path,
     """commit_records.py --docs: the block generated from the record being replaced is swapped for the new
     record's block, text around it untouched; a first record or a hand-edited block leaves the docs as they
     were and prints the block to paste (exit 1), the records written all the same."""
-    mod = _benchmark_script("commit_records")
+    mod = benchmark_script("commit_records")
     dest, docs = tmp_path / "results", tmp_path / "results.md"
     docs.write_text("# Results\n\nProse before.\n")
     assert mod.main(os.path.join(done, "table7"), str(dest), str(docs)) == 1   # first record: nothing to replace

@@ -10,7 +10,7 @@ from PIL import Image
 from adaptivision.checkpoint import save_weights
 from adaptivision.cli import main
 from adaptivision.visualize import clustering
-from conftest import textured_and_flat, tiny_model
+from conftest import benchmark_script, textured_and_flat, tiny_model
 from fixtures import make_fmnist
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -76,13 +76,13 @@ def test_assignment_stats_by_hand():
         assignment_stats(tiny_model(reduction="none"), x)
 
 
-def test_assignment_stats_benchmark_smoke(checkpoint, tmp_path, monkeypatch):
+def test_assignment_stats_benchmark_smoke(checkpoint, tmp_path):
     import os
     run = tmp_path / "run"
     run.mkdir()
     os.rename(checkpoint, run / "last.safetensors")
     os.rename(tmp_path / "model.json", run / "model.json")
-    mod = _benchmark("assignment_stats", monkeypatch)
+    mod = benchmark_script("assignment_stats")
     data = make_fmnist(str(tmp_path / "fm"), n_train=8, n_test=6)
     assert mod.main(["--run", str(run), "--num", "6", "--data-dir", data, "--out", str(tmp_path / "s")]) == 0
     row = json.loads((tmp_path / "s.json").read_text())["rows"][0]
@@ -99,10 +99,10 @@ def test_assignment_stats_benchmark_smoke(checkpoint, tmp_path, monkeypatch):
     assert "| 5.00e-04 | 1.0 | 1 | 25.20 (6) |" in (tmp_path / "s.md").read_text()
 
 
-def test_predictor_saturation_reads_each_keep_predictor(monkeypatch):
+def test_predictor_saturation_reads_each_keep_predictor():
     """benchmarks/predictor_saturation.py: a DynamicViT predictor forced to keep everything reads
     keep 1 and log-odds +100 (its last layer's bias +50 / -50), an untrained one about 0."""
-    mod = _benchmark("predictor_saturation", monkeypatch)
+    mod = benchmark_script("predictor_saturation")
     torch.manual_seed(0)
     model = tiny_model(reduction="importance", keep_ratio=0.7)
     last = model.reducer[min(model.reducer, key=int)].predictor.out_conv[-2]        # Linear(D/4, 2)
@@ -115,14 +115,14 @@ def test_predictor_saturation_reads_each_keep_predictor(monkeypatch):
     assert all(abs(s["log_odds"]) < 5 for s in stats[1:])
 
 
-def test_predictor_saturation_reads_the_recipe_and_last_epoch_of_each_run(monkeypatch, tmp_path):
+def test_predictor_saturation_reads_the_recipe_and_last_epoch_of_each_run(tmp_path):
     """benchmarks/predictor_saturation.py's run_facts: the peak lr the engine uses (base_lr x batch x
     accumulation / 512 unless lr is given), the gradient clip, and the last of the epochs in metrics.jsonl
     (step lines skipped)."""
     import json
 
     from adaptivision.train.config import TrainConfig
-    mod = _benchmark("predictor_saturation", monkeypatch)
+    mod = benchmark_script("predictor_saturation")
     TrainConfig(base_lr=0.004, batch_size=64, accum_steps=2, clip_grad=1.0).save(str(tmp_path / "config.yaml"))
     lines = [dict(kind="step", step=0, loss=2.3), dict(kind="epoch", epoch=0, eval_top1=40.0, eval_images=500),
              dict(kind="step", step=5, loss=1.0), dict(kind="epoch", epoch=1, eval_top1=61.5, eval_images=500)]
@@ -141,7 +141,7 @@ def test_mass_stats_by_hand(monkeypatch):
     quarter holds a quarter); a model that puts 13 of 16 patches into one cluster and one patch
     into each of 3 others has masses 1, 1, 1, 13 (the heaviest quarter, one cluster, holds 13/16)."""
     import math
-    mod = _benchmark("mass_stats", monkeypatch)
+    mod = benchmark_script("mass_stats")
     torch.manual_seed(0)
     x = torch.randn(2, 3, 16, 16)
     one = mod.mass_stats(tiny_model(clustering="image", dynamic=False, k_max=16, cmtf=False), x)
@@ -161,14 +161,3 @@ def test_mass_stats_by_hand(monkeypatch):
     assert big["p50"] == pytest.approx(1.0) and big["top_quarter_share"] == pytest.approx(13 / 16)
     assert big["log_mass_std"] == pytest.approx(torch.tensor([0.0, 0.0, 0.0, math.log(13)]).std().item())
 
-
-def _benchmark(name: str, monkeypatch):
-    """benchmarks/<name>.py as a module (the per-run diagnostics import assignment_stats beside them)."""
-    import importlib.util
-    import pathlib
-    root = pathlib.Path(__file__).parents[1] / "benchmarks"
-    monkeypatch.syspath_prepend(str(root))
-    spec = importlib.util.spec_from_file_location(name, root / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod

@@ -17,7 +17,9 @@ from ..visualize import visualize
 MISSING = "—"
 
 
-def _stat(values: list, digits: int = 2) -> str:
+def mean_std(values: list, digits: int = 2) -> str:
+    """How every table of the reports and benchmarks/ writes a cell: mean ± sample std over the
+    values that exist (one value: the value alone; none: an em dash)."""
     values = [v for v in values if v is not None]
     if not values:
         return MISSING
@@ -106,8 +108,8 @@ def _train_table(rec: dict, exp_dir: str, notes: list) -> list:
         knob = f"{cell['knob']}={cell['knob_value']}" if cell.get("knob") else MISSING
         mean_k = [statistics.fmean(r["mean_k"]) if r.get("mean_k") else None for r in rows]
         vals = [cell["label"]] + ([str(cell.get("key", MISSING))] if key else []) + ([knob] if knobs else []) + [
-            _stat([r["params_m"] for r in rows]), _stat([r["gmacs"] for r in rows], 4), _stat(mean_k, 1),
-            _stat([r["top1"] for r in rows]), _stat([r["top5"] for r in rows]), _stat([r["img_per_s"] for r in rows], 0),
+            mean_std([r["params_m"] for r in rows]), mean_std([r["gmacs"] for r in rows], 4), mean_std(mean_k, 1),
+            mean_std([r["top1"] for r in rows]), mean_std([r["top5"] for r in rows]), mean_std([r["img_per_s"] for r in rows], 0),
             str(len(rows))]
         lines.append("| " + " | ".join(vals) + " |")
     notes.extend(n for n in (_code_note(commits), _threads_note(threads)) if n)
@@ -131,16 +133,16 @@ def _guidance_table(rec: dict, exp_dir: str, notes: list) -> list:
         train = cell.get("train") or {}
         top1 = [r["top1"] for _, r in rows]
         vals = [cell["label"], train.get("guidance", "none"), str(train.get("lambda_cluster", 0)),
-                str(train.get("lambda_align", 0)), _stat([r["gmacs"] for _, r in rows], 4),
-                _stat([statistics.fmean(r["mean_k"]) if r.get("mean_k") else None for _, r in rows], 1),
-                _stat(top1)]
+                str(train.get("lambda_align", 0)), mean_std([r["gmacs"] for _, r in rows], 4),
+                mean_std([statistics.fmean(r["mean_k"]) if r.get("mean_k") else None for _, r in rows], 1),
+                mean_std(top1)]
         for m in modes:
             pairs = [(run["modes"][m]["top1"], r["top1"]) for run, r in rows if m in (run.get("modes") or {})]
             if not pairs:
                 vals.append(MISSING)
                 continue
             delta = statistics.fmean(a - b for a, b in pairs)
-            vals.append(f"{_stat([a for a, _ in pairs])} ({delta:+.2f})")
+            vals.append(f"{mean_std([a for a, _ in pairs])} ({delta:+.2f})")
         vals.append(str(len(rows)))
         lines.append("| " + " | ".join(vals) + " |")
     return lines
@@ -155,8 +157,8 @@ def _budget(rec: dict, out: str, name: str, plots: list, metric: str = "top1", w
             for p in run.get("points", []):
                 by_knob.setdefault(p["knob"], []).append(p)
         for knob, pts in by_knob.items():
-            lines.append(f"| {cell['label']} | {MISSING if knob is None else knob} | {_stat([p['gmacs'] for p in pts], 4)} | "
-                         f"{_stat([p[metric] for p in pts])} | {len(pts)} |")
+            lines.append(f"| {cell['label']} | {MISSING if knob is None else knob} | {mean_std([p['gmacs'] for p in pts], 4)} | "
+                         f"{mean_std([p[metric] for p in pts])} | {len(pts)} |")
             curves.setdefault(cell["label"], []).append(
                 (statistics.fmean(p["gmacs"] for p in pts), statistics.fmean(p[metric] for p in pts)))
         if not by_knob:
@@ -174,7 +176,7 @@ def _detection(rec: dict) -> list:
     lines = ["| backbone | " + " | ".join(c[0] for c in cols) + " | seeds |", "|---|" + "---|" * (len(cols) + 1)]
     for cell in rec["cells"]:
         runs = cell.get("runs", [])
-        lines.append(f"| {cell['label']} | " + " | ".join(_stat([r.get(key) for r in runs], d) for _, key, d in cols)
+        lines.append(f"| {cell['label']} | " + " | ".join(mean_std([r.get(key) for r in runs], d) for _, key, d in cols)
                      + f" | {len(runs)} |")
     return lines
 
