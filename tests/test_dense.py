@@ -163,6 +163,55 @@ def test_segment_command_trains_evaluates_and_protects_runs(tmp_path, capsys):
     assert build(old).backbone.prop_attn is True
 
 
+def test_segment_run_resumes_after_a_kill_exactly_and_records_its_curve(tmp_path, monkeypatch):
+    """A segment run killed mid-way resumes from train-state.pt to the very weights and evaluation
+    curve of an uninterrupted run; a state written with other settings, or a corrupt one, is
+    refused by name and left alone."""
+    from adaptivision.checkpoint import read_weights
+    from adaptivision.dense import run as seg
+    from adaptivision.dense import train
+    data = make_fmnist(str(tmp_path / "fm"), n_train=20, n_test=10)
+    common = dict(data_dir=data, img_size=32, steps=20, batch=2, eval_size=4, output=str(tmp_path), log=lambda *a: None)
+    whole = seg.run(name="whole", **common)
+    assert [c["step"] for c in whole["curve"]] == list(range(2, 21, 2))  # every steps // CURVE_POINTS updates
+    assert all(0 <= c["miou"] <= 100 for c in whole["curve"]) and not (tmp_path / "whole" / seg.STATE).exists()
+    assert whole["curve"][-1]["miou"] == pytest.approx(whole["results"]["miou"])  # the last point: the final model
+
+    loss, calls = train.segmentation_loss, []
+
+    def killed_at_11(model, items):
+        calls.append(1)
+        if len(calls) == 11:
+            raise KeyboardInterrupt  # the kill, after the state of step 10 was written
+        return loss(model, items)
+
+    monkeypatch.setattr(train, "segmentation_loss", killed_at_11)
+    with pytest.raises(KeyboardInterrupt):
+        seg.run(name="killed", **common)
+    monkeypatch.setattr(train, "segmentation_loss", loss)
+    state = tmp_path / "killed" / seg.STATE
+    assert torch.load(state, weights_only=True)["step"] == 10 and not (tmp_path / "killed" / "segment.json").exists()
+    logs = []
+    resumed = seg.run(name="killed", **dict(common, log=logs.append))
+    assert "resuming at step 10/20" in " ".join(logs) and not state.exists()
+    assert resumed["curve"] == whole["curve"]
+    a, b = read_weights(str(tmp_path / "whole" / "segmenter.safetensors")), read_weights(str(tmp_path / "killed" / "segmenter.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # a state from other settings is refused, naming what differs; a corrupt one too; both stay
+    monkeypatch.setattr(train, "segmentation_loss", killed_at_11)
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        seg.run(name="other", **common)
+    monkeypatch.setattr(train, "segmentation_loss", loss)
+    with pytest.raises(ValueError, match="lr: 0.001 there, 0.002 now"):
+        seg.run(name="other", lr=2e-3, **common)
+    (tmp_path / "other" / seg.STATE).write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="unreadable"):
+        seg.run(name="other", **common)
+    assert (tmp_path / "other" / seg.STATE).read_bytes() == b"not a torch file"
+
+
 def test_mosaic_boxes_are_the_visible_extent_of_each_item(tmp_path):
     src = fashion_mnist(make_fmnist(str(tmp_path), n_train=20, n_test=10), train=False)
     seg = FashionMosaics(src, length=30, canvas=56, items=(2, 4), seed=3)

@@ -177,6 +177,36 @@ def test_figure1bc_segments_with_every_backbone_at_its_budgets(done, tmp_path):
     assert os.path.getmtime(os.path.join(done, rec["cells"][0]["runs"][0]["run_dir"], "segmenter.safetensors")) == before
 
 
+def test_figure1bc_trains_only_the_chosen_cells_and_seeds(tmp_path):
+    """--only and --only-seed choose segmenters too (several processes share the long runs)."""
+    data = make_fmnist(str(tmp_path / "fm"), n_train=20, n_test=10)
+    out = str(tmp_path / "out")
+    assert main(["experiment", "run", "figure1bc", "--scale", "smoke", "--data-dir", data, "--out", out, "--seeds", "2",
+                 "--only", "ToMe (unmerged)", "--only-seed", "1"]) == 0
+    rec = _record(out, "figure1bc")
+    assert {c["label"]: [r["seed"] for r in c["runs"]] for c in rec["cells"]} == {
+        "ViT (dense)": [], "AdaptiVision (DTC, skip unpooling)": [], "EViT": [], "Hourglass": [], "ToMe (unmerged)": [1]}
+
+
+def test_segmentation_report_says_whether_each_segmenter_reached_its_plateau(tmp_path):
+    """The report plots each run's evaluation curve and gives its gain over the last two tenths."""
+    curve = [dict(step=s, miou=m) for s, m in ((100, 20.0), (200, 25.0), (300, 29.5), (400, 30.25))]
+    runs = [dict(seed=0, run_dir="r", commit="abc", points=[dict(knob=None, gmacs=0.1, miou=30.25)], curve=curve),
+            dict(seed=1, run_dir="r1", commit="abc", points=[dict(knob=None, gmacs=0.1, miou=29.0)],
+                 curve=[dict(c, miou=c["miou"] - 1 + 0.5 * i) for i, c in enumerate(curve)])]
+    rec = dict(experiment="figure1bc", title="Seg", kind="segmentation", scale="full", dataset="d", model="m",
+               epochs=1, seeds=2, cells=[dict(label="ViT (dense)", kwargs={}, runs=runs),
+                                         dict(label="EViT", kwargs={}, runs=[dict(runs[0], curve=[])])])
+    (tmp_path / "figure1bc").mkdir()
+    (tmp_path / "figure1bc" / "experiment.json").write_text(json.dumps(rec))
+    text = open(report([str(tmp_path / "figure1bc")], str(tmp_path / "rep"))).read()
+    # 30.25 - 25.00; seed 1: (30.25 - 1 + 1.5) - (25 - 1 + 0.5)
+    assert "last two tenths of training, seed by seed: ViT (dense) +5.25, +6.25" in text
+    assert "EViT +" not in text                                   # no curve recorded (older runs): no claim
+    with open(tmp_path / "rep" / "figure1bc-training.png", "rb") as f:
+        assert f.read(8) == PNG
+
+
 def test_theorem1_adaptivision_cost_grows_slower_than_dense(done):
     dense, av = _record(done, "theorem1")["cells"]
     ratio = [d["gmacs"] / a["gmacs"] for d, a in zip(dense["points"], av["points"], strict=True)]

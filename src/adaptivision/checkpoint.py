@@ -26,7 +26,8 @@ from safetensors.torch import load_file, save_file
 from .models.from_timm import is_added
 
 
-def _atomic(path: str, write) -> None:
+def atomic_write(path: str, write) -> None:
+    """``write(tmp)`` then rename ``tmp`` to ``path``: a kill mid-write leaves the old ``path`` whole."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         write(tmp)
@@ -80,7 +81,7 @@ def lock_holder(run_dir: str) -> Optional[str]:
 
 def save_weights(model: nn.Module, path: str, metadata: Optional[dict] = None) -> None:
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _atomic(path, lambda p: save_file(state, p, metadata={k: str(v) for k, v in (metadata or {}).items()}))
+    atomic_write(path, lambda p: save_file(state, p, metadata={k: str(v) for k, v in (metadata or {}).items()}))
 
 
 def read_weights(path: str) -> dict:
@@ -194,10 +195,10 @@ class CheckpointManager:
         # both files carry the epoch, so a pair torn apart by a kill between the two renames of
         # `last` is recognised on resume (see latest())
         save_weights(model, base + ".safetensors", metadata=dict(self.metadata, epoch=state["epoch"]))
-        _atomic(base + ".state.pt", lambda p: torch.save(state, p))
+        atomic_write(base + ".state.pt", lambda p: torch.save(state, p))
         for link in (["last"] + (["best"] if is_best else [])):
             for ext in (".safetensors", ".state.pt"):
-                _atomic(self.path(link) + ext, lambda p, ext=ext: shutil.copyfile(base + ext, p))
+                atomic_write(self.path(link) + ext, lambda p, ext=ext: shutil.copyfile(base + ext, p))
         self._prune()
         return base
 

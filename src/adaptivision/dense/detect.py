@@ -5,7 +5,7 @@ COCO-style mAP (IoU 0.50:0.95) and mAP50 come from pycocotools' ``COCOeval``, th
 implementation. The run directory holds ``detect.json`` (everything that rebuilds the detector,
 and the results) and ``detector.safetensors`` (its metadata names the backbone and class count,
 so a checkpoint that does not belong to the run is refused by name). An existing run is never
-overwritten.
+overwritten; a killed one resumes from ``train-state.pt`` when the same command runs again.
 """
 from __future__ import annotations
 
@@ -21,15 +21,15 @@ import timm
 import torch
 
 from ..budget import apply_budget
-from ..checkpoint import load_weights, read_weights, save_weights
+from ..checkpoint import load_weights, read_weights, run_lock, save_weights
 from ..data.datasets import fashion_mnist
 from ..data.mosaic import FashionMosaicBoxes
 from ..profile import profile
 from ..provenance import provenance
 from ..timing import time_models
 from .detector import build_detector, num_classes_of
-from .run import backbone_kwargs, pinned_kwargs
-from .train import fit
+from .run import CURVE_POINTS, STATE, backbone_kwargs, pinned_kwargs
+from .train import Progress, fit
 
 
 def sanitize(target: dict, size: tuple) -> tuple[dict, dict]:
@@ -136,17 +136,21 @@ def run(data_dir: Optional[str] = None, model: str = "adaptivision_nano_patch4_2
     spec = dict(model=model, kwargs=pinned_kwargs(model, kwargs), img_size=img_size, dataset="mosaic", classes=list(tr.classes),
                 in_chans=int(tr[0][0].shape[0]), channels=channels, steps=steps, batch=batch, lr=lr, seed=seed,
                 min_visible=tr.min_visible)
-    torch.manual_seed(seed)
-    det = build(spec)
-    t0 = time.time()
-    det = fit(det, det.backbone.trunk.backbone, tr, steps, batch, detection_loss, lr, seed, log)
-    spec["train_seconds"] = time.time() - t0
-    os.makedirs(run_dir, exist_ok=True)
-    save_weights(det, os.path.join(run_dir, "detector.safetensors"), metadata=_identity(spec))
-    spec["results"] = dict(coco_map(det, ev), **measure(det, ev))
-    spec["provenance"] = provenance()
-    with open(os.path.join(run_dir, "detect.json"), "w") as f:
-        json.dump(spec, f, indent=1)
+    # checkpoints at the ten points a segment run uses (no curve: COCO mAP is too slow to evaluate ten times)
+    progress = Progress(os.path.join(run_dir, STATE), steps // CURVE_POINTS, identity=dict(spec))
+    with run_lock(run_dir):  # a second process training into run_dir is refused (RunBusyError), nothing touched
+        torch.manual_seed(seed)
+        det = build(spec)
+        t0 = time.time()
+        det = fit(det, det.backbone.trunk.backbone, tr, steps, batch, detection_loss, lr, seed, log, progress=progress)
+        spec["train_seconds"] = time.time() - t0  # of this invocation, when it resumed
+        save_weights(det, os.path.join(run_dir, "detector.safetensors"), metadata=_identity(spec))
+        spec["results"] = dict(coco_map(det, ev), **measure(det, ev))
+        spec["provenance"] = provenance()
+        with open(os.path.join(run_dir, "detect.json"), "w") as f:
+            json.dump(spec, f, indent=1)
+        if os.path.exists(progress.state_path):
+            os.remove(progress.state_path)
     r = spec["results"]
     log(f"{run_dir}: mAP {r['map']:.2f}, mAP50 {r['map50']:.2f} at {r['backbone_gmacs']:.4f} backbone GMACs "
         f"({r['gmacs']:.4f} in all), {r['img_per_s']:.0f} images/s")

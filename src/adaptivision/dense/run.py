@@ -1,7 +1,9 @@
 """``adaptivision segment``: train a Segmenter on mosaics / ADE20K / Cityscapes, or evaluate one.
 
-The run directory holds ``segment.json`` (everything that rebuilds the model, and the results)
-and ``segmenter.safetensors``. An existing run is never overwritten.
+The run directory holds ``segment.json`` (everything that rebuilds the model, the results, and
+the evaluation mIoU at ten points of training: the plateau check) and ``segmenter.safetensors``.
+An existing run is never overwritten; a killed one resumes from ``train-state.pt`` (written at
+the same ten points) when the same command runs again.
 """
 from __future__ import annotations
 
@@ -14,14 +16,17 @@ import torch
 from torch.utils.data import Subset
 
 from ..budget import apply_budget
-from ..checkpoint import load_weights, save_weights
+from ..checkpoint import load_weights, run_lock, save_weights
 from ..config import ModelOptions, live_prop_attn
 from ..data.datasets import fashion_mnist
 from ..data.mosaic import MOSAIC_CLASSES, FashionMosaics
 from ..data.segmentation import build_segmentation
 from ..provenance import provenance
 from .segmenter import Segmenter
-from .train import evaluate_segmenter, train_segmenter
+from .train import Progress, evaluate_segmenter, train_segmenter
+
+STATE = "train-state.pt"  # the resume point of an unfinished run (removed once segment.json is written)
+CURVE_POINTS = 10  # evaluations (and checkpoints) per run: every steps // CURVE_POINTS updates
 
 DEFAULTS = {"mosaic": ("adaptivision_nano_patch4_28", 56), "ade20k": ("adaptivision_small_patch16_224", 512),
             "cityscapes": ("adaptivision_small_patch16_224", 512)}
@@ -83,15 +88,21 @@ def run(dataset: str = "mosaic", data_dir: Optional[str] = None, model: Optional
     tr, ev, classes = datasets(dataset, data_dir, img_size, eval_size)
     spec = dict(model=model, kwargs=pinned_kwargs(model, kwargs), img_size=img_size, decoder=decoder, dataset=dataset,
                 classes=list(classes), in_chans=int(tr[0][0].shape[0]), steps=steps, batch=batch, lr=lr, seed=seed)
-    torch.manual_seed(seed)
-    seg = build(spec)
-    seg = train_segmenter(seg, tr, steps, batch, lr, seed, log)
-    os.makedirs(run_dir, exist_ok=True)
-    save_weights(seg, os.path.join(run_dir, "segmenter.safetensors"))
-    spec["results"] = evaluate_segmenter(seg, ev, len(classes))
-    spec["provenance"] = provenance()
-    with open(os.path.join(run_dir, "segment.json"), "w") as f:
-        json.dump(spec, f, indent=1)
+    every = steps // CURVE_POINTS  # 0 (no curve, no checkpoints) for runs shorter than CURVE_POINTS updates
+    progress = Progress(os.path.join(run_dir, STATE), every, lambda m: evaluate_segmenter(m, ev, len(classes), False)["miou"],
+                        every, identity=dict(spec))
+    with run_lock(run_dir):  # a second process training into run_dir is refused (RunBusyError), nothing touched
+        torch.manual_seed(seed)
+        seg = build(spec)
+        seg = train_segmenter(seg, tr, steps, batch, lr, seed, log, progress=progress)
+        save_weights(seg, os.path.join(run_dir, "segmenter.safetensors"))
+        spec["results"] = evaluate_segmenter(seg, ev, len(classes))
+        spec["curve"] = [dict(step=c["step"], miou=c["value"]) for c in progress.curve]  # eval mIoU during training
+        spec["provenance"] = provenance()
+        with open(os.path.join(run_dir, "segment.json"), "w") as f:
+            json.dump(spec, f, indent=1)
+        if os.path.exists(progress.state_path):  # the run is whole: its resume point is not needed any more
+            os.remove(progress.state_path)
     log(f"{run_dir}: mIoU {spec['results']['miou']:.2f} at {spec['results']['gmacs']:.4f} GMACs")
     return spec
 

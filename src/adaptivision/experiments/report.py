@@ -148,6 +148,25 @@ def _guidance_table(rec: dict, exp_dir: str, notes: list) -> list:
     return lines
 
 
+def _plateau_note(rec: dict, out: str, name: str, plots: list) -> str:
+    """Whether each segmenter reached its plateau: the evaluation mIoU its run recorded at ten
+    points of training, plotted, and its change over the last two of them, seed by seed."""
+    curves, gains = {}, []
+    for cell in rec["cells"]:
+        runs = [r for r in cell.get("runs", []) if len(r.get("curve", [])) >= 3]
+        for r in runs:
+            curves[f"{cell['label']}, seed {r['seed']}"] = [(c["step"], c["miou"]) for c in r["curve"]]
+        if runs:
+            gains.append(f"{cell['label']} " + ", ".join(f"{r['curve'][-1]['miou'] - r['curve'][-3]['miou']:+.2f}"
+                                                         for r in runs))
+    if not curves:
+        return ""
+    plots.append(plot_curves(out, f"{name}-training", "update", "evaluation mIoU (%)", curves,
+                             f"{rec['title']}: during training"))
+    return ("plateau check, evaluation mIoU gained over the last two tenths of training, seed by seed: "
+            + "; ".join(gains))
+
+
 def _budget(rec: dict, out: str, name: str, plots: list, metric: str = "top1", what: str = "top-1 (%)") -> list:
     lines = [f"| method | knob | GMACs | {what} | seeds |", "|---|---|---|---|---|"]
     curves = {}
@@ -286,7 +305,7 @@ def report(exp_dirs: list, out: str, pictures: bool = True) -> str:
             notes.append(_code_note(commits))
         elif rec["kind"] == "segmentation":
             md += _budget(rec, out, name, plots, "miou", "mIoU (%)")
-            notes.append(_code_note(_run_commits(rec)))
+            notes += [_code_note(_run_commits(rec)), _plateau_note(rec, out, name, plots)]
         elif rec["kind"] == "detection":
             md += _detection(rec)
             notes.append(_code_note(_run_commits(rec)))

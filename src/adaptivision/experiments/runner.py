@@ -490,15 +490,15 @@ class Runner:
         for seed in range(self.seeds):
             rel = os.path.join("runs", name, f"seed{seed}")
             ckpt = os.path.join(self.out, rel, "segmenter.safetensors")
+            what = f"[{self.exp.name}] {cell.label} seed {seed}"
             if os.path.isfile(os.path.join(self.out, rel, "segment.json")):
-                self.log(f"[{self.exp.name}] {cell.label} seed {seed}: done before ({rel})")
-            elif self.record_only:
+                self.log(f"{what}: done before ({rel})")
+            elif not self._trains(cell, seed):
                 continue
-            else:
-                self.log(f"[{self.exp.name}] {cell.label} seed {seed}: training {rel}")
-                dense_run.run(dataset, self.base.data_dir, kwargs=_dense_task_kwargs(cell.kwargs),
-                              output=os.path.join(self.out, "runs"),
-                              name=os.path.join(name, f"seed{seed}"), seed=seed, log=lambda *a: None, **recipe)
+            elif not self._dense_train(what, rel, dense_run.run, dataset, self.base.data_dir,
+                                       kwargs=_dense_task_kwargs(cell.kwargs), output=os.path.join(self.out, "runs"),
+                                       name=os.path.join(name, f"seed{seed}"), seed=seed, **recipe):
+                continue
             points = []
             for b in SEG_BUDGETS.get(method, [None]):
                 res = dense_run.evaluate(ckpt, self.base.data_dir, recipe["eval_size"], dict([b]) if b else None)
@@ -506,9 +506,28 @@ class Runner:
                 self.log(f"[{self.exp.name}] {cell.label} seed {seed} {b}: {res['gmacs']:.4f} GMACs, "
                          f"mIoU {res['miou']:.2f}")
             with open(os.path.join(self.out, rel, "segment.json")) as f:
-                commit = _commit(json.load(f))
-            entry["runs"].append(dict(seed=seed, run_dir=rel, commit=commit, points=points))
+                spec = json.load(f)
+            entry["runs"].append(dict(seed=seed, run_dir=rel, commit=_commit(spec), points=points,
+                                      curve=spec.get("curve", [])))
         return entry
+
+    def _dense_train(self, what: str, rel: str, train: Callable, *args, **kwargs) -> bool:
+        """Train (or resume, from its ``train-state.pt``) one segmentation or detection run; False,
+        nothing touched, when another live process holds the run (several processes share one --out)."""
+        resuming = os.path.isfile(os.path.join(self.out, rel, dense_run.STATE))
+        self.log(f"{what}: {'resuming' if resuming else 'training'} {rel}")
+        try:
+            train(*args, log=lambda *a: None, **kwargs)
+        except RunBusyError as e:
+            self.log(f"{what}: skipped, another process is training it ({e})")
+            return False
+        return True
+
+    def _trains(self, cell: Cell, seed: int) -> bool:
+        """Whether this invocation trains ``cell``'s ``seed`` (not --record-only, not left out by
+        --only or --only-seed); a segmentation or detection run that it does not train is recorded
+        only when it is finished."""
+        return not self.record_only and cell in self.cells and seed in self.train_seeds
 
     def detection(self, cell: Cell) -> dict:
         """Table 3: one FCOS detector per seed (``adaptivision detect``'s training) on each backbone;
@@ -523,14 +542,15 @@ class Runner:
         for seed in range(self.seeds):
             rel = os.path.join("runs", name, f"seed{seed}")
             path = os.path.join(self.out, rel, "detect.json")
+            what = f"[{self.exp.name}] {cell.label} seed {seed}"
             if os.path.isfile(path):
-                self.log(f"[{self.exp.name}] {cell.label} seed {seed}: done before ({rel})")
-            elif self.record_only:
+                self.log(f"{what}: done before ({rel})")
+            elif not self._trains(cell, seed):
                 continue
-            else:
-                self.log(f"[{self.exp.name}] {cell.label} seed {seed}: training {rel}")
-                detect.run(self.base.data_dir, kwargs=_dense_task_kwargs(cell.kwargs), output=os.path.join(self.out, "runs"),
-                           name=os.path.join(name, f"seed{seed}"), seed=seed, log=lambda *a: None, **recipe)
+            elif not self._dense_train(what, rel, detect.run, self.base.data_dir,
+                                       kwargs=_dense_task_kwargs(cell.kwargs), output=os.path.join(self.out, "runs"),
+                                       name=os.path.join(name, f"seed{seed}"), seed=seed, **recipe):
+                continue
             with open(path) as f:
                 spec = json.load(f)
             entry["runs"].append(dict(seed=seed, run_dir=rel, commit=_commit(spec), **spec["results"]))
