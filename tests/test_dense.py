@@ -4,6 +4,7 @@ import json
 import math
 import os
 import statistics
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -172,29 +173,38 @@ def test_segment_run_resumes_after_a_kill_exactly_and_records_its_curve(tmp_path
     from adaptivision.dense import train
     data = make_fmnist(str(tmp_path / "fm"), n_train=20, n_test=10)
     common = dict(data_dir=data, img_size=32, steps=20, batch=2, eval_size=4, output=str(tmp_path), log=lambda *a: None)
+    now = [0.0]  # a clock that moves one second per update: train_seconds counts updates, resumed or not
+    monkeypatch.setattr(train, "time", SimpleNamespace(time=lambda: now[0]))
+    loss, calls = train.segmentation_loss, []
+
+    def one_second(model, items):
+        now[0] += 1.0
+        return loss(model, items)
+
+    monkeypatch.setattr(train, "segmentation_loss", one_second)
     whole = seg.run(name="whole", **common)
+    assert whole["train_seconds"] == 20.0
     assert [c["step"] for c in whole["curve"]] == list(range(2, 21, 2))  # every steps // CURVE_POINTS updates
     assert all(0 <= c["miou"] <= 100 for c in whole["curve"]) and not (tmp_path / "whole" / seg.STATE).exists()
     assert whole["curve"][-1]["miou"] == pytest.approx(whole["results"]["miou"])  # the last point: the final model
-
-    loss, calls = train.segmentation_loss, []
 
     def killed_at_11(model, items):
         calls.append(1)
         if len(calls) == 11:
             raise KeyboardInterrupt  # the kill, after the state of step 10 was written
-        return loss(model, items)
+        return one_second(model, items)
 
     monkeypatch.setattr(train, "segmentation_loss", killed_at_11)
     with pytest.raises(KeyboardInterrupt):
         seg.run(name="killed", **common)
-    monkeypatch.setattr(train, "segmentation_loss", loss)
+    monkeypatch.setattr(train, "segmentation_loss", one_second)
     state = tmp_path / "killed" / seg.STATE
     assert torch.load(state, weights_only=True)["step"] == 10 and not (tmp_path / "killed" / "segment.json").exists()
     logs = []
     resumed = seg.run(name="killed", **dict(common, log=logs.append))
     assert "resuming at step 10/20" in " ".join(logs) and not state.exists()
     assert resumed["curve"] == whole["curve"]
+    assert resumed["train_seconds"] == 20.0  # both processes' updates, each counted once
     a, b = read_weights(str(tmp_path / "whole" / "segmenter.safetensors")), read_weights(str(tmp_path / "killed" / "segmenter.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -203,7 +213,7 @@ def test_segment_run_resumes_after_a_kill_exactly_and_records_its_curve(tmp_path
     calls.clear()
     with pytest.raises(KeyboardInterrupt):
         seg.run(name="other", **common)
-    monkeypatch.setattr(train, "segmentation_loss", loss)
+    monkeypatch.setattr(train, "segmentation_loss", one_second)
     with pytest.raises(ValueError, match="lr: 0.001 there, 0.002 now"):
         seg.run(name="other", lr=2e-3, **common)
     (tmp_path / "other" / seg.STATE).write_bytes(b"not a torch file")

@@ -693,6 +693,34 @@ def test_headline_table_by_hand_and_in_the_readme(tmp_path, capsys):
         "README's headline table differs from its record: python benchmarks/headline.py " + src + " --readme README.md"
 
 
+def test_run_hours_counts_each_run_once_with_every_epoch(tmp_path, capsys):
+    """benchmarks/run_hours.py: a run shared by two experiments counts once (named by both), its
+    seconds are its epochs' (step lines ignored), core-hours weight by threads; a segmentation run
+    counts by its train_seconds, one recorded without them not at all. Totals by hand."""
+    mod = benchmark_script("run_hours")
+    root = tmp_path / "rec"
+
+    def write(rel, rec):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(json.dumps(rec))
+
+    epoch = lambda s: {"kind": "epoch", "epoch_seconds": s}  # noqa: E731
+    write("runs/a/seed0/summary.json", {"threads": 2, "epochs": [epoch(1800), {"kind": "step"}, epoch(1800)]})
+    write("runs/a/seed1/summary.json", {"threads": 2, "epochs": [epoch(3600)]})
+    write("runs/b/seed0/summary.json", {"threads": 1, "epochs": [epoch(5400)]})
+    write("runs/seg/seed0/segment.json", {"train_seconds": 1800.0, "provenance": {"threads": 1}})
+    write("runs/seg/seed1/segment.json", {"results": {}})  # recorded before train_seconds
+    for exp, label in (("t5", "dense"), ("t7", "ViT")):
+        write(f"{exp}/experiment.json", {"experiment": exp, "cells": [
+            {"label": label, "runs": [{"seed": 0, "run_dir": "runs/a/seed0"}, {"seed": 1, "run_dir": "runs/a/seed1"}]}]})
+    assert mod.table(mod.runs(str(root))).splitlines()[2:] == [
+        "| runs/a | dense (t5, t7) | 2 | 2.0 | 4.0 |",
+        "| runs/b | — | 1 | 1.5 | 1.5 |",
+        "| runs/seg | — | 1 | 0.5 | 0.5 |",
+        "| **total** | | **4 runs** | **4.0** | **6.0** |"]
+    assert mod.main([str(tmp_path)]) == 2 and "no runs/ folder" in capsys.readouterr().err
+
+
 def test_commit_records_folds_a_run_and_keeps_a_restored_record(tmp_path):
     """benchmarks/commit_records.py: a finished run's summary gets its config, spec and epochs
     folded in; a committed record copied back into --out (no config.yaml beside it) is kept as it was."""

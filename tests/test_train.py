@@ -142,6 +142,11 @@ def test_resume_continues_exactly(fmnist, tmp_path):
     assert max(diff.values()) == 0.0, {k: v for k, v in diff.items() if v}
     a, b = (torch.load(tmp_path / n / "last.state.pt", weights_only=True)["trained"] for n in ("straight", "split"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # the resumed run's train time is both epochs', not the resuming process's one epoch
+    lines = [json.loads(x) for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    secs = [r["epoch_seconds"] for r in lines if r["kind"] == "epoch"]
+    row = json.loads((tmp_path / "split" / "summary.json").read_text())["rows"][0]
+    assert len(secs) == 2 and row["train_seconds"] == pytest.approx(sum(secs))
 
 
 def test_ema_checkpoint_holds_the_weights_it_reports(fmnist, tmp_path, capsys):

@@ -13,7 +13,6 @@ import contextlib
 import io
 import json
 import os
-import time
 from typing import Callable, Optional
 
 import numpy as np
@@ -141,9 +140,8 @@ def run(data_dir: Optional[str] = None, model: str = "adaptivision_nano_patch4_2
     with run_lock(run_dir):  # a second process training into run_dir is refused (RunBusyError), nothing touched
         torch.manual_seed(seed)
         det = build(spec)
-        t0 = time.time()
         det = fit(det, det.backbone.trunk.backbone, tr, steps, batch, detection_loss, lr, seed, log, progress=progress)
-        spec["train_seconds"] = time.time() - t0  # of this invocation, when it resumed
+        spec["train_seconds"] = progress.seconds  # the whole run's, a resumed one's too
         save_weights(det, os.path.join(run_dir, "detector.safetensors"), metadata=_identity(spec))
         spec["results"] = dict(coco_map(det, ev), **measure(det, ev))
         spec["provenance"] = provenance()

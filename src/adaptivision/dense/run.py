@@ -98,6 +98,7 @@ def run(dataset: str = "mosaic", data_dir: Optional[str] = None, model: Optional
         save_weights(seg, os.path.join(run_dir, "segmenter.safetensors"))
         spec["results"] = evaluate_segmenter(seg, ev, len(classes))
         spec["curve"] = [dict(step=c["step"], miou=c["value"]) for c in progress.curve]  # eval mIoU during training
+        spec["train_seconds"] = progress.seconds  # the whole run's, a resumed one's too
         spec["provenance"] = provenance()
         with open(os.path.join(run_dir, "segment.json"), "w") as f:
             json.dump(spec, f, indent=1)

@@ -33,6 +33,7 @@ class Progress:
     eval_every: int = 0
     identity: dict = field(default_factory=dict)
     curve: list = field(default_factory=list)
+    seconds: float = 0.0  # wall time of the training loop so far, over every process that resumed it
 
     def due(self, every: int, step: int, steps: int) -> bool:
         return every > 0 and (step % every == 0 or step == steps)
@@ -57,12 +58,14 @@ def _resume(progress: Progress, model, opt, sched, g: torch.Generator) -> int:
     g.set_state(state["generator"])
     set_rng_state(state["rng"])
     progress.curve[:] = state["curve"]
+    progress.seconds = float(state.get("seconds", 0.0))  # states saved before 2026-11-29 lack it
     return int(state["step"])
 
 
 def _save(progress: Progress, step: int, model, opt, sched, g: torch.Generator) -> None:
     state = dict(step=step, identity=progress.identity, model=model.state_dict(), optimizer=opt.state_dict(),
-                 scheduler=sched.state_dict(), generator=g.get_state(), rng=rng_state(), curve=progress.curve)
+                 scheduler=sched.state_dict(), generator=g.get_state(), rng=rng_state(), curve=progress.curve,
+                 seconds=progress.seconds)
     atomic_write(progress.state_path, lambda p: torch.save(state, p))
 
 
@@ -87,7 +90,7 @@ def fit(model, backbone, ds, steps: int, batch: int, loss_fn: Callable, lr: floa
         start = _resume(progress, model, opt, sched, g)
         log(f"resuming at step {start}/{steps} from {progress.state_path}")
     model.train()
-    t0 = time.time()
+    t0, before = time.time(), progress.seconds
     for step in range(start, steps):
         idx = torch.randint(len(ds), (batch,), generator=g).tolist()
         loss = loss_fn(model, [ds[i] for i in idx])
@@ -105,6 +108,7 @@ def fit(model, backbone, ds, steps: int, batch: int, loss_fn: Callable, lr: floa
             model.train()
             progress.curve.append(dict(step=step + 1, value=value))
             log(f"step {step + 1}/{steps} evaluation {value:.2f}")
+        progress.seconds = before + time.time() - t0
         if progress.state_path and progress.due(progress.save_every, step + 1, steps) and step + 1 < steps:
             _save(progress, step + 1, model, opt, sched, g)
     return model.eval()

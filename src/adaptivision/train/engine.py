@@ -340,24 +340,25 @@ def fit(cfg: TrainConfig, run_dir: str, dense: bool, d: Dist, resume: bool = Fal
     """Train one model into ``run_dir`` (setup, then per epoch: train, validate, checkpoint);
     returns its results, or None if stopped after ``stop_after`` epochs of this call."""
     s = setup(cfg, run_dir, dense, d, resume, log)
-    t_train, result = 0.0, None
+    result = None
     epoch_bar = tqdm(range(s.start_epoch, cfg.epochs), desc=f"{s.name} epochs",
                      disable=not d.main, position=0, leave=False, dynamic_ncols=True)
     for epochs_run, epoch in enumerate(epoch_bar):
         if stop_after is not None and epochs_run >= stop_after:
             return None
         stats = train_one_epoch(s, epoch)
-        t_train += stats["seconds"]
         ev = validate(s)
         end_epoch(s, epoch, stats, ev)
         if d.main:
             epoch_bar.set_postfix(eval_top1=f"{ev['top1']:.2f}")
-        result = dict(spec=s.spec, eval=ev, best_top1=s.best, train_seconds=t_train, epochs=cfg.epochs)
+        result = dict(spec=s.spec, eval=ev, best_top1=s.best, epochs=cfg.epochs)
     if s.writer is not None:
         s.writer.close()
     if result is None:  # everything was already done: report the saved state
         st = s.ckpt.load_state(s.ckpt.latest()[0])
-        result = dict(spec=s.spec, eval=st["eval"], best_top1=st["best_top1"], train_seconds=None, epochs=cfg.epochs)
+        result = dict(spec=s.spec, eval=st["eval"], best_top1=st["best_top1"], epochs=cfg.epochs)
+    # every epoch's, the resumed ones included (this process's alone undercounted a resumed run)
+    result["train_seconds"] = _train_seconds(s.metrics_path) if d.main else None
     result["model"], result["guide"] = s.ema.module if s.ema is not None else s.model, s.guide  # the one evaluated
     return result
 
@@ -418,6 +419,16 @@ def _trim_metrics(path: str, start_epoch: int) -> None:
     with open(tmp, "w") as f:
         f.writelines(lines)
     os.replace(tmp, path)
+
+
+def _train_seconds(path: str) -> Optional[float]:
+    """The run's training time: the sum of its epochs' seconds in metrics.jsonl (which holds each
+    epoch once, ``_trim_metrics``), whichever processes trained them."""
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        recs = [json.loads(ln) for ln in f if ln.strip()]
+    return sum(r["epoch_seconds"] for r in recs if r.get("kind") == "epoch")
 
 
 def _tensorboard(run_dir: str):
