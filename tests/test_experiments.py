@@ -579,6 +579,36 @@ def test_only_seed_trains_that_seed_and_records_the_others(monkeypatch, tmp_path
             Runner(exp, str(tmp_path), "smoke", base, seeds=3, only_seeds=bad)
 
 
+def test_guidance_record_of_runs_whose_weights_are_gone(done, tmp_path, capsys):
+    """plateau-guidance re-recorded from committed summaries alone (weights lost with a machine): the
+    unguided K 20 row needs no weights, a guided run keeps the missing / shuffled / random top-1 of the
+    experiment's earlier record in --out, and without that record it is recorded without them (said
+    in the log) instead of failing on the missing weights."""
+    import shutil
+    first = _record(done, "plateau-guidance")
+    out = tmp_path / "restored"
+    for run in (r for cell in first["cells"] for r in cell["runs"]):
+        (out / run["run_dir"]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(os.path.join(done, run["run_dir"], "summary.json"), out / run["run_dir"])
+    (out / "plateau-guidance").mkdir()
+    shutil.copy(os.path.join(done, "plateau-guidance", "experiment.json"), out / "plateau-guidance")
+    common = ["--scale", "smoke", "--data-dir", os.path.join(os.path.dirname(done), "fm"), "--out", str(out)]
+    capsys.readouterr()
+    assert main(["experiment", "run", "plateau-guidance", *common, "--record-only"]) == 0
+    guided = [c for c in first["cells"] if c["train"].get("guidance")]
+    assert len(guided) == 3 and all(r.get("modes") for c in guided for r in c["runs"])
+    assert capsys.readouterr().out.count("weights gone, guidance modes from the earlier record") == len(guided)
+    again = _record(str(out), "plateau-guidance")
+    assert [[r.get("modes") for r in c["runs"]] for c in again["cells"]] == \
+        [[r.get("modes") for r in c["runs"]] for c in first["cells"]]
+    (out / "plateau-guidance" / "experiment.json").unlink()
+    assert main(["experiment", "run", "plateau-guidance", *common, "--record-only"]) == 0
+    assert capsys.readouterr().out.count("no guidance modes in the earlier record: recorded without them") == len(guided)
+    bare = _record(str(out), "plateau-guidance")
+    assert [len(c["runs"]) for c in bare["cells"]] == [len(c["runs"]) for c in first["cells"]]
+    assert not any(r.get("modes") for c in bare["cells"] for r in c["runs"])
+
+
 def test_budget_sweep_takes_the_earlier_points_of_a_run_whose_weights_are_gone(done, tmp_path, capsys):
     """A run restored from its committed summary (weights lost with a machine) keeps the budget
     points of the experiment's earlier record in --out; a run that record has no points of is left

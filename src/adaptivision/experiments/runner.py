@@ -366,6 +366,10 @@ class Runner:
                 with open(saved) as f:
                     run["modes"] = json.load(f)
                 continue
+            ckpt = os.path.join(self.out, run["run_dir"], "last.safetensors")
+            if not os.path.isfile(ckpt):  # a run restored from its committed record, weights gone
+                self._earlier_modes(entry, run, ckpt)
+                continue
             model, cfg, guide = self._load(run["run_dir"])
             if guide is None:
                 continue
@@ -377,6 +381,21 @@ class Runner:
                 self.log(f"[guidance] {entry['label']} seed {run['seed']} {mode}: top-1 {res['top1']:.2f}")
             with open(saved, "w") as f:
                 json.dump(run["modes"], f, indent=1)
+
+    def _earlier_modes(self, entry: dict, run: dict, ckpt: str) -> None:
+        """A guided run whose weights are gone keeps the modes of this experiment's earlier record in
+        ``--out`` (copy the committed experiment.json there); without them it is recorded with its
+        own top-1 only, and the log says so. An unguided run has no modes to keep."""
+        if not (entry.get("train") or {}).get("guidance"):
+            return
+        old = self._run_in(self._earlier, run, "modes", entry["label"])
+        if old is None:
+            self.log(f"[{self.exp.name}] {entry['label']} seed {run['seed']}: weights gone ({ckpt}) and no "
+                     "guidance modes in the earlier record: recorded without them")
+            return
+        run["modes"] = old["modes"]
+        self.log(f"[{self.exp.name}] {entry['label']} seed {run['seed']}: weights gone, guidance modes from the "
+                 "earlier record")
 
     def budget_sweep(self, entry: dict) -> None:
         """Figure 1(a): every trained model of the cell at each budget of its method."""
@@ -447,15 +466,20 @@ class Runner:
         return True
 
     @staticmethod
-    def _points_in(record: dict, run: dict, label: Optional[str] = None) -> Optional[tuple]:
-        """(points, when measured) of ``run`` (same run_dir and seed) in an experiment record, from the
-        cell of that ``label`` when given; None where it has none."""
+    def _run_in(record: dict, run: dict, key: str, label: Optional[str] = None) -> Optional[dict]:
+        """``run``'s entry (same run_dir and seed) in an experiment record where it has ``key``, from
+        the cell of that ``label`` when given; None where it has none."""
         for cell in record.get("cells", []):
             for old in cell.get("runs", []) if label in (None, cell.get("label")) else []:
-                if old.get("seed") == run["seed"] and old.get("run_dir") == run["run_dir"] and old.get("points"):
-                    # when the points were measured: kept through later re-recordings
-                    return old["points"], old.get("points_from", record.get("finished"))
+                if old.get("seed") == run["seed"] and old.get("run_dir") == run["run_dir"] and old.get(key):
+                    return old
         return None
+
+    def _points_in(self, record: dict, run: dict, label: Optional[str] = None) -> Optional[tuple]:
+        """(points, when measured) of ``run`` in an experiment record; None where it has none."""
+        old = self._run_in(record, run, "points", label)
+        # when the points were measured: kept through later re-recordings
+        return None if old is None else (old["points"], old.get("points_from", record.get("finished")))
 
     def _sweep_run(self, entry: dict, run: dict, method: str) -> None:
         model, cfg, guide = self._load(run["run_dir"])
