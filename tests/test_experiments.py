@@ -609,6 +609,36 @@ def test_guidance_record_of_runs_whose_weights_are_gone(done, tmp_path, capsys):
     assert not any(r.get("modes") for c in bare["cells"] for r in c["runs"])
 
 
+def test_record_includes_runs_another_process_finished_meanwhile(monkeypatch, tmp_path):
+    """Two processes share --out, each training one seed: the one that finishes last writes the
+    record, and it holds the other's run even though that run was unfinished when this process
+    looked at its cell (the plateau-table7 record of 2026-11-29 lacked it); a run still unfinished
+    at the end stays out."""
+    from adaptivision.experiments import registry
+    from adaptivision.experiments.runner import Runner, base_config
+    base = base_config("smoke", "fashion-mnist", None, None)
+    exp = registry.get("plateau-table7")
+    logs = []
+    runner = Runner(exp, str(tmp_path), "smoke", base, seeds=3, log=logs.append, only=["+DTC"], only_seeds=[1])
+    dirs = {}
+
+    def train(self, cfg, run_dir, what, rel):  # seed 1 trains; meanwhile "the other process" ends seed 0
+        os.makedirs(run_dir)
+        open(os.path.join(run_dir, "summary.json"), "w").write("{}")
+        other = run_dir.replace("seed1", "seed0")
+        os.makedirs(other)
+        open(os.path.join(other, "summary.json"), "w").write("{}")
+        dirs.update(mine=rel, other=os.path.relpath(other, str(tmp_path)))
+        return True
+
+    monkeypatch.setattr(Runner, "_train", train)
+    rec = runner.run()
+    cell = next(c for c in rec["cells"] if c["label"] == "+DTC")
+    assert cell["runs"] == [{"seed": 0, "run_dir": dirs["other"]}, {"seed": 1, "run_dir": dirs["mine"]}]
+    assert f"[plateau-table7] +DTC seed 0: finished meanwhile ({dirs['other']})" in logs
+    assert _record(str(tmp_path), "plateau-table7")["cells"] == rec["cells"]
+
+
 def test_budget_sweep_takes_the_earlier_points_of_a_run_whose_weights_are_gone(done, tmp_path, capsys):
     """A run restored from its committed summary (weights lost with a machine) keeps the budget
     points of the experiment's earlier record in --out; a run that record has no points of is left

@@ -197,6 +197,7 @@ class Runner:
                     raise ValueError(f"{earlier} is not a readable experiment record ({e}): move it away "
                                      "or copy the committed one there") from e
         self._dtc_gmacs: Optional[float] = None
+        self._unfinished: dict = {}  # label -> {seed: run dir} of the runs not finished when recorded
 
     def _chosen(self, only: Optional[list]) -> tuple:
         """The cells to run: all, or those labelled in ``only`` plus the dense cell that a chosen
@@ -279,11 +280,24 @@ class Runner:
             elif self.record_only or not train or seed not in self.train_seeds:
                 if train:  # a cell --only left out is not news
                     self.log(f"[{self.exp.name}] {cell.label} seed {seed}: not finished, left out ({rel})")
+                self._unfinished.setdefault(cell.label, {})[seed] = rel
                 continue
             elif not self._train(cfg, run_dir, f"[{self.exp.name}] {cell.label} seed {seed}", rel):
+                self._unfinished.setdefault(cell.label, {})[seed] = rel
                 continue
             entry["runs"].append(dict(seed=seed, run_dir=rel))
         return entry
+
+    def _finished_meanwhile(self, entries: list) -> None:
+        """Add the runs found unfinished when their cell was recorded that are finished now: another
+        process sharing --out may finish a run of any cell while this one trains (the record written
+        last would otherwise lack it)."""
+        for entry in entries:
+            for seed, rel in self._unfinished.get(entry["label"], {}).items():
+                if os.path.isfile(os.path.join(self.out, rel, "summary.json")):
+                    self.log(f"[{self.exp.name}] {entry['label']} seed {seed}: finished meanwhile ({rel})")
+                    entry["runs"].append(dict(seed=seed, run_dir=rel))
+            entry["runs"].sort(key=lambda r: r["seed"])
 
     def _train(self, cfg: TrainConfig, run_dir: str, what: str, rel: str) -> bool:
         """Train (or resume) one run; False, and nothing touched, when another live process is
@@ -324,6 +338,7 @@ class Runner:
             # every cell is recorded, those left out by --only as --record-only would: the record
             # rewritten after an --only run keeps the other cells' finished runs
             self.record["cells"] = [self.train_cell(c, train=c in self.cells) for c in self.exp.cells]
+            self._finished_meanwhile(self.record["cells"])
             for entry in self.record["cells"]:
                 if kind == "budget":
                     self.budget_sweep(entry)
