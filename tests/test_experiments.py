@@ -188,6 +188,29 @@ def test_figure1bc_trains_only_the_chosen_cells_and_seeds(tmp_path):
         "ViT (dense)": [], "AdaptiVision (DTC, skip unpooling)": [], "EViT": [], "Hourglass": [], "ToMe (unmerged)": [1]}
 
 
+def test_figure1bc_record_holds_a_run_another_process_finished_meanwhile(tmp_path, monkeypatch):
+    """Two processes share --out: while this one trains ToMe seed 0, the other trains and records the
+    dense seed 0; the record this one writes last holds both (the dense cell, looked at first, was
+    unfinished then)."""
+    from adaptivision.dense import run as dense_run
+    data = make_fmnist(str(tmp_path / "fm"), n_train=20, n_test=10)
+    common = ["experiment", "run", "figure1bc", "--scale", "smoke", "--data-dir", data, "--out", str(tmp_path / "out")]
+    real, other = dense_run.run, []
+
+    def meanwhile(*args, **kwargs):
+        spec = real(*args, **kwargs)
+        if not other:  # the other process, once, while this one is still in its training phase
+            other.append(1)
+            assert main([*common, "--only", "ViT (dense)", "--only-seed", "0"]) == 0
+        return spec
+
+    monkeypatch.setattr(dense_run, "run", meanwhile)
+    assert main([*common, "--only", "ToMe (unmerged)", "--only-seed", "0"]) == 0
+    rec = _record(str(tmp_path / "out"), "figure1bc")
+    assert {c["label"]: [r["seed"] for r in c["runs"]] for c in rec["cells"]} == {
+        "ViT (dense)": [0], "AdaptiVision (DTC, skip unpooling)": [], "EViT": [], "Hourglass": [], "ToMe (unmerged)": [0]}
+
+
 def test_segmentation_report_says_whether_each_segmenter_reached_its_plateau(tmp_path):
     """The report plots each run's evaluation curve and gives its gain over the last two tenths."""
     curve = [dict(step=s, miou=m) for s, m in ((100, 20.0), (200, 25.0), (300, 29.5), (400, 30.25))]

@@ -328,10 +328,13 @@ class Runner:
         kind = self.exp.kind
         if kind == "scaling":
             self.record["cells"] = self.scaling()
-        elif kind == "segmentation":
-            self.record["cells"] = [self.segmentation(c) for c in self.exp.cells]
-        elif kind == "detection":
-            self.record["cells"] = [self.detection(c) for c in self.exp.cells]
+        elif kind in ("segmentation", "detection"):
+            task = self.segmentation if kind == "segmentation" else self.detection
+            # every run is trained before any is recorded: another process sharing --out may finish a
+            # run of any cell while this one trains, and the record written last must hold it
+            for c in self.exp.cells:
+                task(c, record=False)
+            self.record["cells"] = [task(c, train=False) for c in self.exp.cells]
         elif kind == "robustness":
             self.record["cells"] = self.robustness(checkpoints, eval_data or {})
         else:
@@ -516,10 +519,10 @@ class Runner:
             self.log(f"[{self.exp.name}] {entry['label']} seed {run['seed']} K={k}: "
                      f"{res['gmacs']:.4f} GMACs, top-1 {res['top1']:.2f}")
 
-    def segmentation(self, cell: Cell) -> dict:
-        """Figure 1(b)/(c): one segmenter per seed (``adaptivision segment``'s training), then mIoU
-        and GMACs at each budget of its method. Fashion-MNIST gives mosaics; ade20k / cityscapes
-        are read from --data-dir."""
+    def segmentation(self, cell: Cell, train: bool = True, record: bool = True) -> dict:
+        """Figure 1(b)/(c): one segmenter per seed (``adaptivision segment``'s training; ``train``),
+        then mIoU and GMACs of each finished one at each budget of its method (``record``).
+        Fashion-MNIST gives mosaics; ade20k / cityscapes are read from --data-dir."""
         dataset = "mosaic" if self.base.dataset == "fashion-mnist" else self.base.dataset
         method = cell.kwargs.get("reduction", "dtc")
         entry = dict(label=cell.label, kwargs=cell.kwargs, runs=[])
@@ -530,13 +533,13 @@ class Runner:
             rel = os.path.join("runs", name, f"seed{seed}")
             ckpt = os.path.join(self.out, rel, "segmenter.safetensors")
             what = f"[{self.exp.name}] {cell.label} seed {seed}"
-            if os.path.isfile(os.path.join(self.out, rel, "segment.json")):
+            if train and os.path.isfile(os.path.join(self.out, rel, "segment.json")):
                 self.log(f"{what}: done before ({rel})")
-            elif not self._trains(cell, seed):
-                continue
-            elif not self._dense_train(what, rel, dense_run.run, dataset, self.base.data_dir,
-                                       kwargs=_dense_task_kwargs(cell.kwargs), output=os.path.join(self.out, "runs"),
-                                       name=os.path.join(name, f"seed{seed}"), seed=seed, **recipe):
+            elif train and self._trains(cell, seed):
+                self._dense_train(what, rel, dense_run.run, dataset, self.base.data_dir,
+                                  kwargs=_dense_task_kwargs(cell.kwargs), output=os.path.join(self.out, "runs"),
+                                  name=os.path.join(name, f"seed{seed}"), seed=seed, **recipe)
+            if not record or not os.path.isfile(os.path.join(self.out, rel, "segment.json")):
                 continue
             points = []
             for b in SEG_BUDGETS.get(method, [None]):
@@ -568,9 +571,10 @@ class Runner:
         only when it is finished."""
         return not self.record_only and cell in self.cells and seed in self.train_seeds
 
-    def detection(self, cell: Cell) -> dict:
-        """Table 3: one FCOS detector per seed (``adaptivision detect``'s training) on each backbone;
-        its mAP, mAP50, backbone and detector GMACs and images/s, as recorded by the run."""
+    def detection(self, cell: Cell, train: bool = True, record: bool = True) -> dict:
+        """Table 3: one FCOS detector per seed (``adaptivision detect``'s training; ``train``) on each
+        backbone; its mAP, mAP50, backbone and detector GMACs and images/s, as recorded by the run
+        (``record``)."""
         if self.base.dataset != "fashion-mnist" or self.scale not in DET_SCALES:
             raise ValueError(f"table3 runs on Fashion-MNIST mosaics at scales {', '.join(DET_SCALES)}; "
                              f"got dataset {self.base.dataset!r}, scale {self.scale!r} (COCO: docs/dense.md)")
@@ -582,13 +586,13 @@ class Runner:
             rel = os.path.join("runs", name, f"seed{seed}")
             path = os.path.join(self.out, rel, "detect.json")
             what = f"[{self.exp.name}] {cell.label} seed {seed}"
-            if os.path.isfile(path):
+            if train and os.path.isfile(path):
                 self.log(f"{what}: done before ({rel})")
-            elif not self._trains(cell, seed):
-                continue
-            elif not self._dense_train(what, rel, detect.run, self.base.data_dir,
-                                       kwargs=_dense_task_kwargs(cell.kwargs), output=os.path.join(self.out, "runs"),
-                                       name=os.path.join(name, f"seed{seed}"), seed=seed, **recipe):
+            elif train and self._trains(cell, seed):
+                self._dense_train(what, rel, detect.run, self.base.data_dir,
+                                  kwargs=_dense_task_kwargs(cell.kwargs), output=os.path.join(self.out, "runs"),
+                                  name=os.path.join(name, f"seed{seed}"), seed=seed, **recipe)
+            if not record or not os.path.isfile(path):
                 continue
             with open(path) as f:
                 spec = json.load(f)
