@@ -602,20 +602,26 @@ def test_only_seed_trains_that_seed_and_records_the_others(monkeypatch, tmp_path
             Runner(exp, str(tmp_path), "smoke", base, seeds=3, only_seeds=bad)
 
 
+def _restored(done, tmp_path, name):
+    """A fresh --out holding what a new machine has after copying the committed records back:
+    every run's summary.json (no weights) and experiment ``name``'s record. (record, out, args)."""
+    import shutil
+    first = _record(done, name)
+    out = tmp_path / "restored"
+    for run in (r for cell in first["cells"] for r in cell["runs"]):
+        (out / run["run_dir"]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(os.path.join(done, run["run_dir"], "summary.json"), out / run["run_dir"])
+    (out / name).mkdir()
+    shutil.copy(os.path.join(done, name, "experiment.json"), out / name)
+    return first, out, ["--scale", "smoke", "--data-dir", os.path.join(os.path.dirname(done), "fm"), "--out", str(out)]
+
+
 def test_guidance_record_of_runs_whose_weights_are_gone(done, tmp_path, capsys):
     """plateau-guidance re-recorded from committed summaries alone (weights lost with a machine): the
     unguided K 20 row needs no weights, a guided run keeps the missing / shuffled / random top-1 of the
     experiment's earlier record in --out, and without that record it is recorded without them (said
     in the log) instead of failing on the missing weights."""
-    import shutil
-    first = _record(done, "plateau-guidance")
-    out = tmp_path / "restored"
-    for run in (r for cell in first["cells"] for r in cell["runs"]):
-        (out / run["run_dir"]).mkdir(parents=True, exist_ok=True)
-        shutil.copy(os.path.join(done, run["run_dir"], "summary.json"), out / run["run_dir"])
-    (out / "plateau-guidance").mkdir()
-    shutil.copy(os.path.join(done, "plateau-guidance", "experiment.json"), out / "plateau-guidance")
-    common = ["--scale", "smoke", "--data-dir", os.path.join(os.path.dirname(done), "fm"), "--out", str(out)]
+    first, out, common = _restored(done, tmp_path, "plateau-guidance")
     capsys.readouterr()
     assert main(["experiment", "run", "plateau-guidance", *common, "--record-only"]) == 0
     guided = [c for c in first["cells"] if c["train"].get("guidance")]
@@ -666,15 +672,7 @@ def test_budget_sweep_takes_the_earlier_points_of_a_run_whose_weights_are_gone(d
     """A run restored from its committed summary (weights lost with a machine) keeps the budget
     points of the experiment's earlier record in --out; a run that record has no points of is left
     out and named in the log; without any earlier record the error names the run."""
-    import shutil
-    first = _record(done, "figure1a")
-    out = tmp_path / "restored"
-    for run in (r for cell in first["cells"] for r in cell["runs"]):
-        (out / run["run_dir"]).mkdir(parents=True)
-        shutil.copy(os.path.join(done, run["run_dir"], "summary.json"), out / run["run_dir"])
-    (out / "figure1a").mkdir()
-    shutil.copy(os.path.join(done, "figure1a", "experiment.json"), out / "figure1a")
-    common = ["--scale", "smoke", "--data-dir", os.path.join(os.path.dirname(done), "fm"), "--out", str(out)]
+    first, out, common = _restored(done, tmp_path, "figure1a")
     capsys.readouterr()
     assert main(["experiment", "run", "figure1a", *common, "--record-only"]) == 0
     runs = [run for cell in first["cells"] for run in cell["runs"]]
