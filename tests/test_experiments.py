@@ -6,7 +6,7 @@ import os
 import pytest
 
 from adaptivision.cli import main
-from adaptivision.experiments import EXPERIMENTS, report
+from adaptivision.experiments import EXPERIMENTS, registry, report
 from conftest import benchmark_script
 from fixtures import make_fmnist
 
@@ -188,6 +188,19 @@ def test_figure1bc_trains_only_the_chosen_cells_and_seeds(tmp_path):
         "ViT (dense)": [], "AdaptiVision (DTC, skip unpooling)": [], "EViT": [], "Hourglass": [], "ToMe (unmerged)": [1]}
 
 
+def test_figure1bc_logs_each_segmenters_evaluation_curve(tmp_path, monkeypatch, capsys):
+    """A segmenter trained by the experiment logs its ten evaluation points (hours-long runs show
+    their progress), and not its loss lines."""
+    monkeypatch.setitem(registry.SEG_SCALES, "smoke", dict(steps=10, batch=2, eval_size=4))
+    data = make_fmnist(str(tmp_path / "fm"), n_train=20, n_test=10)
+    assert main(["experiment", "run", "figure1bc", "--scale", "smoke", "--data-dir", data, "--out", str(tmp_path / "out"),
+                 "--only", "ViT (dense)"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "[figure1bc] ViT (dense) seed 0: step" in ln]
+    assert [ln.split(": step ")[1].split(" evaluation ")[0] for ln in lines] == [f"{s}/10" for s in range(1, 11)]
+    curve = _record(str(tmp_path / "out"), "figure1bc")["cells"][0]["runs"][0]["curve"]
+    assert [float(ln.rsplit(" ", 1)[1]) for ln in lines] == [round(c["miou"], 2) for c in curve]
+
+
 def test_figure1bc_record_holds_a_run_another_process_finished_meanwhile(tmp_path, monkeypatch):
     """Two processes share --out: while this one trains ToMe seed 0, the other trains and records the
     dense seed 0; the record this one writes last holds both (the dense cell, looked at first, was
@@ -355,7 +368,6 @@ def test_distilled_cells_learn_from_the_dense_run_of_their_seed(done):
     depend on --out), and a student listed before its teacher is refused with a clear error."""
     import yaml
 
-    from adaptivision.experiments import registry
     from adaptivision.experiments.runner import Runner, base_config
     common = ["--scale", "smoke", "--data-dir", os.path.join(os.path.dirname(done), "fm"), "--out", done]
     assert main(["experiment", "run", "dtc-distill", *common]) == 0

@@ -558,8 +558,12 @@ class Runner:
         nothing touched, when another live process holds the run (several processes share one --out)."""
         resuming = os.path.isfile(os.path.join(self.out, rel, dense_run.STATE))
         self.log(f"{what}: {'resuming' if resuming else 'training'} {rel}")
+
+        def log(line: str) -> None:  # a long run's evaluation curve shows its progress; its loss lines would flood the log
+            if " evaluation " in line:
+                self.log(f"{what}: {line}")
         try:
-            train(*args, log=lambda *a: None, **kwargs)
+            train(*args, log=log, **kwargs)
         except RunBusyError as e:
             self.log(f"{what}: skipped, another process is training it ({e})")
             return False
