@@ -224,6 +224,26 @@ def test_figure1bc_record_holds_a_run_another_process_finished_meanwhile(tmp_pat
         "ViT (dense)": [0], "AdaptiVision (DTC, skip unpooling)": [], "EViT": [], "Hourglass": [], "ToMe (unmerged)": [0]}
 
 
+def test_guidance_report_names_the_code_behind_its_table(tmp_path):
+    """A guidance table says which commit trained its runs, and flags runs from several commits by cell."""
+    def write(commits):
+        for name, commit in commits.items():
+            os.makedirs(tmp_path / "runs" / name / "seed0", exist_ok=True)
+            (tmp_path / "runs" / name / "seed0" / "summary.json").write_text(json.dumps(dict(
+                rows=[dict(top1=90.0, gmacs=0.02, mean_k=[20.0])], provenance=dict(commit=commit))))
+        cells = [dict(label=name, train={"guidance": "saliency"} if name == "sal" else {},
+                      runs=[dict(seed=0, run_dir=f"runs/{name}/seed0")]) for name in commits]
+        rec = dict(experiment="g", title="G", kind="guidance", scale="full", dataset="d", model="m", epochs=1,
+                   seeds=1, cells=cells)
+        os.makedirs(tmp_path / "g", exist_ok=True)
+        (tmp_path / "g" / "experiment.json").write_text(json.dumps(rec))
+        return open(report([str(tmp_path / "g")], str(tmp_path / "rep"), pictures=False)).read()
+
+    assert "- every run from commit " + "a" * 12 + "\n" in write({"none": "a" * 40, "sal": "a" * 40})
+    assert f"- MIXED CODE: runs from several commits ({'a' * 12}: none; {'b' * 12}: sal)" in \
+        write({"none": "a" * 40, "sal": "b" * 40})
+
+
 def test_segmentation_report_says_whether_each_segmenter_reached_its_plateau(tmp_path):
     """The report plots each run's evaluation curve and gives its gain over the last two tenths."""
     curve = [dict(step=s, miou=m) for s, m in ((100, 20.0), (200, 25.0), (300, 29.5), (400, 30.25))]
@@ -268,6 +288,7 @@ def test_guidance_runs_are_evaluated_without_and_with_noisy_guidance(done, tmp_p
     row = next(ln for ln in text.splitlines() if ln.startswith("| text + saliency, lambda2 = 0.1 |"))
     assert "| text,saliency | 0 | 0.1 |" in row and row.count("(") == 3  # three modes, each with its change
     assert row.rstrip().endswith("| 1 |")
+    assert "- every run from commit " in text  # the code behind the table is named (mixed commits are flagged)
 
 
 def test_report_tables_plots_and_missing_cells(done, tmp_path):

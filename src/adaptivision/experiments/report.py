@@ -123,9 +123,11 @@ def _guidance_table(rec: dict, exp_dir: str, notes: list) -> list:
     head = ["run", "guidance", "lambda1", "lambda2", "GMACs", "mean K", "top-1 (%)"] + \
         [f"{m} (%)" for m in modes] + ["seeds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    commits: dict = {}
     for cell in rec["cells"]:
         runs = cell.get("runs", [])
-        rows = [(run, r) for run, r in ((run, _summary(exp_dir, run)) for run in runs) if r is not None]
+        rows = [(run, r) for run, r in ((run, _summary(exp_dir, run, commits, cell["label"])) for run in runs)
+                if r is not None]
         if cell.get("status"):
             notes.append(f"{cell['label']}: {cell['status']}")
         elif len(rows) < len(runs) or not rows:
@@ -145,6 +147,7 @@ def _guidance_table(rec: dict, exp_dir: str, notes: list) -> list:
             vals.append(f"{mean_std([a for a, _ in pairs])} ({delta:+.2f})")
         vals.append(str(len(rows)))
         lines.append("| " + " | ".join(vals) + " |")
+    notes.append(_code_note(commits))
     return lines
 
 
