@@ -637,13 +637,16 @@ def test_only_seed_trains_that_seed_and_records_the_others(monkeypatch, tmp_path
 
 def _restored(done, tmp_path, name):
     """A fresh --out holding what a new machine has after copying the committed records back:
-    every run's summary.json (no weights) and experiment ``name``'s record. (record, out, args)."""
+    every run's summary.json or segment.json (no weights) and experiment ``name``'s record. (record,
+    out, args)."""
     import shutil
     first = _record(done, name)
     out = tmp_path / "restored"
     for run in (r for cell in first["cells"] for r in cell["runs"]):
         (out / run["run_dir"]).mkdir(parents=True, exist_ok=True)
-        shutil.copy(os.path.join(done, run["run_dir"], "summary.json"), out / run["run_dir"])
+        for kept in ("summary.json", "segment.json"):
+            if os.path.isfile(os.path.join(done, run["run_dir"], kept)):
+                shutil.copy(os.path.join(done, run["run_dir"], kept), out / run["run_dir"])
     (out / name).mkdir()
     shutil.copy(os.path.join(done, name, "experiment.json"), out / name)
     return first, out, ["--scale", "smoke", "--data-dir", os.path.join(os.path.dirname(done), "fm"), "--out", str(out)]
@@ -669,6 +672,23 @@ def test_guidance_record_of_runs_whose_weights_are_gone(done, tmp_path, capsys):
     bare = _record(str(out), "plateau-guidance")
     assert [len(c["runs"]) for c in bare["cells"]] == [len(c["runs"]) for c in first["cells"]]
     assert not any(r.get("modes") for c in bare["cells"] for r in c["runs"])
+
+
+def test_segmentation_record_of_runs_whose_weights_are_gone(done, tmp_path, capsys):
+    """figure1bc re-recorded from committed segment.json files alone: each segmenter keeps its mIoU
+    points from the earlier record in --out instead of failing on the missing weights; without that
+    record it is left out, said in the log."""
+    first, out, common = _restored(done, tmp_path, "figure1bc")
+    capsys.readouterr()
+    assert main(["experiment", "run", "figure1bc", *common, "--record-only"]) == 0
+    assert capsys.readouterr().out.count("weights gone, points from the earlier record") == len(first["cells"])
+    again = _record(str(out), "figure1bc")
+    assert [[(r["seed"], r["points"], r["curve"]) for r in c["runs"]] for c in again["cells"]] == \
+        [[(r["seed"], r["points"], r["curve"]) for r in c["runs"]] for c in first["cells"]]
+    (out / "figure1bc" / "experiment.json").unlink()
+    assert main(["experiment", "run", "figure1bc", *common, "--record-only"]) == 0
+    assert capsys.readouterr().out.count("no points in the earlier record: left out") == len(first["cells"])
+    assert not any(c["runs"] for c in _record(str(out), "figure1bc")["cells"])
 
 
 def test_record_includes_runs_another_process_finished_meanwhile(monkeypatch, tmp_path):

@@ -541,17 +541,30 @@ class Runner:
                                   name=os.path.join(name, f"seed{seed}"), seed=seed, **recipe)
             if not record or not os.path.isfile(os.path.join(self.out, rel, "segment.json")):
                 continue
-            points = []
-            for b in SEG_BUDGETS.get(method, [None]):
-                res = dense_run.evaluate(ckpt, self.base.data_dir, recipe["eval_size"], dict([b]) if b else None)
-                points.append(dict(knob=b[1] if b else None, gmacs=res["gmacs"], miou=res["miou"]))
-                self.log(f"[{self.exp.name}] {cell.label} seed {seed} {b}: {res['gmacs']:.4f} GMACs, "
-                         f"mIoU {res['miou']:.2f}")
+            if os.path.isfile(ckpt):
+                points = self._seg_points(ckpt, method, recipe["eval_size"], what)
+            else:  # restored from its committed segment.json (a machine reset): the earlier record's points
+                old = self._run_in(self._earlier, dict(seed=seed, run_dir=rel), "points", cell.label)
+                if old is None:
+                    self.log(f"{what}: weights gone ({ckpt}) and no points in the earlier record: left out "
+                             "(copy the committed experiment.json to --out, or train it again)")
+                    continue
+                points = old["points"]
+                self.log(f"{what}: weights gone, points from the earlier record")
             with open(os.path.join(self.out, rel, "segment.json")) as f:
                 spec = json.load(f)
             entry["runs"].append(dict(seed=seed, run_dir=rel, commit=_commit(spec), points=points,
                                       curve=spec.get("curve", [])))
         return entry
+
+    def _seg_points(self, ckpt: str, method: str, eval_size: Optional[int], what: str) -> list:
+        """mIoU and GMACs of one trained segmenter at each budget of its method."""
+        points = []
+        for b in SEG_BUDGETS.get(method, [None]):
+            res = dense_run.evaluate(ckpt, self.base.data_dir, eval_size, dict([b]) if b else None)
+            points.append(dict(knob=b[1] if b else None, gmacs=res["gmacs"], miou=res["miou"]))
+            self.log(f"{what} {b}: {res['gmacs']:.4f} GMACs, mIoU {res['miou']:.2f}")
+        return points
 
     def _dense_train(self, what: str, rel: str, train: Callable, *args, **kwargs) -> bool:
         """Train (or resume, from its ``train-state.pt``) one segmentation or detection run; False,
